@@ -1,0 +1,403 @@
+"""Typed, frozen configs and the strict YAML loader.
+
+Field names copy DeepSeek's own `ModelArgs` (`dim`, `n_routed_experts`, `qk_rope_head_dim`, ...) so an
+upstream config diffs against ours; `convert/hf.py` maps HF `config.json` names onto them.
+
+A YAML file may hold any of the sections `model`, `mesh`, `data`, `optim`, `train` and an
+`include:` list of files (relative to it) merged first, left to right. `a.b=value` overrides come
+last. Unknown keys are errors that name the key, the file it came from and the nearest valid keys.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    rope_theta: float = 10000.0  # base of the RoPE frequencies
+    rope_factor: float = 1.0  # YaRN context-extension factor s; 1 turns YaRN off
+    original_seq_len: int = 4096  # tokens, the pre-extension context YaRN's ramp is measured on
+    beta_fast: float = 32.0  # rotations: dims rotating faster than this are kept (extrapolated)
+    beta_slow: float = 1.0  # rotations: dims rotating slower than this are fully interpolated
+    mscale: float = 1.0  # YaRN attention-temperature coefficient on the rotated dims
+    mscale_all_dim: float = 1.0  # same, for the softmax scale of all dims (HF `mscale_all_dim`); 0 = off
+
+    def __post_init__(self):
+        _check(self.rope_theta > 0, f"rope.rope_theta must be > 0, got {self.rope_theta}")
+        _check(self.rope_factor >= 1, f"rope.rope_factor must be >= 1, got {self.rope_factor}")
+        _check(self.original_seq_len > 0, "rope.original_seq_len must be > 0")
+        _check(
+            self.beta_fast > self.beta_slow > 0,
+            f"rope needs beta_fast > beta_slow > 0, got {self.beta_fast}, {self.beta_slow}",
+        )
+        _check(self.mscale >= 0 and self.mscale_all_dim >= 0, "rope.mscale/mscale_all_dim must be >= 0")
+
+    @property
+    def yarn(self) -> bool:
+        return self.rope_factor > 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLAConfig:
+    n_heads: int  # N
+    q_lora_rank: int  # Q; 0 means a plain (full-rank) query projection
+    kv_lora_rank: int  # C
+    qk_nope_head_dim: int  # H
+    qk_rope_head_dim: int  # R, rotated dims per head (and of the shared rope key)
+    v_head_dim: int  # O
+
+    def __post_init__(self):
+        for name in ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _check(getattr(self, name) > 0, f"mla.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.q_lora_rank >= 0, f"mla.q_lora_rank must be >= 0, got {self.q_lora_rank}")
+        _check(
+            self.qk_rope_head_dim % 2 == 0,
+            f"mla.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}",
+        )
+
+    @property
+    def qk_head_dim(self) -> int:  # H + R
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    n_routed_experts: int  # E
+    n_shared_experts: int = 1  # shared experts, fused into one MLP of width n_shared * moe_inter_dim
+    n_activated_experts: int  # A, routed experts per token
+    n_expert_groups: int = 1  # P, groups for device-limited routing (HF `n_group`)
+    n_limited_groups: int = 1  # groups a token may route into (HF `topk_group`)
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # router affinity
+    route_scale: float = 1.0  # multiplies the routing weights (HF `routed_scaling_factor`)
+    norm_topk_prob: bool = True  # renormalise the selected weights to sum to 1
+    moe_inter_dim: int  # F of each routed expert
+    impl: Literal["ragged", "dense"] = "ragged"  # ragged_dot over sorted tokens | all-experts reference
+
+    def __post_init__(self):
+        E, A, P = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
+        _check(E > 0 and A > 0, "moe needs n_routed_experts > 0 and n_activated_experts > 0")
+        _check(A <= E, f"moe.n_activated_experts ({A}) must be <= n_routed_experts ({E})")
+        _check(P > 0 and E % P == 0, f"moe.n_routed_experts ({E}) must be divisible by n_expert_groups ({P})")
+        _check(
+            0 < self.n_limited_groups <= P,
+            f"moe.n_limited_groups ({self.n_limited_groups}) must be in [1, n_expert_groups={P}]",
+        )
+        _check(
+            P == 1 or E // P >= 2,
+            f"moe: group scores sum each group's top-2, so groups need >= 2 experts (E/P = {E // P})",
+        )
+        _check(
+            A <= self.n_limited_groups * (E // P),
+            f"moe.n_activated_experts ({A}) exceeds the experts in the kept groups "
+            f"({self.n_limited_groups} x {E // P})",
+        )
+        _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0")
+        _check(self.moe_inter_dim > 0, "moe.moe_inter_dim must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int  # V
+    dim: int  # D
+    inter_dim: int  # F of the dense MLP layers
+    n_layers: int  # L, main-model blocks (HF `num_hidden_layers`)
+    n_dense_layers: int  # leading blocks with a dense MLP (HF `first_k_dense_replace`)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    max_seq_len: int = 4096  # tokens, longest sequence the model is asked to handle
+    num_nextn_predict_layers: int = 0  # MTP depth; 0 disables MTP
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype (params stay float32)
+    mla: MLAConfig
+    moe: MoEConfig
+    rope: RopeConfig = field(default_factory=RopeConfig)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "inter_dim", "n_layers", "max_seq_len"):
+            _check(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
+        _check(
+            0 <= self.n_dense_layers <= self.n_layers,
+            f"model.n_dense_layers ({self.n_dense_layers}) must be in [0, n_layers={self.n_layers}]",
+        )
+        _check(self.num_nextn_predict_layers >= 0, "model.num_nextn_predict_layers must be >= 0")
+        _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    axes: tuple[str, ...] = MESH_AXES  # always (data, fsdp, context, expert, tensor)
+    shape: tuple[int, ...] = (1, -1, 1, 1, 1)  # devices per axis; one -1 takes the rest
+    rules: tuple[tuple[str, Any], ...] = ()  # ordered (logical name, mesh axis | [axes] | null)
+
+    def __post_init__(self):
+        _check(self.axes == MESH_AXES, f"mesh.axes must be {list(MESH_AXES)}, got {list(self.axes)}")
+        _check(len(self.shape) == len(MESH_AXES), f"mesh.shape needs {len(MESH_AXES)} sizes")
+        _check(sum(s == -1 for s in self.shape) <= 1, "mesh.shape may hold at most one -1")
+        _check(all(s == -1 or s > 0 for s in self.shape), "mesh.shape sizes must be > 0 or -1")
+        from deepseek_jax.axes import LOGICAL_AXES
+
+        for rule in self.rules:
+            _check(len(rule) == 2, f"mesh.rules entries are [logical_name, mesh_axes], got {rule}")
+            name, target = rule
+            _check(name in LOGICAL_AXES, f"mesh.rules: unknown logical axis {name!r}")
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            for t in targets:
+                _check(t is None or t in MESH_AXES, f"mesh.rules[{name}]: unknown mesh axis {t!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    seq_len: int = 256  # T, tokens per packed sequence
+    global_batch_size: int = 8  # B, sequences per step across all devices
+    seed: int = 0  # shuffling seed
+
+    def __post_init__(self):
+        _check(self.seq_len > 0 and self.global_batch_size > 0, "data sizes must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: matrices by Muon, the rest by AdamW
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int = 100  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1  # decoupled, on matrices only
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.warmup_steps >= 0 and self.clip_norm >= 0, "optim warmup/clip must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    seed: int = 0  # parameter-init and dropout seed
+    run_dir: str = "runs/default"  # checkpoints, logs, resolved config
+    log_every: int = 10  # steps
+    eval_every: int = 200  # steps
+    ckpt_every: int = 200  # steps
+
+    def __post_init__(self):
+        _check(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _merge(base: dict, new: dict, origin: dict, src: str, prefix: str = "") -> dict:
+    """Deep-merges `new` over `base`, recording which source set each leaf."""
+    out = dict(base)
+    for key, value in new.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origin, src, path + ".")
+        else:
+            out[key] = value
+            origin[path] = src
+            if isinstance(value, dict):
+                for sub in _leaf_paths(value, path + "."):
+                    origin[sub] = src
+    return out
+
+
+def _leaf_paths(d: dict, prefix: str) -> list[str]:
+    paths = []
+    for k, v in d.items():
+        paths.append(prefix + k)
+        if isinstance(v, dict):
+            paths.extend(_leaf_paths(v, f"{prefix}{k}."))
+    return paths
+
+
+def _read_yaml(path: Path, origin: dict, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    _check(path.is_file(), f"config file not found: {path}")
+    _check(path not in seen, f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _check(isinstance(raw, dict), f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    includes = raw.pop("include", []) or []
+    includes = [includes] if isinstance(includes, str) else includes
+    _check(isinstance(includes, list), f"{path}: include must be a file name or a list of them")
+    merged: dict = {}
+    for inc in includes:
+        _check(isinstance(inc, str), f"{path}: include entries must be file names, got {inc!r}")
+        merged = _merge(merged, _read_yaml(path.parent / inc, origin, seen + (path,)), {}, str(path))
+    return _merge(merged, raw, origin, str(path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    _check(bool(sep) and bool(key), f"override {text!r} is not of the form a.b=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def _set_path(d: dict, keys: list[str], value: Any, done: str = "") -> dict:
+    out = dict(d)
+    if len(keys) == 1:
+        out[keys[0]] = value
+    else:
+        sub = out.get(keys[0], {})
+        where = done + keys[0]
+        _check(isinstance(sub, dict), f"override {where}.{'.'.join(keys[1:])}: {where} is not a section")
+        out[keys[0]] = _set_path(sub, keys[1:], value, where + ".")
+    return out
+
+
+def _coerce(tp, value, where: str):
+    """Checks `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return value
+    if origin is Literal:
+        _check(value in typing.get_args(tp), f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is Any and not isinstance(value, list):
+        return value
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
+        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, list):  # nested lists (mesh rule targets) become tuples: configs hash
+        return tuple(_coerce(Any, v, where) for v in value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data: dict, origin: dict | None = None, prefix: str = ""):
+    """Builds dataclass `cls` from a nested dict, strictly."""
+    origin = origin or {}
+    _check(isinstance(data, dict), f"{prefix.rstrip('.') or 'config'}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            path = prefix + str(key)
+            near = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {path!r} (from {origin.get(path, 'code')}){hint}")
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{prefix}{name} (from {origin.get(prefix + name, 'code')})"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, origin, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(tp, value, where)
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    _check(not missing, f"missing config keys: {', '.join(prefix + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        srcs = sorted({v for k, v in origin.items() if k.startswith(prefix)})
+        raise ConfigError(f"{e} (from {', '.join(srcs) or 'code'})") from None
+
+
+def load_dict(paths: list[str | Path], overrides: list[str] = ()) -> tuple[dict, dict]:
+    """Merged raw dict and the origin of every key, from files then overrides."""
+    origin: dict = {}
+    merged: dict = {}
+    for p in paths:
+        merged = _merge(merged, _read_yaml(Path(p), origin), {}, str(p))
+    for text in overrides:
+        keys, value = parse_override(text)
+        merged = _set_path(merged, keys, value)
+        origin[".".join(keys)] = f"override {text!r}"
+    return merged, origin
+
+
+def load_config(paths: list[str | Path], overrides: list[str] = ()) -> Config:
+    """Loads a full run config (model + mesh + data + optim + train)."""
+    merged, origin = load_dict(paths, overrides)
+    return build(Config, merged, origin)
+
+
+def load_model_config(paths: list[str | Path], overrides: list[str] = ()) -> ModelConfig:
+    """Loads just the `model` section (files may hold other sections; they are ignored)."""
+    merged, origin = load_dict(paths, overrides)
+    _check("model" in merged, f"no `model:` section in {', '.join(map(str, paths))}")
+    return build(ModelConfig, merged["model"], origin, "model.")
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples become lists) that `build` accepts back."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg) -> str:
+    """The resolved config as YAML (stored with checkpoints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

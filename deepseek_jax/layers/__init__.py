@@ -1,0 +1,1 @@
+"""Layers: pure functions for the math, thin Linen modules that declare parameters."""

@@ -1,0 +1,1 @@
+"""DeepSeekMoE: router (group-limited top-k, aux-free bias), experts (ragged | dense), the layer."""

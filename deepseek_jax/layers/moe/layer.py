@@ -1,0 +1,62 @@
+"""The DeepSeekMoE layer: shared experts plus routed experts chosen by the router.
+
+    y = shared(x) + Σ_{e ∈ topk} g_e · expert_e(x)
+
+The selection bias lives in the `router` collection, not in `params`: it is updated by the
+aux-loss-free rule from expert counts, outside the optimizer. The layer returns those counts
+and sows the chosen experts into `intermediates` (tests compare them with HF's exactly).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.axes import constrain, dense_init, param
+from deepseek_jax.config import MoEConfig
+from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.layers.moe.experts import EXPERT_IMPLS, expert_counts
+from deepseek_jax.layers.moe.router import route
+
+ROUTER_COLLECTION = "router"
+
+
+class MoE(nn.Module):
+    cfg: MoEConfig
+    dim: int  # D
+    dtype: jnp.dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        c, D = self.cfg, self.dim
+        E, F = c.n_routed_experts, c.moe_inter_dim
+        B, T, _ = x_BTD.shape
+        x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
+        x_MD = x_BTD.reshape(B * T, D)
+
+        w_router_DE = param(self, "w_router", ("embed", None), (D, E), dense_init([0], [1]))
+        bias_E = self.variable(
+            ROUTER_COLLECTION, "bias", nn.with_logical_partitioning(jnp.zeros, (None,)), (E,), jnp.float32
+        ).value
+        with jax.named_scope("route"):  # router math in float32, as in the reference
+            logits_ME = jnp.einsum("MD,DE->ME", x_MD.astype(jnp.float32), w_router_DE)
+            weights_MA, experts_MA = route(
+                logits_ME, bias_E, n_activated=c.n_activated_experts, n_groups=c.n_expert_groups,
+                n_limited_groups=c.n_limited_groups, score_func=c.score_func,
+                route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob,
+            )
+        self.sow("intermediates", "experts_MA", experts_MA)
+
+        expert_init = dense_init([1], [2], batch_axes=[0])
+        w_gate_EDF = param(self, "w_gate", ("experts", "embed", "expert_mlp"), (E, D, F), expert_init)
+        w_up_EDF = param(self, "w_up", ("experts", "embed", "expert_mlp"), (E, D, F), expert_init)
+        w_down_EFD = param(self, "w_down", ("experts", "expert_mlp", "embed"), (E, F, D), expert_init)
+        with jax.named_scope("experts"):
+            y_MD = EXPERT_IMPLS[c.impl](
+                x_MD, experts_MA, weights_MA,
+                *(w.astype(self.dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD)),
+            )
+        y_BTD = y_MD.reshape(B, T, D)
+        if c.n_shared_experts > 0:
+            shared = MLP(D, c.n_shared_experts * F, self.dtype, name="shared")
+            y_BTD = y_BTD + shared(x_BTD)
+        return y_BTD, expert_counts(experts_MA, E)

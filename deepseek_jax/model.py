@@ -1,0 +1,178 @@
+"""The DeepSeek-V3 transformer: embedding, scanned block stacks, final norm, head and MTP.
+
+    h = Emb(t);  for each block: h += Attn(norm(h));  h += FFN(norm(h))
+    logits = norm(h) W_head
+
+The first `n_dense_layers` blocks use a dense SwiGLU FFN and the rest DeepSeekMoE; each group is
+one `nn.scan` stack (parameters stacked on a leading `layers` axis), so compile time does not grow
+with depth. MTP (V3 §2.2) chains `num_nextn_predict_layers` extra blocks, module k combining the
+depth-(k-1) representation with the embedding of the token k positions ahead:
+
+    h_k = Block_k(W_eh [enorm(Emb(t_{i+k})); hnorm(h_{k-1})]),   logits_k = Head(norm_k(h_k))
+
+h_0 is the main model's output after its final norm (as HF transformers' `MtpModel` and vLLM feed it).
+"""
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.axes import constrain, dense_init, param
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.mla import MLA, LatentCache
+from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
+from deepseek_jax.layers.norms import RMSNorm
+
+SCAN_COLLECTIONS = {"params": 0, ROUTER_COLLECTION: 0, "intermediates": 0}
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: jax.Array | None  # [K, B, T, V] float32; slot i of depth k predicts t_{i+k+1}
+    expert_counts: jax.Array | None  # [L_moe, E] int32, tokens per expert per MoE layer
+    mtp_expert_counts: jax.Array | None  # [K, E]
+    cache: Any  # updated decode cache, or None
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: MLA then a dense MLP or DeepSeekMoE."""
+
+    cfg: ModelConfig
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, cache_index):
+        cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        norm = lambda name: RMSNorm(cfg.dim, cfg.norm_eps, "embed", dtype, name=name)  # noqa: E731
+        attn = MLA(cfg.mla, cfg.rope, cfg.dim, cfg.norm_eps, dtype, name="attn")
+        h_BTD, cache = attn(norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache, cache_index)
+        x_BTD = x_BTD + h_BTD
+        if self.moe:
+            h_BTD, counts_E = MoE(cfg.moe, cfg.dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD))
+        else:
+            h_BTD, counts_E = MLP(cfg.dim, cfg.inter_dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD)), None
+        x_BTD = constrain(x_BTD + h_BTD, ("act_batch", "act_seq", "act_embed"))
+        return x_BTD, (cache, counts_E)
+
+
+def block_stack(cfg: ModelConfig, moe: bool, length: int) -> nn.Module:
+    """`length` Blocks under one nn.scan; carries x, scans the cache, broadcasts the rest."""
+    scanned = nn.scan(
+        Block,
+        variable_axes=SCAN_COLLECTIONS,
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, moe)
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction module (its block is always a MoE block)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BTD, emb_BTD, positions_BT, segment_ids_BT):
+        cfg, dtype, D = self.cfg, jnp.dtype(self.cfg.dtype), self.cfg.dim
+        norm = lambda name: RMSNorm(D, cfg.norm_eps, "embed", dtype, name=name)  # noqa: E731
+        w_eh_ZD = param(self, "w_eh", (None, "embed"), (2 * D, D), dense_init([0], [1]))
+        # the embedding half comes first, as in the released checkpoints' eh_proj
+        both_BTZ = jnp.concatenate([norm("enorm")(emb_BTD), norm("hnorm")(h_BTD)], axis=-1)
+        x_BTD = jnp.einsum("BTZ,ZD->BTD", both_BTZ, w_eh_ZD.astype(dtype))
+        x_BTD, (_, counts_E) = Block(cfg, moe=True, name="block")(
+            x_BTD, None, positions_BT, segment_ids_BT, 0
+        )
+        return norm("norm")(x_BTD), counts_E
+
+
+def shift_left(x_BT: jax.Array, k: int, fill=0) -> jax.Array:
+    """x[:, i + k] at slot i; the last k slots get `fill` (their targets are masked in the loss)."""
+    return jnp.concatenate([x_BT[:, k:], jnp.full_like(x_BT[:, :k], fill)], axis=1)
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        V, D = cfg.vocab_size, cfg.dim
+        self.embedding = param(self, "embedding", ("vocab", "embed"), (V, D), nn.initializers.normal(1.0))
+        self.w_head = param(self, "w_head", ("embed", "vocab"), (D, V), dense_init([0], [1]))
+        self.final_norm = RMSNorm(D, cfg.norm_eps, "embed", jnp.dtype(cfg.dtype))
+        if cfg.n_dense_layers:
+            self.dense_layers = block_stack(cfg, False, cfg.n_dense_layers)
+        if cfg.n_moe_layers:
+            self.moe_layers = block_stack(cfg, True, cfg.n_moe_layers)
+        self.mtp = [MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
+
+    def embed(self, tokens_BT):
+        emb_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(emb_BTD, ("act_batch", "act_seq", "act_embed"))
+
+    def head(self, h_BTD):
+        w_head_DV = self.w_head.astype(h_BTD.dtype)
+        logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, w_head_DV, preferred_element_type=jnp.float32)
+        return constrain(logits_BTV, ("act_batch", "act_seq", "act_vocab"))
+
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_index: jax.Array | int = 0,
+        mtp: bool = True,
+    ) -> ModelOutput:
+        """Full forward (cache None) or a decode step that appends T tokens at `cache_index`."""
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD = self.embed(tokens_BT)
+        new_cache, counts_LE = {}, None
+        for stack in ("dense_layers", "moe_layers"):
+            if not hasattr(self, stack):
+                continue
+            layer_cache = None if cache is None else cache[stack]
+            x_BTD, (layer_cache, counts) = getattr(self, stack)(
+                x_BTD, layer_cache, positions_BT, segment_ids_BT, cache_index
+            )
+            new_cache[stack] = layer_cache
+            counts_LE = counts if stack == "moe_layers" else counts_LE
+        h_BTD = self.final_norm(x_BTD)
+        logits_BTV = self.head(h_BTD)
+        mtp_logits, mtp_counts = None, None
+        if self.mtp and mtp and cache is None:
+            mtp_logits, mtp_counts = self.mtp_forward(h_BTD, tokens_BT, positions_BT, segment_ids_BT)
+        return ModelOutput(logits_BTV, mtp_logits, counts_LE, mtp_counts, None if cache is None else new_cache)
+
+    def mtp_forward(self, h_BTD, tokens_BT, positions_BT, segment_ids_BT):
+        logits, counts = [], []
+        for k, layer in enumerate(self.mtp, start=1):
+            segs = None if segment_ids_BT is None else shift_left(segment_ids_BT, k, -1)
+            emb_BTD = self.embed(shift_left(tokens_BT, k))
+            h_BTD, counts_E = layer(h_BTD, emb_BTD, shift_left(positions_BT, k), segs)
+            logits.append(self.head(h_BTD))
+            counts.append(counts_E)
+        return jnp.stack(logits), jnp.stack(counts)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty absorbed-MLA decode cache: per stack, [L, B, S, C] latents and [L, B, S, R] keys."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    C, R = cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
+
+    def stack(n):
+        return LatentCache(jnp.zeros((n, batch, max_len, C), dtype), jnp.zeros((n, batch, max_len, R), dtype))
+
+    cache = {}
+    if cfg.n_dense_layers:
+        cache["dense_layers"] = stack(cfg.n_dense_layers)
+    if cfg.n_moe_layers:
+        cache["moe_layers"] = stack(cfg.n_moe_layers)
+    return cache

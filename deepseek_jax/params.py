@@ -1,0 +1,119 @@
+"""Parameter counts of a model config, from `jax.eval_shape` of `Transformer.init` (no allocation).
+
+Every parameter falls in one category, by its path and logical axes:
+
+    embedding   the [V, D] token table        head       the [D, V] output projection
+    attention   MLA projections and norms     norms      block pre-norms and the final norm
+    dense_ffn   SwiGLU of the dense blocks    routed     experts (leaves with an `experts` axis)
+    shared      shared experts                router     the [D, E] gate
+    mtp_routed, mtp_other   everything under `mtp_*`, split into routed experts and the rest (MTP
+                shares the embedding and head, so the checkpoint's copies of them are not counted)
+
+Activated parameters per token count the routed experts at A/E (top-A of E) and everything else in
+the main model in full; `active` includes the embedding table, `active_no_embedding` leaves it out
+(a lookup, not a matmul; DeepSeek's published 36.6B ≈ "37B" is this one, see
+tests/test_param_count.py). `mtp_active` is the same for the MTP modules, without embedding or head.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import Transformer
+
+CATEGORIES = (
+    "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "head",
+    "mtp_routed", "mtp_other",
+)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """'a/b/c' -> (shape, logical axes) for every parameter, from an abstract init."""
+    tokens_BT = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens_BT)
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"], is_leaf=is_boxed):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        axes = tuple(leaf.names) if is_boxed(leaf) else (None,) * len(leaf.shape)
+        out[name] = (tuple(nn.unbox(leaf).shape), axes)
+    return out
+
+
+def category(name: str, axes: tuple) -> str:
+    """The CATEGORIES entry of parameter `name` (a '/'-joined path) with logical `axes`."""
+    parts = name.split("/")
+    if parts[0].startswith("mtp_"):
+        return "mtp_routed" if "experts" in axes else "mtp_other"
+    if parts[0] in ("embedding", "w_head"):
+        return {"embedding": "embedding", "w_head": "head"}[parts[0]]
+    if "attn" in parts:
+        return "attention"
+    if "experts" in axes:
+        return "routed"
+    if "shared" in parts:
+        return "shared"
+    if parts[-1] == "w_router":
+        return "router"
+    if len(parts) > 1 and parts[-2] in ("attn_norm", "ffn_norm", "final_norm"):
+        return "norms"
+    if "ffn" in parts and parts[0] == "dense_layers":
+        return "dense_ffn"
+    raise ValueError(f"parameter {name} fits no category; extend deepseek_jax/params.py")
+
+
+def count_by_category(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per CATEGORIES entry (all layers summed)."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for name, (shape, axes) in param_shapes(cfg).items():
+        counts[category(name, axes)] += math.prod(shape)
+    return counts
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Per-category counts + `main mtp total active active_no_embedding mtp_active`."""
+    counts = count_by_category(cfg)
+    mtp = counts["mtp_routed"] + counts["mtp_other"]
+    main = sum(counts.values()) - mtp
+    A, E = cfg.moe.n_activated_experts, cfg.moe.n_routed_experts
+    active = main - counts["routed"] + counts["routed"] * A // E
+    return {
+        **counts,
+        "main": main,
+        "mtp": mtp,
+        "total": main + mtp,
+        "active": active,
+        "active_no_embedding": active - counts["embedding"],
+        "mtp_active": counts["mtp_other"] + counts["mtp_routed"] * A // E,
+    }
+
+
+def _row(label: str, n: int, note: str = "") -> str:
+    return f"{label:<34}{n:>18,}  {n / 1e9:>9.3f}B  {note}".rstrip()
+
+
+def param_summary(cfg: ModelConfig) -> str:
+    """A table of parameter counts: embedding, per-layer blocks, head, MTP, totals and activated."""
+    c, L, Ld, Lm = count_params(cfg), cfg.n_layers, cfg.n_dense_layers, cfg.n_moe_layers
+    E, A = cfg.moe.n_routed_experts, cfg.moe.n_activated_experts
+    per = lambda key, n: c[key] // n if n else 0  # noqa: E731
+    rows = [
+        _row("embedding [V, D]", c["embedding"]),
+        _row("attention (MLA), per layer", per("attention", L), f"x {L}"),
+        _row("dense FFN, per layer", per("dense_ffn", Ld), f"x {Ld}"),
+        _row("MoE routed experts, per layer", per("routed", Lm), f"x {Lm}, {E} experts, top-{A}"),
+        _row("MoE shared experts, per layer", per("shared", Lm), f"x {Lm}"),
+        _row("MoE router, per layer", per("router", Lm), f"x {Lm}"),
+        _row("norms (all)", c["norms"]),
+        _row("head [D, V]", c["head"]),
+        _row("main model", c["main"]),
+        _row("MTP modules", c["mtp"], f"x {cfg.num_nextn_predict_layers}, embedding/head shared"),
+        _row("total", c["total"]),
+        _row("activated per token", c["active"], "incl. embedding"),
+        _row("activated per token, no embedding", c["active_no_embedding"]),
+        _row("MTP activated per token", c["mtp_active"], "without embedding and head"),
+    ]
+    return "\n".join([f"{'parameters':<34}{'count':>18}", *rows])
