@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from deepseek_jax.axes import LOGICAL_AXES
+
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it."""
@@ -155,8 +157,6 @@ class MeshConfig:
         _check(len(self.shape) == len(MESH_AXES), f"mesh.shape needs {len(MESH_AXES)} sizes")
         _check(sum(s == -1 for s in self.shape) <= 1, "mesh.shape may hold at most one -1")
         _check(all(s == -1 or s > 0 for s in self.shape), "mesh.shape sizes must be > 0 or -1")
-        from deepseek_jax.axes import LOGICAL_AXES
-
         for rule in self.rules:
             _check(len(rule) == 2, f"mesh.rules entries are [logical_name, mesh_axes], got {rule}")
             name, target = rule

@@ -19,7 +19,7 @@ def tiny():
     cfg = dataclasses.replace(cfg, dtype="float32", vocab_size=512)
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
-    variables = model.init(jax.random.key(0), tokens[:, :4])
+    variables = jax.jit(model.init)(jax.random.key(0), tokens[:, :4])
     return cfg, model, variables, tokens
 
 

@@ -1,0 +1,9 @@
+"""deepseek_jax: DeepSeek MoE language models in JAX + Flax Linen."""
+
+from deepseek_jax.config import Config, ConfigError, ModelConfig, load_config, load_model_config
+from deepseek_jax.model import ModelOutput, Transformer, init_cache
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "ModelOutput", "Transformer", "init_cache",
+    "load_config", "load_model_config",
+]

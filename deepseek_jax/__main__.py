@@ -1,0 +1,3 @@
+from deepseek_jax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The HF name table: round trips both ways, per-expert on-disk layout, and errors that name tensors."""
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.config import load_model_config
+from deepseek_jax.convert.hf import (
+    ConversionError, fuse_experts, hf_to_variables, unfuse_experts, variables_to_hf,
+)
+from deepseek_jax.model import Transformer
+
+TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
+
+
+def random_variables(cfg, seed=0):
+    """Random numpy variables with the model's exact tree (from eval_shape; nothing compiled)."""
+    abstract = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    rng = np.random.default_rng(seed)
+    abstract = {k: v for k, v in abstract.items() if k in ("params", "router")}
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+
+
+@pytest.fixture(scope="module", params=[64, 0], ids=["q_lora", "q_full"])
+def cfg(request):
+    base = load_model_config([TINY])
+    return dataclasses.replace(base, mla=dataclasses.replace(base.mla, q_lora_rank=request.param))
+
+
+def test_ours_to_hf_to_ours_is_exact(cfg):
+    variables = random_variables(cfg)
+    for per_expert in (False, True):
+        hf = variables_to_hf(variables, cfg, per_expert=per_expert)
+        back = hf_to_variables(hf, cfg)
+        jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+def test_hf_names_cover_every_parameter_once(cfg):
+    variables = random_variables(cfg)
+    hf = variables_to_hf(variables, cfg)
+    n_ours = sum(x.size for x in jax.tree.leaves(variables))
+    assert sum(x.size for x in hf.values()) == n_ours
+    L = cfg.n_layers
+    assert f"model.layers.{L}.eh_proj.weight" in hf  # MTP at index n_layers
+    assert f"model.layers.{L}.mlp.experts.gate_up_proj" in hf
+    assert hf[f"model.layers.{L - 1}.mlp.experts.gate_up_proj"].shape == (
+        cfg.moe.n_routed_experts, 2 * cfg.moe.moe_inter_dim, cfg.dim,
+    )
+    assert ("model.layers.0.self_attn.q_a_proj.weight" in hf) == (cfg.mla.q_lora_rank > 0)
+
+
+def test_per_expert_layout_fuses_back():
+    cfg = load_model_config([TINY])
+    fused = variables_to_hf(random_variables(cfg), cfg)
+    split = unfuse_experts(fused)
+    assert "model.layers.1.mlp.experts.15.down_proj.weight" in split
+    refused = fuse_experts(split)
+    assert refused.keys() == fused.keys()
+    for k in fused:
+        np.testing.assert_array_equal(refused[k], fused[k])
+
+
+def test_official_checkpoint_copies_of_embedding_and_head_are_skipped():
+    cfg = load_model_config([TINY])
+    variables = random_variables(cfg)
+    hf = variables_to_hf(variables, cfg)
+    L = cfg.n_layers
+    hf[f"model.layers.{L}.embed_tokens.weight"] = hf["model.embed_tokens.weight"]
+    hf[f"model.layers.{L}.shared_head.head.weight"] = hf["lm_head.weight"]
+    jax.tree.map(np.testing.assert_array_equal, hf_to_variables(hf, cfg), variables)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf():
+    cfg = load_model_config([TINY])
+    return cfg, variables_to_hf(random_variables(cfg), cfg)
+
+
+def test_missing_tensor_is_named(tiny_hf):
+    cfg, hf = tiny_hf
+    hf = dict(hf)
+    del hf["model.layers.2.self_attn.kv_b_proj.weight"]
+    with pytest.raises(ConversionError, match=r"missing \['model\.layers\.2\.self_attn\.kv_b_proj\.weight'\]"):
+        hf_to_variables(hf, cfg)
+
+
+def test_unexpected_tensor_is_named(tiny_hf):
+    cfg, hf = tiny_hf
+    hf = dict(hf, **{"model.layers.9.self_attn.o_proj.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ConversionError, match=r"unexpected \['model\.layers\.9\.self_attn\.o_proj\.weight'\]"):
+        hf_to_variables(hf, cfg)
+
+
+def test_wrong_shape_is_named(tiny_hf):
+    cfg, hf = tiny_hf
+    hf = dict(hf)
+    hf["model.norm.weight"] = np.ones((cfg.dim + 1,), np.float32)
+    with pytest.raises(ConversionError, match=r"model\.norm\.weight has shape \(129,\), expected \(128,\)"):
+        hf_to_variables(hf, cfg)
+
+
+def test_missing_expert_is_named(tiny_hf):
+    cfg, hf = tiny_hf
+    split = unfuse_experts(hf)
+    del split["model.layers.3.mlp.experts.7.up_proj.weight"]
+    with pytest.raises(ConversionError, match=r"model\.layers\.3\.mlp\.experts: up_proj missing for experts \[7\]"):
+        hf_to_variables(split, cfg)
+
+
+@pytest.mark.parity
+def test_save_pretrained_safetensors_load(tmp_path):
+    """What transformers writes to disk (per-expert, safetensors) loads and gives HF's logits."""
+    from safetensors.numpy import load_file
+
+    from hf_reference import build_hf_model, hf_forward, our_config, tiny_hf_config
+
+    hf_cfg = tiny_hf_config(num_mtp_layers=0)
+    model, _ = build_hf_model(hf_cfg)
+    model.save_pretrained(tmp_path)
+    state = {}
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        state.update(load_file(f))
+    assert any(".mlp.experts.0.gate_proj.weight" in k for k in state)  # the on-disk layout
+    cfg = our_config(hf_cfg)
+    variables = hf_to_variables(state, cfg)
+    tokens = np.random.default_rng(0).integers(0, hf_cfg["vocab_size"], (2, 16))
+    want, _ = hf_forward(model, None, tokens)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(lambda v, t: Transformer(cfg).apply(v, t).logits)(variables, tokens)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
