@@ -1,8 +1,12 @@
 """Command line: `deepseek-jax COMMAND CONFIG... [a.b=value ...]` (also `python -m deepseek_jax`).
 
 Commands:
-  inspect   build the model, print its parameter table and run a forward pass (the default)
+  train     train (or resume) a run; the default command, on the embedded default config
+  eval      held-out loss and perplexity of a run's latest checkpoint
+  generate  complete prompts with a run's latest checkpoint (--prompt, repeatable)
+  inspect   build the model, print its parameter table and run a forward pass
   config    print the resolved config as YAML
+  plot      write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl
 No logic lives here: each command calls one library function.
 """
 
@@ -12,36 +16,77 @@ from pathlib import Path
 
 from deepseek_jax.config import ConfigError, load_config, to_yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIGS / "train" / "tiny_stdlib.yaml"
+COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot")
 
 
-def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
-    overrides = [a for a in items if "=" in a]
-    files = [a for a in items if "=" not in a] or [str(DEFAULT_CONFIG)]
-    return files, overrides
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__.split("\n")[0])
+    p.add_argument("command", nargs="?", default="train", choices=COMMANDS)
+    p.add_argument("args", nargs="*", help="config YAML files, then a.b=value overrides (plot: RUN_DIR)")
+    p.add_argument("--prompt", action="append", help="generate: a prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="inspect: batch size")
+    p.add_argument("--seq-len", type=int, default=64, help="inspect: sequence length")
+    p.add_argument("--coordinator", help="multi-process: coordinator address host:port")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    return p
+
+
+def _config(args: list[str]):
+    files = [a for a in args if "=" not in a] or [str(DEFAULT_CONFIG)]
+    return load_config(files, [a for a in args if "=" in a])
+
+
+def _dispatch(ns) -> int:
+    if ns.command == "plot":
+        from deepseek_jax.metrics import plot_run
+
+        print(plot_run(ns.args[0] if ns.args else "runs/tiny_stdlib"))
+        return 0
+    cfg = _config(ns.args)
+    if ns.command == "config":
+        print(to_yaml(cfg), end="")
+    elif ns.command == "inspect":
+        from deepseek_jax.inspect_model import inspect
+
+        inspect(cfg.model, batch=ns.batch, seq_len=ns.seq_len, seed=cfg.train.seed)
+    elif ns.command == "train":
+        from deepseek_jax.run import run
+
+        run(cfg)
+    elif ns.command == "eval":
+        from deepseek_jax.run import evaluate, load_trained
+
+        s, state = load_trained(cfg)
+        print(" ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items()))
+    elif ns.command == "generate":
+        from deepseek_jax.run import load_trained, sample
+
+        s, state = load_trained(cfg)
+        prompts = ns.prompt or list(cfg.train.sample_prompts)
+        for p, text in zip(prompts, sample(s, state, prompts, ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed)):
+            print(f"--- {p!r}\n{p}{text}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__.split("\n")[0])
-    parser.add_argument("command", nargs="?", default="inspect", choices=["inspect", "config"])
-    parser.add_argument("args", nargs="*", help="config YAML files, then a.b=value overrides")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=64)
-    ns = parser.parse_args(argv)
-    files, overrides = _split_args(ns.args)
-    try:
-        cfg = load_config(files, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if ns.command == "config":
-        print(to_yaml(cfg), end="")
-        return 0
-    from deepseek_jax.inspect_model import InputError, inspect
+    ns = _parser().parse_args(argv)
+    if ns.coordinator or ns.num_processes:
+        import jax
+
+        jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
+    from deepseek_jax.data import DataError
+    from deepseek_jax.inspect_model import InputError
+    from deepseek_jax.run import TrainingError
 
     try:
-        inspect(cfg.model, batch=ns.batch, seq_len=ns.seq_len, seed=cfg.train.seed)
-    except InputError as e:
-        print(f"input error: {e}", file=sys.stderr)
+        return _dispatch(ns)
+    except (ConfigError, DataError, InputError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0

@@ -30,11 +30,15 @@ SCAN_COLLECTIONS = {"params": 0, ROUTER_COLLECTION: 0, "intermediates": 0}
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32 (None with return_logits=False)
     mtp_logits: jax.Array | None  # [K, B, T, V] float32; slot i of depth k predicts t_{i+k+1}
-    expert_counts: jax.Array | None  # [L_moe, E] int32, tokens per expert per MoE layer
+    expert_counts: jax.Array | None  # [L_moe, E] int32, real tokens per expert per MoE layer
     mtp_expert_counts: jax.Array | None  # [K, E]
     cache: Any  # updated decode cache, or None
+    hidden: jax.Array | None = None  # [B, T, D] after the final norm (what the head reads)
+    mtp_hidden: jax.Array | None = None  # [K, B, T, D] after each MTP module's norm
+    balance_loss: jax.Array | None = None  # [L_moe] unweighted sequence-wise balance loss
+    mtp_balance_loss: jax.Array | None = None  # [K]
 
 
 class Block(nn.Module):
@@ -44,18 +48,21 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, cache_index):
+    def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, cache_index, cache_start_B=None):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         norm = lambda name: RMSNorm(cfg.dim, cfg.norm_eps, "embed", dtype, name=name)  # noqa: E731
         attn = MLA(cfg.mla, cfg.rope, cfg.dim, cfg.norm_eps, dtype, name="attn")
-        h_BTD, cache = attn(norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache, cache_index)
+        h_BTD, cache = attn(
+            norm("attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache, cache_index, cache_start_B
+        )
         x_BTD = x_BTD + h_BTD
         if self.moe:
-            h_BTD, counts_E = MoE(cfg.moe, cfg.dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD))
+            mask_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+            h_BTD, aux = MoE(cfg.moe, cfg.dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD), mask_BT)
         else:
-            h_BTD, counts_E = MLP(cfg.dim, cfg.inter_dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD)), None
+            h_BTD, aux = MLP(cfg.dim, cfg.inter_dim, dtype, name="ffn")(norm("ffn_norm")(x_BTD)), None
         x_BTD = constrain(x_BTD + h_BTD, ("act_batch", "act_seq", "act_embed"))
-        return x_BTD, (cache, counts_E)
+        return x_BTD, (cache, aux)
 
 
 def block_stack(cfg: ModelConfig, moe: bool, length: int) -> nn.Module:
@@ -64,7 +71,7 @@ def block_stack(cfg: ModelConfig, moe: bool, length: int) -> nn.Module:
         Block,
         variable_axes=SCAN_COLLECTIONS,
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -84,10 +91,8 @@ class MTPLayer(nn.Module):
         # the embedding half comes first, as in the released checkpoints' eh_proj
         both_BTZ = jnp.concatenate([norm("enorm")(emb_BTD), norm("hnorm")(h_BTD)], axis=-1)
         x_BTD = jnp.einsum("BTZ,ZD->BTD", both_BTZ, w_eh_ZD.astype(dtype))
-        x_BTD, (_, counts_E) = Block(cfg, moe=True, name="block")(
-            x_BTD, None, positions_BT, segment_ids_BT, 0
-        )
-        return norm("norm")(x_BTD), counts_E
+        x_BTD, (_, aux) = Block(cfg, moe=True, name="block")(x_BTD, None, positions_BT, segment_ids_BT, 0)
+        return norm("norm")(x_BTD), aux
 
 
 def shift_left(x_BT: jax.Array, k: int, fill=0) -> jax.Array:
@@ -127,39 +132,56 @@ class Transformer(nn.Module):
         cache: dict | None = None,
         cache_index: jax.Array | int = 0,
         mtp: bool = True,
+        return_logits: bool = True,
+        cache_start_B: jax.Array | None = None,
     ) -> ModelOutput:
-        """Full forward (cache None) or a decode step that appends T tokens at `cache_index`."""
-        cfg = self.cfg
+        """Full forward (cache None) or a decode step that appends T tokens at `cache_index`.
+
+        segment_ids_BT: packed documents (attention stays inside one; 0 marks padding). With a
+        cache, slots before cache_start_B[b] are never attended to (left-padded prompts).
+        return_logits=False skips the head (the loss applies it in chunks to `hidden`).
+        """
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD = self.embed(tokens_BT)
-        new_cache, counts_LE = {}, None
+        new_cache, aux = {}, None
         for stack in ("dense_layers", "moe_layers"):
             if not hasattr(self, stack):
                 continue
             layer_cache = None if cache is None else cache[stack]
-            x_BTD, (layer_cache, counts) = getattr(self, stack)(
-                x_BTD, layer_cache, positions_BT, segment_ids_BT, cache_index
+            x_BTD, (layer_cache, stack_aux) = getattr(self, stack)(
+                x_BTD, layer_cache, positions_BT, segment_ids_BT, cache_index, cache_start_B
             )
             new_cache[stack] = layer_cache
-            counts_LE = counts if stack == "moe_layers" else counts_LE
+            aux = stack_aux if stack == "moe_layers" else aux
         h_BTD = self.final_norm(x_BTD)
-        logits_BTV = self.head(h_BTD)
-        mtp_logits, mtp_counts = None, None
+        mtp_h, mtp_aux = None, None
         if self.mtp and mtp and cache is None:
-            mtp_logits, mtp_counts = self.mtp_forward(h_BTD, tokens_BT, positions_BT, segment_ids_BT)
-        return ModelOutput(logits_BTV, mtp_logits, counts_LE, mtp_counts, None if cache is None else new_cache)
+            mtp_h, mtp_aux = self.mtp_forward(h_BTD, tokens_BT, positions_BT, segment_ids_BT)
+        logits = mtp_logits = None
+        if return_logits:
+            logits = self.head(h_BTD)
+            mtp_logits = None if mtp_h is None else jnp.stack([self.head(h) for h in mtp_h])
+        return ModelOutput(
+            logits, mtp_logits,
+            None if aux is None else aux.counts, None if mtp_aux is None else mtp_aux.counts,
+            None if cache is None else new_cache,
+            hidden=h_BTD, mtp_hidden=mtp_h,
+            balance_loss=None if aux is None else aux.balance_loss,
+            mtp_balance_loss=None if mtp_aux is None else mtp_aux.balance_loss,
+        )
 
     def mtp_forward(self, h_BTD, tokens_BT, positions_BT, segment_ids_BT):
-        logits, counts = [], []
+        """Chains the MTP modules; returns their normed outputs [K, B, T, D] and stacked MoE aux."""
+        hidden, auxes = [], []
         for k, layer in enumerate(self.mtp, start=1):
-            segs = None if segment_ids_BT is None else shift_left(segment_ids_BT, k, -1)
+            segs = None if segment_ids_BT is None else shift_left(segment_ids_BT, k)
             emb_BTD = self.embed(shift_left(tokens_BT, k))
-            h_BTD, counts_E = layer(h_BTD, emb_BTD, shift_left(positions_BT, k), segs)
-            logits.append(self.head(h_BTD))
-            counts.append(counts_E)
-        return jnp.stack(logits), jnp.stack(counts)
+            h_BTD, aux = layer(h_BTD, emb_BTD, shift_left(positions_BT, k), segs)
+            hidden.append(h_BTD)
+            auxes.append(aux)
+        return jnp.stack(hidden), jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -117,3 +117,17 @@ def param_summary(cfg: ModelConfig) -> str:
         _row("MTP activated per token", c["mtp_active"], "without embedding and head"),
     ]
     return "\n".join([f"{'parameters':<34}{'count':>18}", *rows])
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward = 3 x forward), for MFU.
+
+    Matmuls: 6 x activated parameters, without the embedding lookup but with the head, plus each
+    MTP module and its pass through the head. Causal attention: per layer and token, q.k over
+    (H+R) and p.v over O for T/2 keys on average, 2 FLOPs per multiply-add, times 3.
+    """
+    c, K = count_params(cfg), cfg.num_nextn_predict_layers
+    matmul = c["active_no_embedding"] + K * (c["mtp_active"] + c["head"])
+    m = cfg.mla
+    attention = (cfg.n_layers + K) * m.n_heads * (m.qk_head_dim + m.v_head_dim) * seq_len / 2 * 2
+    return 6.0 * matmul + 3.0 * attention

@@ -66,7 +66,7 @@ def test_unknown_section_suggests_the_section(tmp_path):
 
 def test_unknown_key_without_near_match_lists_valid_keys(tmp_path):
     path = write(tmp_path / "a.yaml", {"model": MODEL, "data": {"zzzz": 1}})
-    with raises(r"unknown config key 'data\.zzzz'.*valid keys: seq_len, global_batch_size, seed"):
+    with raises(r"unknown config key 'data\.zzzz'.*valid keys: source, format, jsonl_field"):
         load_config([path])
 
 

@@ -37,7 +37,7 @@ def test_token_by_token_decoding_matches_full_forward(tiny):
     B, T = tokens.shape
     with jax.default_matmul_precision("highest"):
         full = jax.jit(lambda v, t: model.apply(v, t, mtp=False).logits)(variables, tokens)
-        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[::4])
+        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[0::4][:2])  # (logits, cache)
         cache = init_cache(cfg, B, max_len=T + 8)
         prefill = 13  # a prompt, then one token at a time
         logits, cache = step(variables, tokens[:, :prefill], cache, jnp.int32(0))

@@ -16,7 +16,7 @@ import pytest
 from utils import TOL, assert_close
 
 from deepseek_jax.config import MoEConfig, load_model_config
-from deepseek_jax.layers.moe.experts import expert_counts, experts_dense, experts_ragged
+from deepseek_jax.layers.moe.experts import expert_counts, experts_blocked, experts_dense, experts_ragged
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
 from deepseek_jax.layers.moe.router import route
 from deepseek_jax.model import Transformer
@@ -179,6 +179,9 @@ def test_experts_ragged_dense_and_loop_agree():
     assert_close(ragged, want, **TOL["layer_f32"], what="experts_ragged vs loop")
     assert_close(dense, want, **TOL["layer_f32"], what="experts_dense vs loop")
     assert_close(ragged, dense, **TOL["layer_f32"], what="ragged vs dense")
+    for block in (1, 4, 64):  # block 4 pads most runs; 64 exceeds every run
+        blocked = jax.jit(lambda *a, b=block: experts_blocked(*a, block=b))(*args)
+        assert_close(blocked, want, **TOL["layer_f32"], what=f"experts_blocked(block={block}) vs loop")
 
 
 def test_experts_gradients_agree():
@@ -193,8 +196,10 @@ def test_experts_gradients_agree():
 
     inputs = (args[0], *args[2:])
     g_ragged, g_dense = loss(experts_ragged)(*inputs), loss(experts_dense)(*inputs)
-    for name, gr, gd in zip(["x", "weights", "w_gate", "w_up", "w_down"], g_ragged, g_dense):
+    g_blocked = loss(lambda *a: experts_blocked(*a, block=4))(*inputs)
+    for name, gr, gd, gb in zip(["x", "weights", "w_gate", "w_up", "w_down"], g_ragged, g_dense, g_blocked):
         assert_close(gr, gd, **TOL["layer_f32"], what=f"d loss / d {name}")
+        assert_close(gb, gd, **TOL["layer_f32"], what=f"blocked: d loss / d {name}")
     for g in g_ragged[2:]:  # experts that received no token get no gradient
         assert not np.asarray(g)[[0, 3, 5]].any()
         assert np.abs(np.asarray(g)[[1, 2, 4]]).min(axis=(1, 2)).max() > 0
@@ -251,12 +256,16 @@ def test_router_bias_is_not_a_parameter(moe_setup):
 def test_ragged_and_dense_layers_agree_and_match_route(moe_setup):
     _, variables, x = moe_setup
     outs = {}
-    for impl in ("ragged", "dense"):
+    for impl in ("ragged", "blocked", "dense"):
         layer = MoE(dataclasses.replace(MOE, impl=impl), D, jnp.float32)
         fn = jax.jit(lambda v, x_, layer=layer: layer.apply(v, x_, mutable=["intermediates"]))
         outs[impl] = fn(variables, x)
-    (y_r, counts_r), inter = outs["ragged"]
-    (y_d, counts_d), _ = outs["dense"]
+    (y_r, aux_r), inter = outs["ragged"]
+    (y_d, aux_d), _ = outs["dense"]
+    (y_b, aux_b), _ = outs["blocked"]
+    assert_close(y_b, y_d, **TOL["layer_f32"], what="MoE blocked vs dense")
+    np.testing.assert_array_equal(aux_b.counts, aux_d.counts)
+    counts_r, counts_d = aux_r.counts, aux_d.counts
     assert y_r.shape == x.shape
     assert_close(y_r, y_d, **TOL["layer_f32"], what="MoE ragged vs dense")
     np.testing.assert_array_equal(counts_r, counts_d)

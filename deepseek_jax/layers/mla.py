@@ -77,9 +77,13 @@ def cache_write(cache: LatentCache, kv_latent_BTC, k_rope_BTR, index) -> LatentC
     )
 
 
-def cache_mask(B: int, T: int, S: int, index) -> jax.Array:
-    """[B, T, S]: slot s holds absolute position s; query t sits at index + t."""
-    return jnp.broadcast_to(jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None], (B, T, S))
+def cache_mask(B: int, T: int, S: int, index, start_B: jax.Array | None = None) -> jax.Array:
+    """[B, T, S]: slot s is visible to query slot index + t if s <= index + t and s >= start_B[b]
+    (slots before start_B hold a left-padded prompt's padding)."""
+    mask_BTS = jnp.broadcast_to(jnp.arange(S)[None, :] <= index + jnp.arange(T)[:, None], (B, T, S))
+    if start_B is not None:
+        mask_BTS = mask_BTS & (jnp.arange(S)[None, None, :] >= start_B[:, None, None])
+    return mask_BTS
 
 
 class MLA(nn.Module):
@@ -125,6 +129,7 @@ class MLA(nn.Module):
         segment_ids_BT: jax.Array | None = None,
         cache: LatentCache | None = None,
         cache_index: jax.Array | int = 0,
+        cache_start_B: jax.Array | None = None,
     ) -> tuple[jax.Array, LatentCache | None]:
         c, D, N = self.cfg, self.dim, self.cfg.n_heads
         C, R, H, O = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim
@@ -154,7 +159,7 @@ class MLA(nn.Module):
             )
         else:  # decoding: append to the latent cache, attend in latent space
             cache = cache_write(cache, kv_latent_BTC, k_rope_BTR, cache_index)
-            mask_BTS = cache_mask(B, T, cache.kv_latent.shape[1], cache_index)
+            mask_BTS = cache_mask(B, T, cache.kv_latent.shape[1], cache_index, cache_start_B)
             kv_latent_BSC, k_rope_BSR = (a.astype(self.dtype) for a in cache)
             out_BTNO = mla_absorbed(
                 q_nope_BTNH, q_rope_BTNR, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale

@@ -2,9 +2,15 @@
 
 `experts_ragged` is the dropless production path: the M·A (token, expert) pairs are sorted by
 expert and each expert's contiguous run is multiplied by its weights with `jax.lax.ragged_dot`, so
-the work is proportional to M·A, not M·E. `experts_dense` runs every expert on every token and
-combines with a [M, E] weight matrix: O(M·E·F), a reference for tests only.
-V3 applies the routing weight after the down projection.
+the work is proportional to M·A, not M·E, where the backend has a grouped-matmul kernel (GPU, TPU).
+XLA:CPU lowers ragged_dot to a masked dense product over all E groups (E x the work, and an
+[E, M·A, D] mask), so for CPU runs `experts_blocked` does the same dropless computation in plain
+JAX: each expert's run is padded to a multiple of `block` rows, every block belongs to one expert,
+and one batched matmul over blocks uses per-block gathered weights (work ~ M·A + E·block rows;
+weight-gather memory ~ blocks·D·F, so it is a small-scale path). `experts_dense` runs every expert
+on every token and combines with a [M, E] weight matrix: O(M·E·F), a reference for tests.
+V3 applies the routing weight after the down projection. Local letters: X = M·A sorted pairs,
+R blocks, Y rows per block.
 """
 
 import jax
@@ -32,6 +38,28 @@ def experts_ragged(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EF
     return jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_X].add(y_XD).astype(x_MD.dtype)
 
 
+def experts_blocked(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 64):
+    """Dropless grouped matmuls as one batched matmul over expert-pure blocks; returns [M, D]."""
+    M, A = experts_MA.shape
+    E, D, _ = w_gate_EDF.shape
+    X, Y = M * A, block
+    flat_X = jnp.asarray(experts_MA).reshape(-1)
+    order_X = jnp.argsort(flat_X, stable=True)
+    expert_X, token_X = flat_X[order_X], order_X // A
+    counts_E = expert_counts(experts_MA, E)
+    padded_E = (counts_E + Y - 1) // Y * Y
+    start_E, pad_start_E = jnp.cumsum(counts_E) - counts_E, jnp.cumsum(padded_E) - padded_E
+    row_X = pad_start_E[expert_X] + jnp.arange(X) - start_E[expert_X]  # row in the padded buffer
+    R = -(-(X + E * (Y - 1)) // Y)  # static bound on the number of blocks
+    block_expert_R = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(R) * Y, side="right"), E - 1)
+    x_RYD = jnp.zeros((R * Y, D), x_MD.dtype).at[row_X].set(jnp.take(x_MD, token_X, axis=0)).reshape(R, Y, D)
+    gate_RYF = jnp.einsum("RYD,RDF->RYF", x_RYD, w_gate_EDF[block_expert_R])
+    up_RYF = jnp.einsum("RYD,RDF->RYF", x_RYD, w_up_EDF[block_expert_R])
+    y_RYD = jnp.einsum("RYF,RFD->RYD", jax.nn.silu(gate_RYF) * up_RYF, w_down_EFD[block_expert_R])
+    y_XD = y_RYD.reshape(R * Y, D)[row_X].astype(jnp.float32) * weights_MA.reshape(-1)[order_X][:, None]
+    return jnp.zeros((M, D), jnp.float32).at[token_X].add(y_XD).astype(x_MD.dtype)
+
+
 def experts_dense(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Every expert on every token, combined by a dense [M, E] weight matrix; returns [M, D]."""
     M, E = x_MD.shape[0], w_gate_EDF.shape[0]
@@ -42,4 +70,4 @@ def experts_dense(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD
     return jnp.einsum("MED,ME->MD", y_MED.astype(jnp.float32), combine_ME).astype(x_MD.dtype)
 
 
-EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+EXPERT_IMPLS = {"ragged": experts_ragged, "blocked": experts_blocked, "dense": experts_dense}

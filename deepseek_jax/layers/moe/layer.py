@@ -3,9 +3,13 @@
     y = shared(x) + Σ_{e ∈ topk} g_e · expert_e(x)
 
 The selection bias lives in the `router` collection, not in `params`: it is updated by the
-aux-loss-free rule from expert counts, outside the optimizer. The layer returns those counts
-and sows the chosen experts into `intermediates` (tests compare them with HF's exactly).
+aux-loss-free rule from expert counts, outside the optimizer. The layer returns those counts (over
+real tokens, padding excluded) and the unweighted sequence-wise balance loss, and sows the chosen
+experts into `intermediates` (tests compare them with HF's exactly).
 """
+
+from typing import NamedTuple
+
 
 import flax.linen as nn
 import jax
@@ -13,11 +17,17 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import MoEConfig
+from deepseek_jax.losses import sequence_balance_loss
 from deepseek_jax.layers.mlp import MLP
-from deepseek_jax.layers.moe.experts import EXPERT_IMPLS, expert_counts
-from deepseek_jax.layers.moe.router import route
+from deepseek_jax.layers.moe.experts import EXPERT_IMPLS
+from deepseek_jax.layers.moe.router import route, router_scores
 
 ROUTER_COLLECTION = "router"
+
+
+class MoEAux(NamedTuple):
+    counts: jax.Array  # [E] int32, real tokens routed to each expert
+    balance_loss: jax.Array  # scalar float32, V3's sequence-wise balance loss (before its weight α)
 
 
 class MoE(nn.Module):
@@ -26,7 +36,8 @@ class MoE(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array | None = None) -> tuple[jax.Array, MoEAux]:
+        """mask_BT marks real tokens (False = padding) for the counts and the balance loss."""
         c, D = self.cfg, self.dim
         E, F = c.n_routed_experts, c.moe_inter_dim
         B, T, _ = x_BTD.shape
@@ -59,4 +70,10 @@ class MoE(nn.Module):
         if c.n_shared_experts > 0:
             shared = MLP(D, c.n_shared_experts * F, self.dtype, name="shared")
             y_BTD = y_BTD + shared(x_BTD)
-        return y_BTD, expert_counts(experts_MA, E)
+        mask_BT = jnp.ones((B, T), jnp.bool_) if mask_BT is None else mask_BT
+        counts_E = jnp.zeros((E,), jnp.int32).at[experts_MA].add(mask_BT.reshape(B * T, 1).astype(jnp.int32))
+        balance = sequence_balance_loss(
+            router_scores(logits_ME, c.score_func).reshape(B, T, E), experts_MA.reshape(B, T, -1),
+            mask_BT, c.n_activated_experts,
+        )
+        return y_BTD, MoEAux(counts_E, balance)

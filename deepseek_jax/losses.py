@@ -1,0 +1,114 @@
+"""Training losses: chunked next-token cross-entropy, MTP targets, V3's balance terms.
+
+    main loss     L = (1/Σm) Σ_t m_t · (-log softmax(h_t W_head)[y_t]),  y_t = t_{t+1}
+    MTP depth k   L_k the same with y_t = t_{t+k+1};  L_MTP = λ/K Σ_k L_k          (V3 §2.2)
+    balance       L_bal = α Σ_i f_i P_i per sequence                                   (V3 §2.1.2)
+    bias update   b_i <- b_i + γ·sign(mean_j c_j - c_i)        (aux-loss-free balancing, V3 §2.1.2)
+
+Everything is pure and computed in float32. The cross-entropy returns masked sums, not means, so
+the caller can add up chunks, MTP depths and data-parallel shards before a single division.
+Reference: DeepSeek-V3 technical report, arXiv:2412.19437, §2.1.2 and §2.2.
+Local letters: P chunks, U tokens per chunk.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def token_nll(h_UD: jax.Array, w_head_DV: jax.Array, targets_U: jax.Array) -> jax.Array:
+    """-log softmax(h W)[y] per token, with float32 logits: logsumexp_v(z_v) - z_y."""
+    w_head_DV = w_head_DV.astype(h_UD.dtype)  # as the model's head: compute dtype, f32 accumulation
+    logits_UV = jnp.einsum("UD,DV->UV", h_UD, w_head_DV, preferred_element_type=jnp.float32)
+    target_logit_U = jnp.take_along_axis(logits_UV, targets_U[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits_UV, axis=-1) - target_logit_U
+
+
+def chunked_cross_entropy(
+    h_MD: jax.Array, w_head_DV: jax.Array, targets_M: jax.Array, mask_M: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """(Σ_t mask_t · NLL_t, Σ_t mask_t) without ever holding [M, V] logits.
+
+    The M tokens are padded to U·P (U = chunk, P = ceil(M/U) chunks) and mapped over chunk by
+    chunk; the chunk body is rematerialised (jax.checkpoint), so the backward pass recomputes each
+    chunk's [U, V] logits instead of storing them: peak memory ~ U·V instead of M·V.
+    Chunk p holds the strided tokens p, P + p, 2P + p, ...: when M is sharded over devices, every
+    chunk then takes tokens from every shard and the U axis keeps M's sharding (contiguous chunks
+    would put the sharding on the P axis that lax.map walks through).
+    """
+    M, D = h_MD.shape
+    U = min(chunk, M)
+    P = -(-M // U)
+    pad = U * P - M
+    mask_M = mask_M.astype(jnp.bool_)
+    targets_M = jnp.where(mask_M, targets_M, 0)  # masked slots may hold any id (e.g. -1 fill)
+    w_head_DV = w_head_DV.astype(h_MD.dtype)  # as the model's head: cast once, f32 accumulation
+    h_PUD = jnp.pad(h_MD, ((0, pad), (0, 0))).reshape(U, P, D).swapaxes(0, 1)
+    targets_PU = jnp.pad(targets_M, (0, pad)).reshape(U, P).T
+    mask_PU = jnp.pad(mask_M, (0, pad)).reshape(U, P).T
+
+    @jax.checkpoint
+    def chunk_loss(xs):
+        h_UD, targets_U, mask_U = xs
+        return jnp.where(mask_U, token_nll(h_UD, w_head_DV, targets_U), 0.0).sum()
+
+    loss_P = jax.lax.map(chunk_loss, (h_PUD, targets_PU, mask_PU))
+    return loss_P.sum(), mask_M.sum(dtype=jnp.float32)
+
+
+def next_token_targets(
+    tokens_BT: jax.Array, loss_mask_BT: jax.Array, k: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """Targets k positions ahead: y_t = tokens[t + k], valid iff loss_mask[t .. t+k-1] all hold.
+
+    `loss_mask[t]` says that tokens[t+1] continues the document of tokens[t] (false at a document's
+    last token and on padding), so a k-hop target is valid only when every hop stays inside one
+    document. k = 1 is the main loss; k = 2 is MTP depth 1 (slot t predicts t + 2). The last k
+    slots of a row have no target and are masked.
+    """
+    loss_mask_BT = loss_mask_BT.astype(jnp.bool_)
+    valid_BT = loss_mask_BT & (jnp.arange(tokens_BT.shape[1]) < tokens_BT.shape[1] - k)
+    for j in range(1, k):  # hop j: from t + j to t + j + 1
+        valid_BT = valid_BT & _shift_left(loss_mask_BT, j)
+    return _shift_left(tokens_BT, k), valid_BT
+
+
+def _shift_left(x_BT: jax.Array, k: int) -> jax.Array:
+    """x[:, t + k] at slot t; the last k slots get 0 / False."""
+    return jnp.concatenate([x_BT[:, k:], jnp.zeros_like(x_BT[:, :k])], axis=1)
+
+
+def sequence_balance_loss(
+    scores_BTE: jax.Array, experts_BTA: jax.Array, mask_BT: jax.Array, n_activated: int
+) -> jax.Array:
+    """V3's complementary sequence-wise balance loss, unweighted (the caller multiplies by α).
+
+    Per sequence b with T_b unmasked tokens and A = n_activated of E experts:
+        f_i = E/(A·T_b) Σ_t 1[i ∈ topk(t)],   P_i = 1/T_b Σ_t s_{i,t} / Σ_j s_{j,t},
+        L_b = Σ_i f_i P_i;   the result is the mean of L_b over sequences with T_b > 0.
+    Perfectly uniform routing gives f_i = 1, P_i = 1/E, L = 1; all tokens on the same A experts
+    with scores spread evenly over them gives f = E/A, P = 1/A there, L = E/A.
+    Gradients flow through P only (f counts discrete choices).
+    """
+    E = scores_BTE.shape[-1]
+    mask_BT = mask_BT.astype(jnp.float32)
+    T_B = mask_BT.sum(-1)
+    scores_BTE = scores_BTE.astype(jnp.float32)
+    probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
+    chosen_BTE = jax.nn.one_hot(experts_BTA, E, dtype=jnp.float32).sum(-2)
+    denom_B = jnp.maximum(T_B, 1.0)[:, None]
+    f_BE = E / n_activated * jnp.einsum("BTE,BT->BE", chosen_BTE, mask_BT) / denom_B
+    p_BE = jnp.einsum("BTE,BT->BE", probs_BTE, mask_BT) / denom_B
+    loss_B = (f_BE * p_BE).sum(-1)
+    has_tokens_B = T_B > 0
+    return jnp.where(has_tokens_B, loss_B, 0.0).sum() / jnp.maximum(has_tokens_B.sum(), 1)
+
+
+def update_router_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
+    """Aux-loss-free balancing: b_i <- b_i + γ·sign(mean_j c_j - c_i) over the last axis.
+
+    Overloaded experts (c_i above the mean load) lose γ of selection bias, underloaded ones gain
+    γ; works on one layer's [E] or a stack's [L, E] (mean per layer).
+    """
+    counts_E = counts_E.astype(jnp.float32)
+    error_E = counts_E.mean(-1, keepdims=True) - counts_E
+    return (bias_E + rate * jnp.sign(error_E)).astype(bias_E.dtype)

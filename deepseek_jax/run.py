@@ -1,0 +1,258 @@
+"""The single training / evaluation loop: restore or init, then train, evaluate, save.
+
+Reads top to bottom. The host syncs with the device only at log, eval and save steps. SIGTERM and
+SIGINT finish the current step, save, and return normally. A run directory that holds a
+checkpoint is resumed automatically (state, data position, step), into the new run's shardings.
+"""
+
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax import data as data_lib
+from deepseek_jax.checkpoint import Checkpointer, abstract_like, check_compatible
+from deepseek_jax.config import Config, ConfigError, to_dict, to_yaml
+from deepseek_jax.metrics import MetricsLogger, plot_run
+from deepseek_jax.model import Transformer
+from deepseek_jax.optim import lr_schedule, make_optimizer
+from deepseek_jax.params import train_flops_per_token
+from deepseek_jax.sharding import batch_sharding, make_mesh, rules
+from deepseek_jax.train import eval_step, init_state, state_shardings, train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class Session:
+    """Everything a run needs besides the state: built once from the config."""
+
+    cfg: Config
+    run_dir: Path
+    model: Transformer
+    tokenizer: object
+    mesh: object
+    batch_sharding: object
+    train_step: object
+    eval_step: object
+    abstract_state: object
+    state_shardings: object
+    optimizer: object
+
+
+def measure_peak_flops(n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of one device on a float32 n x n matmul (the MFU denominator when not configured)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f(x).block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def open_session(cfg: Config) -> Session:
+    """Tokenizer, mesh, model, optimizer and jitted steps for `cfg` (no state yet)."""
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = data_lib.load_tokenizer(cfg.data, run_dir, cfg.model.vocab_size)
+    mesh, mesh_rules = make_mesh(cfg.mesh), rules(cfg.mesh)
+    model = Transformer(cfg.model)
+    abstract_params = jax.eval_shape(
+        partial(model.init, mutable=["params", "router"]), jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+    )
+    optimizer = make_optimizer(cfg.optim, nn.unbox(abstract_params)["params"], cfg.train.steps)
+    abstract, shardings = state_shardings(model, optimizer, cfg, mesh, mesh_rules)
+    schedule = lr_schedule(cfg.optim, cfg.train.steps)
+    step = partial(train_step, model=model, optimizer=optimizer, schedule=schedule, cfg=cfg)
+    ev = partial(eval_step, model=model, cfg=cfg)
+    return Session(
+        cfg, run_dir, model, tokenizer, mesh, batch_sharding(mesh, mesh_rules),
+        jax.jit(step, donate_argnums=0), jax.jit(ev), abstract, shardings, optimizer,
+    )
+
+
+def restore_or_init(s: Session, ckpt: Checkpointer):
+    """(state, data-iterator state or None): the latest checkpoint if any, else a fresh state."""
+    step = ckpt.latest_step()
+    if step is None:
+        return init_state(s.model, s.optimizer, s.cfg, s.state_shardings), None
+    check_compatible(ckpt.stored_config(step), s.cfg, s.run_dir)
+    target = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.abstract_state, s.state_shardings
+    )
+    state, data_state, _ = ckpt.restore(step, target)
+    return state, data_state
+
+
+def put_batch(s: Session, batch: dict) -> dict:
+    return {k: jax.device_put(np.asarray(v), s.batch_sharding) for k, v in batch.items()}
+
+
+def evaluate(s: Session, state) -> dict:
+    """Held-out loss and perplexity over `train.eval_batches` validation batches."""
+    it = data_lib.make_iterator(s.cfg.data, "validation", s.tokenizer, repeat=False, shuffle=False,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    ce_sum = tokens = mtp = 0.0
+    n = 0
+    for batch in it:
+        out = s.eval_step(state.params, state.router, put_batch(s, batch))
+        ce_sum, tokens, mtp = ce_sum + float(out["ce_sum"]), tokens + float(out["tokens"]), mtp + float(out["mtp"])
+        n += 1
+        if n == s.cfg.train.eval_batches:
+            break
+    if tokens == 0:
+        raise data_lib.DataError(f"validation split of {s.cfg.data.source} produced no tokens")
+    loss = ce_sum / tokens
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "mtp_loss": mtp / max(n, 1), "tokens": tokens}
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checks it after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _scalars(metrics: dict) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        if v.ndim == 0:
+            out[k] = float(v)
+        else:  # per-layer statistics
+            out[f"{k}_max"] = float(v.max())
+            out.update({f"{k}/layer{i}": float(x) for i, x in enumerate(v)})
+    return out
+
+
+def _check_finite(state, cfg: Config, ckpt: Checkpointer) -> None:
+    bad = int(state.bad_step)
+    if bad >= 0 and not cfg.train.skip_nonfinite_steps:
+        last = ckpt.latest_step()
+        raise TrainingError(
+            f"non-finite loss or gradient at step {bad + 1}; stopped. Last good checkpoint: "
+            f"{'none' if last is None else f'step {last}'} in {ckpt.directory}. "
+            "Set train.skip_nonfinite_steps=true to skip such steps instead."
+        )
+
+
+def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
+    """Steps from `state.step` to the stop step; returns (state, the signal that stopped it or None)."""
+    cfg, t = s.cfg, s.cfg.train
+    start, stop_at = int(state.step), t.steps if t.stop_at == 0 else min(t.stop_at, t.steps)
+    peak = t.peak_flops or measure_peak_flops()
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    config_dict = to_dict(cfg)
+    with StopFlag() as stop:
+        window_t0, window_start = time.perf_counter(), start
+        for step in range(start, stop_at):
+            state, metrics = s.train_step(state, put_batch(s, next(it)))
+            done = step + 1
+            if done == start + 1:  # the first step includes compilation: time it apart
+                jax.block_until_ready(state.step)
+                log.message(f"first step (compile + run) {time.perf_counter() - window_t0:.1f}s")
+                window_t0, window_start = time.perf_counter(), done
+            if done % t.log_every == 0 or done == stop_at or stop.signal:
+                m = _scalars(metrics)
+                _check_finite(state, cfg, ckpt)
+                tok_s = tokens_per_step * max(done - window_start, 1) / max(time.perf_counter() - window_t0, 1e-9)
+                m.update(tokens_per_sec=tok_s, mfu=tok_s * flops_per_token / (peak * jax.device_count()),
+                         perplexity=float(np.exp(min(m["loss"], 50))))
+                log.log(done, m)
+                window_t0, window_start = time.perf_counter(), done
+            if t.eval_every and done % t.eval_every == 0 and done != stop_at:
+                log.log(done, evaluate(s, state), split="eval")
+            if (t.ckpt_every and done % t.ckpt_every == 0) or done == stop_at or stop.signal:
+                _check_finite(state, cfg, ckpt)  # never save a state past a non-finite step
+                ckpt.save(done, state, it.get_state(), config_dict)
+            if stop.signal:
+                log.message(f"{stop.signal} received: saved step {done} to {ckpt.directory}; exiting")
+                break
+    return state, stop.signal
+
+
+def run(cfg: Config) -> dict:
+    """Trains (or resumes) `cfg`, evaluates, samples and plots. The README's main job."""
+    s = open_session(cfg)
+    t, is_main = cfg.train, jax.process_index() == 0
+    ckpt = Checkpointer(s.run_dir, t.keep_checkpoints, t.async_checkpoints)
+    log = None
+    try:
+        state, data_state = restore_or_init(s, ckpt)
+        if is_main:
+            (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        it = data_lib.make_iterator(cfg.data, "train", s.tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+        if data_state is not None:
+            it.set_state(data_state)
+        start = int(state.step)
+        log = MetricsLogger(s.run_dir, t.steps, start, enabled=is_main)
+        log.message(f"{'resuming at step ' + str(start) if start else 'starting'} in {s.run_dir} "
+                    f"({jax.device_count()} {jax.devices()[0].platform} devices)")
+        state, stopped = train_loop(s, state, it, ckpt, log)
+        ckpt.wait()
+        eval_metrics = {}
+        if not stopped:
+            eval_metrics = evaluate(s, state)
+            log.log(int(state.step), eval_metrics, split="eval")
+            for prompt, text in zip(t.sample_prompts, sample(s, state, list(t.sample_prompts), t.sample_tokens)
+                                    if is_main and t.sample_prompts else []):
+                log.message(f"--- sample (greedy) ---\n{prompt}{text}")
+    finally:
+        ckpt.close()  # waits for an in-flight save
+        if log is not None:
+            log.close()
+    if is_main and not stopped:
+        baseline = data_lib.unigram_baseline(cfg.data, s.tokenizer)
+        print(f"validation loss {eval_metrics['loss']:.3f} nats/token; unigram baseline {baseline:.3f} "
+              f"(the train split's token frequencies); loss curve: {plot_run(s.run_dir, baseline=baseline)}")
+        eval_metrics = {**eval_metrics, "unigram_baseline": baseline}
+    return {"eval": eval_metrics, "state": state, "session": s, "stopped_by": stopped}
+
+
+def load_trained(cfg: Config):
+    """(session, state) from the latest checkpoint in `train.run_dir`; an error if there is none."""
+    s = open_session(cfg)
+    ckpt = Checkpointer(s.run_dir, cfg.train.keep_checkpoints, use_async=False)
+    if ckpt.latest_step() is None:
+        raise TrainingError(f"no checkpoint in {ckpt.directory}; train first (deepseek-jax train ...)")
+    state, _ = restore_or_init(s, ckpt)
+    ckpt.close()
+    return s, state
+
+
+def sample(s: Session, state, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Completions of text prompts with the latent-cache decoder."""
+    from deepseek_jax.generate import generate
+
+    ids = [s.tokenizer.encode(p) for p in prompts]
+    variables = {"params": state.params, "router": state.router}
+    new = generate(s.model, variables, ids, max_new_tokens, s.tokenizer.eos_id, s.tokenizer.pad_id,
+                   temperature, top_p, seed)
+    return [s.tokenizer.decode(n) for n in new]
