@@ -27,6 +27,9 @@ from deepseek_jax.sharding import batch_sharding, make_mesh, rules
 from deepseek_jax.train import eval_step, init_state, state_shardings, train_step
 
 
+AVERAGED = ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "skipped")
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. a non-finite loss); the message names the step."""
 
@@ -168,17 +171,22 @@ def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     config_dict = to_dict(cfg)
+    log_start = start
     with StopFlag() as stop:
-        window_t0, window_start = time.perf_counter(), start
+        window_t0, window_start, sums = time.perf_counter(), start, None
         for step in range(start, stop_at):
             state, metrics = s.train_step(state, put_batch(s, next(it)))
             done = step + 1
+            # losses are averaged over the log window (device-side adds: no host sync per step)
+            window = {k: metrics[k] for k in AVERAGED}
+            sums = window if sums is None else jax.tree.map(jnp.add, sums, window)
             if done == start + 1:  # the first step includes compilation: time it apart
                 jax.block_until_ready(state.step)
                 log.message(f"first step (compile + run) {time.perf_counter() - window_t0:.1f}s")
                 window_t0, window_start = time.perf_counter(), done
             if done % t.log_every == 0 or done == stop_at or stop.signal:
-                m = _scalars(metrics)
+                m = _scalars({**metrics, **jax.tree.map(lambda x: x / (done - log_start), sums)})
+                sums, log_start = None, done
                 _check_finite(state, cfg, ckpt)
                 tok_s = tokens_per_step * max(done - window_start, 1) / max(time.perf_counter() - window_t0, 1e-9)
                 m.update(tokens_per_sec=tok_s, mfu=tok_s * flops_per_token / (peak * jax.device_count()),
