@@ -5,7 +5,7 @@ Commands:
   eval      held-out loss and perplexity of a run's latest checkpoint
   generate  complete prompts with a run's latest checkpoint (--prompt, repeatable)
   inspect   build the model, print its parameter table and run a forward pass
-  config    print the resolved config as YAML
+  config    print the resolved config as YAML (`config show CONFIG...` also works)
   plot      write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl
 No logic lives here: each command calls one library function.
 """
@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: list[str]):
+    args = args[1:] if args[:1] == ["show"] else args  # `config show CONFIG...` reads like `config CONFIG...`
     files = [a for a in args if "=" not in a] or [str(DEFAULT_CONFIG)]
     return load_config(files, [a for a in args if "=" in a])
 

@@ -176,3 +176,34 @@ def test_sigkill_during_save_never_leaves_a_half_checkpoint(tmp_path, corpus):
     assert f"resuming at step {max(complete)}" in resumed.stdout + resumed.stderr
     assert not [p for p in ckpt_dir.iterdir() if "tmp" in p.name]  # leftovers cleaned up
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] >= max(complete)
+
+
+def test_cli_eval_generate_and_config_show(tmp_path, corpus, capsys):
+    from deepseek_jax.cli import main
+
+    path = write_config(tmp_path, corpus, steps=3)
+    assert main(["eval", str(path)]) == 2  # nothing trained yet: a clear error, not a traceback
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert main(["train", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "perplexity" in out
+    assert main(["generate", str(path), "--prompt", "def f(", "--max-new-tokens", "5", "--temperature", "0.7"]) == 0
+    assert "--- 'def f('" in capsys.readouterr().out
+    assert main(["config", "show", str(path), "data.seq_len=16"]) == 0
+    assert "seq_len: 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_len=128", r"data\.seq_len=128 exceeds model\.max_seq_len=64"),
+    ("data.source=/nonexistent/corpus", r"/nonexistent/corpus"),
+    ("model.vocab_size=200", r"vocab"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, corpus, capsys, override, message):
+    from deepseek_jax.cli import main
+
+    assert main(["train", str(write_config(tmp_path, corpus)), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert __import__("re").search(message, err), err
