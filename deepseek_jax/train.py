@@ -127,13 +127,6 @@ def eval_step(params, router, batch, *, model, cfg: Config):
     return {"ce_sum": terms["ce"] * terms["tokens"], "tokens": terms["tokens"], "mtp": terms["mtp"]}
 
 
-def abstract_batch(cfg: Config, local: bool = False) -> dict:
-    B, T = cfg.data.global_batch_size, cfg.data.seq_len
-    spec = lambda dt: jax.ShapeDtypeStruct((B, T), dt)  # noqa: E731
-    return {"tokens": spec(jnp.int32), "positions": spec(jnp.int32), "segment_ids": spec(jnp.int32),
-            "loss_mask": spec(jnp.float32)}
-
-
 def state_shardings(model, optimizer, cfg: Config, mesh, mesh_rules):
     """(abstract TrainState, its NamedShardings), derived from the parameters' logical axes."""
     tokens = jax.ShapeDtypeStruct((1, min(8, cfg.data.seq_len)), jnp.int32)
