@@ -39,7 +39,6 @@ ACT_AXES = frozenset(
         "act_mlp",  # F
         "act_heads",  # N
         "act_vocab",  # V
-        "act_experts",  # E of dispatched buffers
     }
 )
 LOGICAL_AXES = PARAM_AXES | ACT_AXES

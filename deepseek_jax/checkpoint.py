@@ -3,7 +3,15 @@
 Layout: `RUN_DIR/checkpoints/<step>/{state, data, config}`. Orbax writes each step to a temporary
 directory and renames it when complete, so a process killed mid-save leaves no directory that
 `latest_step` returns; leftovers are cleaned at the next start. The state is restored into an
-abstract target whose leaves carry the *new* run's shardings, so a run resumes under another mesh.
+abstract target whose leaves carry the *new* run's shardings, so a run resumes under another mesh
+or another number of processes.
+
+Multi-process: every process calls `save` and `restore` (they are collective); `RUN_DIR` must be
+storage all processes see. The state's shards are written by the processes that hold them, the
+config once (process 0), and the data-iterator state, which is per process, by each process to its
+own file `data/process_<i>-of-<n>.json`. A process restores only the file of its own index and
+process count: under another process layout `restore` returns no data state (the caller restarts
+the data stream and says so; `data_files` lists what the checkpoint holds).
 """
 
 from pathlib import Path
@@ -20,19 +28,32 @@ FROZEN_DATA_KEYS = ("source", "format", "jsonl_field", "val_fraction", "tokenize
                     "seq_len", "global_batch_size", "seed", "max_documents")
 
 
+def data_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int = 3, use_async: bool = True):
         self.directory = Path(run_dir).resolve() / "checkpoints"
+        self.data_file = data_file(jax.process_index(), jax.process_count())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=use_async, cleanup_tmp_directories=True, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        every_process = ocp.options.MultiprocessingOptions(primary_host=None)  # each writes its own file
+        handlers = {
+            "state": ocp.handlers.StandardCheckpointHandler(),
+            "data": ocp.handlers.JsonCheckpointHandler(self.data_file, multiprocessing_options=every_process),
+            "config": ocp.handlers.JsonCheckpointHandler(),  # process 0 only
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
-        """Starts a (possibly asynchronous) save; `wait` blocks until it is on disk."""
+        """Starts a (possibly asynchronous) save; `wait` blocks until it is on disk.
+
+        `data_state` is this process's iterator state; the other arguments are the same everywhere."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
@@ -40,15 +61,23 @@ class Checkpointer:
         )
         self.manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """(state placed as `abstract_state`'s shardings say, data-iterator state, config dict)."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore(),
-        )
-        out = self.manager.restore(step, args=args)
-        return out.state, out.data, out.config
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None, dict]:
+        """(state placed as `abstract_state`'s shardings say, this process's data-iterator state, config).
+
+        The data state is None when the checkpoint holds none for this process index and count."""
+        has_data = (self._step_dir(step) / "data" / self.data_file).is_file()
+        args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
+        if has_data:
+            args["data"] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return out.state, out.data if has_data else None, out.config
+
+    def data_files(self, step: int) -> list[str]:
+        """The per-process data-state files of a step, e.g. ["process_0-of-2.json", "process_1-of-2.json"]."""
+        return sorted(p.name for p in (self._step_dir(step) / "data").glob("process_*-of-*.json"))
+
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)  # CheckpointManager's default step naming
 
     def stored_config(self, step: int) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

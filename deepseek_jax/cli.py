@@ -7,6 +7,9 @@ Commands:
   inspect   build the model, print its parameter table and run a forward pass
   config    print the resolved config as YAML (`config show CONFIG...` also works)
   plot      write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl
+  plan      per-device memory and collective volume of a train step on --devices N (--mesh FILE),
+            compiled on N devices (fake CPU ones if need be) or, with --lower-only, estimated
+--mesh FILE merges a mesh file last; --cpu-devices N gives JAX N fake CPU devices (try meshes on a CPU).
 No logic lives here: each command calls one library function.
 """
 
@@ -18,7 +21,7 @@ from deepseek_jax.config import ConfigError, load_config, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "train" / "tiny_stdlib.yaml"
-COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot")
+COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot", "plan")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,16 +35,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=2, help="inspect: batch size")
     p.add_argument("--seq-len", type=int, default=64, help="inspect: sequence length")
+    p.add_argument("--mesh", help="a mesh YAML merged after the config files")
+    p.add_argument("--devices", type=int, help="plan: devices to plan for (default: those present)")
+    p.add_argument("--lower-only", action="store_true", help="plan: do not compile; estimate collectives")
+    p.add_argument("--cpu-devices", type=int, help="fake CPU devices for JAX (set before it starts)")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-process: jax.distributed.initialize() detects coordinator, process count and id "
+                        "(Cloud TPU, SLURM, Open MPI, Kubernetes); or give the three flags below")
     p.add_argument("--coordinator", help="multi-process: coordinator address host:port")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     return p
 
 
-def _config(args: list[str]):
+def _config(args: list[str], mesh: str | None = None):
     args = args[1:] if args[:1] == ["show"] else args  # `config show CONFIG...` reads like `config CONFIG...`
     files = [a for a in args if "=" not in a] or [str(DEFAULT_CONFIG)]
-    return load_config(files, [a for a in args if "=" in a])
+    return load_config(files + ([mesh] if mesh else []), [a for a in args if "=" in a])
+
+
+def _print0(text: str) -> None:
+    """Prints on process 0 only (every process computes; one reports)."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text)
 
 
 def _dispatch(ns) -> int:
@@ -50,7 +68,7 @@ def _dispatch(ns) -> int:
 
         print(plot_run(ns.args[0] if ns.args else "runs/tiny_stdlib"))
         return 0
-    cfg = _config(ns.args)
+    cfg = _config(ns.args, ns.mesh)
     if ns.command == "config":
         print(to_yaml(cfg), end="")
     elif ns.command == "inspect":
@@ -65,29 +83,39 @@ def _dispatch(ns) -> int:
         from deepseek_jax.run import evaluate, load_trained
 
         s, state = load_trained(cfg)
-        print(" ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items()))
+        line = " ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items())
+        _print0(line)
     elif ns.command == "generate":
         from deepseek_jax.run import load_trained, sample
 
         s, state = load_trained(cfg)
         prompts = ns.prompt or list(cfg.train.sample_prompts)
         for p, text in zip(prompts, sample(s, state, prompts, ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed)):
-            print(f"--- {p!r}\n{p}{text}")
+            _print0(f"--- {p!r}\n{p}{text}")
+    elif ns.command == "plan":
+        from deepseek_jax.plan import format_report, plan
+
+        print(format_report(plan(cfg, ns.devices, compile=False if ns.lower_only else None)))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    if ns.coordinator or ns.num_processes:
+    ns = _parser().parse_intermixed_args(argv)  # overrides may follow options
+    if ns.cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", ns.cpu_devices)
+    if ns.distributed or ns.coordinator or ns.num_processes is not None or ns.process_id is not None:
         import jax
 
         jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
     from deepseek_jax.data import DataError
     from deepseek_jax.inspect_model import InputError
+    from deepseek_jax.plan import PlanError
     from deepseek_jax.run import TrainingError
 
     try:
         return _dispatch(ns)
-    except (ConfigError, DataError, InputError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, InputError, PlanError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

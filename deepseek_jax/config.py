@@ -90,6 +90,9 @@ class MoEConfig:
     norm_topk_prob: bool = True  # renormalise the selected weights to sum to 1
     moe_inter_dim: int  # F of each routed expert
     impl: Literal["ragged", "blocked", "dense"] = "ragged"  # ragged_dot | padded blocks (CPU) | all experts
+    # expert-parallel dispatch over the mesh axis the rules give `experts` (layers/moe/dispatch.py):
+    dispatch: Literal["ring", "a2a", "ragged_a2a", "dense"] = "ring"
+    capacity_factor: float = 0.0  # a2a / dense buffers, x the balanced load; 0 = dropless (worst case)
 
     def __post_init__(self):
         E, A, P = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
@@ -111,6 +114,7 @@ class MoEConfig:
         )
         _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0")
         _check(self.moe_inter_dim > 0, "moe.moe_inter_dim must be > 0")
+        _check(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {self.capacity_factor}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +228,7 @@ class TrainConfig:
     mtp_loss_weight: float = 0.3  # λ of the MTP loss (V3: 0.3, later 0.1)
     balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
     bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off
-    loss_chunk_tokens: int = 4096  # tokens per cross-entropy chunk (memory ~ chunk x V)
+    loss_chunk_tokens: int = 4096  # tokens per device per cross-entropy chunk (memory ~ chunk x V)
     skip_nonfinite_steps: bool = False  # skip a step whose loss/grads are NaN/Inf instead of stopping
     peak_flops: float = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
     sample_prompts: tuple[str, ...] = ("def fibonacci(n):", "import os\n")  # completions at the end

@@ -255,6 +255,18 @@ class Collate:
         return out
 
 
+def padding_batch(cfg: DataConfig, process_count: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of this process's shape that is all padding: no token is a target (see Collate)."""
+    shape = (cfg.global_batch_size // process_count, cfg.seq_len)
+    zeros = np.zeros(shape, np.int32)
+    return {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "positions": zeros,
+        "segment_ids": zeros,
+        "loss_mask": np.zeros(shape, np.float32),
+    }
+
+
 def build_dataset(
     cfg: DataConfig,
     split: str,

@@ -14,6 +14,8 @@ Local letters: P chunks, U tokens per chunk.
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.axes import constrain
+
 
 def token_nll(h_UD: jax.Array, w_head_DV: jax.Array, targets_U: jax.Array) -> jax.Array:
     """-log softmax(h W)[y] per token, with float32 logits: logsumexp_v(z_v) - z_y."""
@@ -41,7 +43,9 @@ def chunked_cross_entropy(
     pad = U * P - M
     mask_M = mask_M.astype(jnp.bool_)
     targets_M = jnp.where(mask_M, targets_M, 0)  # masked slots may hold any id (e.g. -1 fill)
-    w_head_DV = w_head_DV.astype(h_MD.dtype)  # as the model's head: cast once, f32 accumulation
+    # as the model's head: cast once, f32 accumulation. Gathered (over FSDP) once, outside the
+    # checkpointed chunk body: otherwise every chunk re-gathers it, forward and backward.
+    w_head_DV = constrain(w_head_DV.astype(h_MD.dtype), (None, "act_vocab"))
     h_PUD = jnp.pad(h_MD, ((0, pad), (0, 0))).reshape(U, P, D).swapaxes(0, 1)
     targets_PU = jnp.pad(targets_M, (0, pad)).reshape(U, P).T
     mask_PU = jnp.pad(mask_M, (0, pad)).reshape(U, P).T

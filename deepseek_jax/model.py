@@ -39,6 +39,8 @@ class ModelOutput(NamedTuple):
     mtp_hidden: jax.Array | None = None  # [K, B, T, D] after each MTP module's norm
     balance_loss: jax.Array | None = None  # [L_moe] unweighted sequence-wise balance loss
     mtp_balance_loss: jax.Array | None = None  # [K]
+    dropped: jax.Array | None = None  # [L_moe] int32, pairs dropped by a capacity-limited dispatch
+    mtp_dropped: jax.Array | None = None  # [K]
 
 
 class Block(nn.Module):
@@ -116,7 +118,10 @@ class Transformer(nn.Module):
         self.mtp = [MTPLayer(cfg) for _ in range(cfg.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
 
     def embed(self, tokens_BT):
-        emb_BTD = jnp.take(self.embedding, tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        # the lookup reads a whole table (gathered once, as FSDP gathers any weight): a lookup into a
+        # D-split table would make the backward's scatter re-layout the batch-split cotangent
+        table_VD = constrain(self.embedding, (None, None))
+        emb_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(jnp.dtype(self.cfg.dtype))
         return constrain(emb_BTD, ("act_batch", "act_seq", "act_embed"))
 
     def head(self, h_BTD):
@@ -170,6 +175,8 @@ class Transformer(nn.Module):
             hidden=h_BTD, mtp_hidden=mtp_h,
             balance_loss=None if aux is None else aux.balance_loss,
             mtp_balance_loss=None if mtp_aux is None else mtp_aux.balance_loss,
+            dropped=None if aux is None else aux.dropped,
+            mtp_dropped=None if mtp_aux is None else mtp_aux.dropped,
         )
 
     def mtp_forward(self, h_BTD, tokens_BT, positions_BT, segment_ids_BT):

@@ -6,24 +6,31 @@ ordered logical-axis rules. Parameters and optimizer state are created already s
 `NamedSharding`s, and `jit(init, out_shardings=...)` materialises it in place.
 """
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from deepseek_jax.config import MESH_AXES, MeshConfig
+from deepseek_jax.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes a batch is split over, when the rules do not say
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
-    """Resolves the one -1 in `mesh.shape` and checks the product equals the device count."""
+    """Resolves the one -1 in `mesh.shape`; the product must equal the device count (or, with no -1,
+    may be smaller: the mesh then takes the first devices)."""
     known = math.prod(s for s in cfg.shape if s != -1)
     shape = tuple(n_devices // known if s == -1 else s for s in cfg.shape)
-    if math.prod(shape) != n_devices:
-        raise ValueError(f"mesh.shape {list(cfg.shape)} does not fit {n_devices} devices (resolved {list(shape)})")
+    fits = math.prod(shape) == n_devices or (-1 not in cfg.shape and math.prod(shape) < n_devices)
+    if not fits:
+        raise ConfigError(
+            f"mesh.shape {list(cfg.shape)} does not fit {n_devices} devices (resolved {list(shape)}; "
+            f"axes {list(MESH_AXES)})"
+        )
     return shape
 
 
@@ -31,7 +38,69 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A mesh with Auto axes (Explicit axes would turn Linen's logical constraints into assertions)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    n = math.prod(shape)
+    if n < len(devices) and jax.process_count() > 1:
+        raise ConfigError(f"mesh.shape {list(cfg.shape)} uses {n} of {len(devices)} devices; with "
+                          f"{jax.process_count()} processes a mesh must span every device (use a -1)")
+    return Mesh(np.asarray(devices[:n]).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def abstract_mesh(cfg: MeshConfig, n_devices: int) -> jax.sharding.AbstractMesh:
+    """The mesh of `cfg` over n devices without any device (planning, golden shardings)."""
+    shape = mesh_shape(cfg, n_devices)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+@contextlib.contextmanager
+def activate(mesh, mesh_rules):
+    """Traces under `mesh` (concrete, or abstract for lowering without devices) and the logical
+    rules: constraints and the MoE dispatch see both."""
+    use = jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh) else jax.set_mesh
+    with use(mesh), nn.logical_axis_rules(mesh_rules):
+        yield
+
+
+def in_mesh(fn, mesh, mesh_rules):
+    """`fn` (typically jitted) called under `activate(mesh, mesh_rules)`."""
+
+    def call(*args, **kwargs):
+        with activate(mesh, mesh_rules):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def logical_mesh_axes(logical: str, mesh) -> tuple[str, ...]:
+    """The mesh axes (size > 1) the active rules give a logical name, in order."""
+    spec = nn.logical_to_mesh_axes((logical,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+class MoEAxes(NamedTuple):
+    """Where the MoE dispatch runs, as resolved from the active mesh and rules."""
+
+    mesh: object  # the (abstract) mesh, or None outside any mesh: no expert parallelism
+    expert: tuple[str, ...]  # mesh axes the routed experts are split over (`experts` rule)
+    tokens: tuple[tuple[str, ...], tuple[str, ...]]  # (batch axes, sequence axes) of [B, T, D] tokens
+    hidden: tuple[str, ...]  # axes splitting each expert's F (`expert_mlp`): partial sums to reduce
+
+
+def batch_shards() -> int:
+    """How many ways the active rules split a batch (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in logical_mesh_axes("act_batch", mesh))
+
+
+def moe_axes() -> MoEAxes:
+    """The dispatch's view of the mesh; never names an axis, only looks the rules up."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return MoEAxes(None, (), ((), ()), ())
+    batch, seq = logical_mesh_axes("act_batch", mesh), logical_mesh_axes("act_seq", mesh)
+    return MoEAxes(mesh, logical_mesh_axes("experts", mesh), (batch, seq), logical_mesh_axes("expert_mlp", mesh))
 
 
 def rules(cfg: MeshConfig) -> tuple[tuple[str, object], ...]:

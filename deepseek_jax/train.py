@@ -22,7 +22,7 @@ from flax import struct
 from deepseek_jax import losses
 from deepseek_jax.config import Config
 from deepseek_jax.model import Transformer
-from deepseek_jax.sharding import logical_shardings, replicated
+from deepseek_jax.sharding import batch_shards, logical_shardings, replicated
 
 
 @struct.dataclass
@@ -44,23 +44,27 @@ def _loss_terms(params, router, batch, model: Transformer, cfg: Config):
     )
     B, T, D = out.hidden.shape
     w_head_DV = params["w_head"].astype(out.hidden.dtype)
+    chunk = tcfg.loss_chunk_tokens * batch_shards()  # per device -> global tokens per chunk
     targets, mask = losses.next_token_targets(batch["tokens"], batch["loss_mask"], 1)
     ce_sum, n_tok = losses.chunked_cross_entropy(
-        out.hidden.reshape(B * T, D), w_head_DV, targets.reshape(-1), mask.reshape(-1), tcfg.loss_chunk_tokens
+        out.hidden.reshape(B * T, D), w_head_DV, targets.reshape(-1), mask.reshape(-1), chunk
     )
     terms = {"ce": ce_sum / jnp.maximum(n_tok, 1), "tokens": n_tok}
     mtp_losses = []
     for k in range(mcfg.num_nextn_predict_layers):
         targets, mask = losses.next_token_targets(batch["tokens"], batch["loss_mask"], k + 2)
         s, n = losses.chunked_cross_entropy(
-            out.mtp_hidden[k].reshape(B * T, D), w_head_DV, targets.reshape(-1), mask.reshape(-1),
-            tcfg.loss_chunk_tokens,
+            out.mtp_hidden[k].reshape(B * T, D), w_head_DV, targets.reshape(-1), mask.reshape(-1), chunk,
         )
         mtp_losses.append(s / jnp.maximum(n, 1))
     terms["mtp"] = jnp.mean(jnp.stack(mtp_losses)) if mtp_losses else jnp.float32(0)
     balance = [out.balance_loss.sum()] if out.balance_loss is not None else []
     balance += [out.mtp_balance_loss.sum()] if out.mtp_balance_loss is not None else []
     terms["balance"] = sum(balance) if balance else jnp.float32(0)
+    routed = [c.sum() for c in (out.expert_counts, out.mtp_expert_counts) if c is not None]
+    dropped = [d.sum() for d in (out.dropped, out.mtp_dropped) if d is not None]
+    # share of real (token, expert) pairs a capacity-limited dispatch dropped (0 when dropless)
+    terms["dropped_frac"] = sum(dropped) / jnp.maximum(sum(routed), 1) if routed else jnp.float32(0)
     return terms, (out.expert_counts, out.mtp_expert_counts)
 
 
@@ -112,7 +116,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     metrics = {
         "loss": terms["ce"], "total_loss": total, "mtp_loss": terms["mtp"], "balance_loss": terms["balance"],
         "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": terms["tokens"],
-        "skipped": (~finite).astype(jnp.int32),
+        "skipped": (~finite).astype(jnp.int32), "moe_dropped_frac": terms["dropped_frac"],
     }
     if counts is not None:
         metrics["load_max_over_mean"] = _load_stats(counts)  # [L_moe]

@@ -9,6 +9,10 @@ import tempfile
 
 import jax
 
+# Multi-device tests (`multidevice` marker) run on 8 fake CPU devices; this must happen before any
+# backend use. Single-device tests are unaffected: they place everything on device 0.
+jax.config.update("jax_num_cpu_devices", 8)
+
 jax.config.update(
     "jax_compilation_cache_dir",
     os.environ.get("DEEPSEEK_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "deepseek_jax_xla_cache")),

@@ -43,6 +43,7 @@ def corpus(tmp_path_factory):
 def write_config(tmp_path: Path, corpus: Path, **train) -> Path:
     cfg = {
         "model": SMALL_MODEL,
+        "mesh": {"shape": [1, 1, 1, 1, 1]},  # one device (the test process fakes 8 CPU devices)
         "data": {"source": str(corpus), "tokenizer_vocab_size": 300, "seq_len": 32, "global_batch_size": 4,
                  "val_fraction": 0.1},
         "optim": {"lr": 3e-3, "warmup_steps": 2},

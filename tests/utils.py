@@ -27,3 +27,13 @@ def assert_close(got, want, rtol: float, atol: float, what: str = "value") -> No
             f"max abs err {err.max():.3e} at {tuple(int(i) for i in worst)} "
             f"(got {got[worst]:.6e}, want {want[worst]:.6e}); max rel err {rel.max():.3e}"
         )
+
+
+def assert_close_to_scale(got, want, rtol: float, what: str = "value") -> None:
+    """max |got - want| <= rtol * max |want|: for sums (gradients) that another layout reorders,
+    where an element-wise rtol is meaningless for the near-cancelling entries."""
+    want = np.asarray(want, dtype=np.float64)
+    scale = float(np.max(np.abs(want))) if want.size else 1.0
+    scale = scale or 1.0
+    assert_close(np.asarray(got, dtype=np.float64) / scale, want / scale, rtol=rtol, atol=rtol,
+                 what=f"{what} / max|{what.split(':')[-1].strip()}|")

@@ -11,7 +11,8 @@ def swiglu(x_BTD, w_gate_DF, w_up_DF, w_down_FD):
     """down(silu(x·gate) ⊙ x·up)."""
     gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate_DF)
     up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, w_up_DF)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, w_down_FD)
+    h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("act_batch", "act_seq", "act_mlp"))
+    return jnp.einsum("BTF,FD->BTD", h_BTF, w_down_FD)
 
 
 class MLP(nn.Module):

@@ -11,6 +11,10 @@ weight-gather memory ~ blocks·D·F, so it is a small-scale path). `experts_dens
 on every token and combines with a [M, E] weight matrix: O(M·E·F), a reference for tests.
 V3 applies the routing weight after the down projection. Local letters: X = M·A sorted pairs,
 R blocks, Y rows per block.
+
+Every impl also serves the expert-parallel dispatch (dispatch.py), which hands it a shard's local
+experts: an expert id < 0 marks a pair (or buffer slot) that is not this shard's, which contributes
+nothing. `out_dtype` lets a dispatch keep partial sums in float32 until they are reduced.
 """
 
 import jax
@@ -18,56 +22,71 @@ import jax.numpy as jnp
 
 
 def expert_counts(experts_MA: jax.Array, n_experts: int) -> jax.Array:
-    """Tokens routed to each expert [E] (int32)."""
-    return jnp.zeros((n_experts,), jnp.int32).at[experts_MA.reshape(-1)].add(1)
+    """Tokens routed to each expert [E] (int32); ids < 0 are not counted."""
+    flat = experts_MA.reshape(-1)
+    return jnp.zeros((n_experts,), jnp.int32).at[jnp.where(flat < 0, n_experts, flat)].add(1, mode="drop")
 
 
-def experts_ragged(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD):
+def _sorted_pairs(experts_MA, E):
+    """Pairs sorted by expert (foreign pairs, id < 0, last): (order_X, expert_X, token_X, valid_X)."""
+    A = experts_MA.shape[1]
+    flat_X = experts_MA.reshape(-1)
+    key_X = jnp.where(flat_X < 0, E, flat_X)
+    order_X = jnp.argsort(key_X, stable=True)
+    return order_X, key_X[order_X], order_X // A, key_X[order_X] < E
+
+
+def _combine(y_XD, weights_MA, order_X, token_X, valid_X, M, out_dtype):
+    """Σ over a token's pairs of g · y, foreign pairs masked out; [M, D]."""
+    w_X = jnp.where(valid_X, weights_MA.reshape(-1)[order_X], 0.0)
+    y_XD = jnp.where(valid_X[:, None], y_XD.astype(jnp.float32), 0.0) * w_X[:, None]
+    return jnp.zeros((M, y_XD.shape[-1]), jnp.float32).at[token_X].add(y_XD).astype(out_dtype)
+
+
+def experts_ragged(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD, out_dtype=None):
     """Dropless grouped matmuls over (token, expert) pairs sorted by expert; returns [M, D]."""
-    M, A = experts_MA.shape
-    E = w_gate_EDF.shape[0]
-    flat_X = experts_MA.reshape(-1)  # X = M·A (token, expert) pairs, token-major
-    order_X = jnp.argsort(flat_X, stable=True)
-    token_X = order_X // A  # the token each sorted pair comes from
-    group_sizes_E = expert_counts(experts_MA, E)
+    M, E = x_MD.shape[0], w_gate_EDF.shape[0]
+    order_X, _, token_X, valid_X = _sorted_pairs(experts_MA, E)
+    group_sizes_E = expert_counts(experts_MA, E)  # foreign pairs sit after the last group
     x_XD = jnp.take(x_MD, token_X, axis=0)
     gate_XF = jax.lax.ragged_dot(x_XD, w_gate_EDF, group_sizes_E)
     up_XF = jax.lax.ragged_dot(x_XD, w_up_EDF, group_sizes_E)
     y_XD = jax.lax.ragged_dot(jax.nn.silu(gate_XF) * up_XF, w_down_EFD, group_sizes_E)
-    y_XD = y_XD.astype(jnp.float32) * weights_MA.reshape(-1)[order_X][:, None]
-    return jnp.zeros((M, x_MD.shape[-1]), jnp.float32).at[token_X].add(y_XD).astype(x_MD.dtype)
+    return _combine(y_XD, weights_MA, order_X, token_X, valid_X, M, out_dtype or x_MD.dtype)
 
 
-def experts_blocked(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 64):
+def experts_blocked(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD, block: int = 64,
+                    out_dtype=None):
     """Dropless grouped matmuls as one batched matmul over expert-pure blocks; returns [M, D]."""
     M, A = experts_MA.shape
     E, D, _ = w_gate_EDF.shape
     X, Y = M * A, block
-    flat_X = jnp.asarray(experts_MA).reshape(-1)
-    order_X = jnp.argsort(flat_X, stable=True)
-    expert_X, token_X = flat_X[order_X], order_X // A
+    order_X, expert_X, token_X, valid_X = _sorted_pairs(experts_MA, E)
     counts_E = expert_counts(experts_MA, E)
     padded_E = (counts_E + Y - 1) // Y * Y
     start_E, pad_start_E = jnp.cumsum(counts_E) - counts_E, jnp.cumsum(padded_E) - padded_E
-    row_X = pad_start_E[expert_X] + jnp.arange(X) - start_E[expert_X]  # row in the padded buffer
+    e_X = jnp.minimum(expert_X, E - 1)
     R = -(-(X + E * (Y - 1)) // Y)  # static bound on the number of blocks
+    row_X = jnp.where(valid_X, pad_start_E[e_X] + jnp.arange(X) - start_E[e_X], R * Y)  # R*Y: no row
     block_expert_R = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(R) * Y, side="right"), E - 1)
-    x_RYD = jnp.zeros((R * Y, D), x_MD.dtype).at[row_X].set(jnp.take(x_MD, token_X, axis=0)).reshape(R, Y, D)
+    x_RYD = jnp.zeros((R * Y, D), x_MD.dtype).at[row_X].set(jnp.take(x_MD, token_X, axis=0), mode="drop")
+    x_RYD = x_RYD.reshape(R, Y, D)
     gate_RYF = jnp.einsum("RYD,RDF->RYF", x_RYD, w_gate_EDF[block_expert_R])
     up_RYF = jnp.einsum("RYD,RDF->RYF", x_RYD, w_up_EDF[block_expert_R])
     y_RYD = jnp.einsum("RYF,RFD->RYD", jax.nn.silu(gate_RYF) * up_RYF, w_down_EFD[block_expert_R])
-    y_XD = y_RYD.reshape(R * Y, D)[row_X].astype(jnp.float32) * weights_MA.reshape(-1)[order_X][:, None]
-    return jnp.zeros((M, D), jnp.float32).at[token_X].add(y_XD).astype(x_MD.dtype)
+    y_XD = jnp.take(y_RYD.reshape(R * Y, D), row_X, axis=0, mode="fill", fill_value=0)
+    return _combine(y_XD, weights_MA, order_X, token_X, valid_X, M, out_dtype or x_MD.dtype)
 
 
-def experts_dense(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD):
+def experts_dense(x_MD, experts_MA, weights_MA, w_gate_EDF, w_up_EDF, w_down_EFD, out_dtype=None):
     """Every expert on every token, combined by a dense [M, E] weight matrix; returns [M, D]."""
     M, E = x_MD.shape[0], w_gate_EDF.shape[0]
-    combine_ME = jnp.zeros((M, E), jnp.float32).at[jnp.arange(M)[:, None], experts_MA].add(weights_MA)
+    weights_MA = jnp.where(experts_MA < 0, 0.0, weights_MA)
+    combine_ME = jnp.zeros((M, E), jnp.float32).at[jnp.arange(M)[:, None], jnp.maximum(experts_MA, 0)].add(weights_MA)
     gate_MEF = jnp.einsum("MD,EDF->MEF", x_MD, w_gate_EDF)
     up_MEF = jnp.einsum("MD,EDF->MEF", x_MD, w_up_EDF)
     y_MED = jnp.einsum("MEF,EFD->MED", jax.nn.silu(gate_MEF) * up_MEF, w_down_EFD)
-    return jnp.einsum("MED,ME->MD", y_MED.astype(jnp.float32), combine_ME).astype(x_MD.dtype)
+    return jnp.einsum("MED,ME->MD", y_MED.astype(jnp.float32), combine_ME).astype(out_dtype or x_MD.dtype)
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "blocked": experts_blocked, "dense": experts_dense}

@@ -1,0 +1,197 @@
+"""Sharding on 8 fake CPU devices: every mesh file gives the single-device loss, gradients and
+balance statistics (layout invariance); parameter partition specs match the golden files; the
+compiled fsdp_ep step holds the dispatch collectives and never gathers the experts over the expert
+axis; the mesh files are complete; only sharding.py names mesh axes."""
+
+import ast
+import importlib.util
+import re
+from functools import partial
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from deepseek_jax.axes import LOGICAL_AXES
+from deepseek_jax.config import MESH_AXES, ConfigError, load_config
+from deepseek_jax.model import Transformer
+from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, make_mesh, rules
+from deepseek_jax.train import loss_fn
+from tests.utils import TOL, assert_close, assert_close_to_scale
+
+pytestmark = pytest.mark.multidevice
+ROOT = Path(__file__).parents[1]
+MESHES = sorted(p.stem for p in (ROOT / "configs" / "mesh").glob("*.yaml"))
+EP_MESHES = ("fsdp_ep", "ep_tp", "dp_ep", "experts_on_fsdp")
+# the tiny model, two layers (one dense, one MoE) + MTP; E=16, D=128, F=96 are distinct sizes
+SMALL = ["model.n_layers=2", "model.vocab_size=512", "data.seq_len=32", "data.global_batch_size=8"]
+_spec = importlib.util.spec_from_file_location("regen", ROOT / "tests" / "golden" / "regenerate_shardings.py")
+regen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(regen)
+
+
+def small_cfg(mesh: str, *overrides: str):
+    return load_config([ROOT / "configs/model/tiny.yaml", ROOT / f"configs/mesh/{mesh}.yaml"], [*SMALL, *overrides])
+
+
+def make_batch(cfg) -> dict:
+    """Two packed documents per row, the last tokens padding."""
+    B, T = cfg.data.global_batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, cfg.model.vocab_size, (B, T)).astype(np.int32)
+    cut = T // 2 + 3
+    segs = np.where(np.arange(T) < cut, 1, 2).astype(np.int32)[None].repeat(B, 0)
+    segs[:, -4:] = 0
+    positions = np.where(np.arange(T) < cut, np.arange(T), np.arange(T) - cut).astype(np.int32)[None].repeat(B, 0)
+    return {"tokens": tokens, "positions": positions, "segment_ids": segs, "loss_mask": segs > 0}
+
+
+def init_variables(cfg):
+    model = Transformer(cfg.model)
+    v = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mutable=["params", "router"])
+    v = nn.unbox(v)
+    # spread the router biases so the routing is not trivially uniform
+    v["router"] = jax.tree.map(lambda b: jax.random.uniform(jax.random.key(3), b.shape, b.dtype, -0.1, 0.1),
+                               v["router"])
+    return model, v
+
+
+def grad_fn(model, cfg):
+    def f(params, router, batch):
+        (total, (terms, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, router, batch, model, cfg)
+        return {"total": total, **terms, "counts": counts[0], "mtp_counts": counts[1]}, grads
+    return jax.jit(f)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Loss, terms, expert counts and gradients on one device, no mesh."""
+    cfg = small_cfg("single")
+    model, v = init_variables(cfg)
+    batch = make_batch(cfg)
+    out, grads = grad_fn(model, cfg)(v["params"], v["router"], batch)
+    return v, batch, jax.device_get(out), jax.device_get(grads)
+
+
+def run_on_mesh(cfg, v, batch, lower_only=False):
+    model = Transformer(cfg.model)
+    mesh, mesh_rules = make_mesh(cfg.mesh), rules(cfg.mesh)
+    with activate(mesh, mesh_rules):
+        boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
+                               jnp.zeros((1, 8), jnp.int32))
+        p_sh, r_sh = (logical_shardings(boxed[c], mesh, mesh_rules) for c in ("params", "router"))
+        params, router = jax.device_put(v["params"], p_sh), jax.device_put(v["router"], r_sh)
+        sharded = {k: jax.device_put(x, batch_sharding(mesh, mesh_rules)) for k, x in batch.items()}
+        compiled = grad_fn(model, cfg).lower(params, router, sharded).compile()
+        if lower_only:
+            return compiled
+        out, grads = compiled(params, router, sharded)
+    return compiled, jax.device_get(out), jax.device_get(grads), params
+
+
+def compare(out, grads, ref_out, ref_grads, what):
+    tol = TOL["resharded_f32"]
+    for k in ("total", "ce", "mtp", "balance"):
+        assert_close(out[k], ref_out[k], **tol, what=f"{what}: {k}")
+    np.testing.assert_array_equal(out["counts"], ref_out["counts"], err_msg=f"{what}: expert counts")
+    np.testing.assert_array_equal(out["mtp_counts"], ref_out["mtp_counts"], err_msg=f"{what}: MTP expert counts")
+    assert float(out["dropped_frac"]) == 0.0, what
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, g), g_ref in zip(flat, jax.tree.leaves(ref_grads)):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        assert_close_to_scale(g, g_ref, tol["rtol"], what=f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_layout_invariance_every_mesh(mesh, reference):
+    """Loss, gradients, expert counts and balance loss equal the single-device ones (ring dispatch)."""
+    v, batch, ref_out, ref_grads = reference
+    _, out, grads, params = run_on_mesh(small_cfg(mesh), v, batch)
+    compare(out, grads, ref_out, ref_grads, mesh)
+
+
+@pytest.mark.parametrize("dispatch", ["a2a", "dense"])
+def test_layout_invariance_dropless_dispatch_fsdp_ep(dispatch, reference):
+    """The other CPU strategies at capacity_factor=0 (dropless) on the whole model."""
+    v, batch, ref_out, ref_grads = reference
+    cfg = small_cfg("fsdp_ep", f"model.moe.dispatch={dispatch}")
+    _, out, grads, _ = run_on_mesh(cfg, v, batch)
+    compare(out, grads, ref_out, ref_grads, f"fsdp_ep/{dispatch}")
+
+
+def _collectives(hlo: str) -> list[tuple[str, str, str]]:
+    """(kind, result shape text, op_name) of every collective in optimized HLO."""
+    kinds = "all-gather|all-to-all|reduce-scatter|all-reduce|collective-permute"
+    pat = re.compile(rf"=\s*(\S+|\(.*?\))\s+({kinds})(?:-start)?\(.*?op_name=\"([^\"]*)\"")
+    return [(m.group(2), m.group(1), m.group(3)) for m in pat.finditer(hlo)]
+
+
+@pytest.mark.parametrize("dispatch,needs", [("a2a", {"all-to-all"}), ("ring", {"all-gather", "reduce-scatter"})])
+def test_fsdp_ep_hlo_collectives(dispatch, needs, reference):
+    """The dispatch's collectives sit in the MoE's shard_map, and no all-gather rebuilds an expert
+    weight with all E experts (the expert axis is never gathered; FSDP's gather of D is)."""
+    v, batch, _, _ = reference
+    hlo = run_on_mesh(small_cfg("fsdp_ep", f"model.moe.dispatch={dispatch}"), v, batch, lower_only=True).as_text()
+    ops = _collectives(hlo)
+    in_dispatch = {k for k, _, name in ops if "/experts/shard_map" in name}
+    assert needs <= in_dispatch, f"{dispatch}: missing {needs - in_dispatch} in the dispatch ({sorted(in_dispatch)})"
+    cfg = small_cfg("fsdp_ep")
+    E, D, F = cfg.model.moe.n_routed_experts, cfg.model.dim, cfg.model.moe.moe_inter_dim
+    full = [f"{E},{D},{F}]", f"{E},{F},{D}]"]  # an expert weight with all E experts
+    gathered = [s for k, s, _ in ops if k == "all-gather" and any(f in s for f in full)]
+    assert not gathered, f"expert weights all-gathered over the expert axis: {gathered}"
+    local = [f"{E // 4},{D},{F}]", f"{E // 4},{F},{D}]"]  # E/4 local experts with D gathered over fsdp
+    assert any(k == "all-gather" and any(f in s for f in local) for k, s, _ in ops), "no FSDP gather of local experts"
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_golden_partition_specs(mesh):
+    path = ROOT / "configs" / "mesh" / f"{mesh}.yaml"
+    golden = regen.golden_path("tiny", path)
+    assert golden.exists(), f"{golden} missing: run python tests/golden/regenerate_shardings.py"
+    got = regen.render("tiny", path)
+    assert got == golden.read_text(), (
+        f"partition specs under {mesh} changed; if intended, run python tests/golden/regenerate_shardings.py "
+        "and review the diff"
+    )
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_mesh_file_names_every_logical_axis(mesh):
+    raw = yaml.safe_load((ROOT / "configs" / "mesh" / f"{mesh}.yaml").read_text())
+    named = {name for name, _ in raw["mesh"]["rules"]}
+    assert named == set(LOGICAL_AXES), f"{mesh}.yaml: missing {LOGICAL_AXES - named}, unknown {named - LOGICAL_AXES}"
+    assert raw["mesh"]["axes"] == list(MESH_AXES)
+
+
+def test_mesh_shape_errors_name_the_field():
+    cfg = small_cfg("fsdp_ep")
+    with pytest.raises(ConfigError, match=r"mesh.shape \[1, -1, 1, 4, 1\] does not fit 6 devices"):
+        make_mesh(cfg.mesh, jax.devices()[:6])
+    with pytest.raises(ConfigError, match="unknown mesh axis 'expert_axis'"):
+        load_config([ROOT / "configs/model/tiny.yaml"], ["mesh.rules=[[experts, expert_axis]]"])
+
+
+def test_only_sharding_names_mesh_axes():
+    """Physical mesh axis names appear only in sharding.py (and the MESH_AXES schema in config.py)."""
+    distinctive = set(MESH_AXES) - {"data"}  # "data" is also a config section and checkpoint item
+    found = []
+    for f in sorted((ROOT / "deepseek_jax").rglob("*.py")):
+        if f.name == "sharding.py":
+            continue
+        tree = ast.parse(f.read_text())
+        allowed = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MESH_AXES" for t in node.targets):
+                allowed |= {id(n) for n in ast.walk(node.value)}
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "P", "PartitionSpec"):
+                found += [f"{f.name}:{n.lineno} PartitionSpec names {n.value!r}" for n in ast.walk(node)
+                          if isinstance(n, ast.Constant) and n.value in MESH_AXES]
+        found += [f"{f.name}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in distinctive and id(n) not in allowed]
+    assert not found, f"mesh axis names outside sharding.py: {found}"
