@@ -26,16 +26,13 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import Config
 from deepseek_jax.model import Transformer
-from deepseek_jax.optim import lr_schedule, make_optimizer
 from deepseek_jax.params import count_params, param_shapes
 from deepseek_jax.sharding import (
     abstract_mesh,
@@ -46,7 +43,7 @@ from deepseek_jax.sharding import (
     moe_axes,
     rules,
 )
-from deepseek_jax.train import state_shardings, train_step
+from deepseek_jax.train import build
 
 # The plan never runs what it compiles: XLA:CPU's LLVM optimisation is skipped (2-3x faster compiles;
 # HLO passes, buffer assignment and collectives are unchanged: checked on the tiny model).
@@ -201,13 +198,7 @@ class Setup:
 def setup(cfg: Config, mesh) -> Setup:
     """Model, optimizer and abstract sharded state of `cfg` on `mesh`; needs no data and no devices."""
     mesh_rules = rules(cfg.mesh)
-    model = Transformer(cfg.model)
-    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
-                           jnp.zeros((1, 8), jnp.int32))
-    optimizer = make_optimizer(cfg.optim, nn.unbox(boxed)["params"], cfg.train.steps)
-    abstract, shardings = state_shardings(model, optimizer, cfg, mesh, mesh_rules)
-    step = partial(train_step, model=model, optimizer=optimizer, schedule=lr_schedule(cfg.optim, cfg.train.steps),
-                   cfg=cfg)
+    model, optimizer, step, abstract, shardings = build(cfg, mesh, mesh_rules)
     return Setup(cfg, mesh, mesh_rules, model, optimizer, step, abstract, shardings,
                  batch_sharding(mesh, mesh_rules))
 

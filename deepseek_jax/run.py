@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,10 +32,9 @@ from deepseek_jax.config import Config, ConfigError, to_dict, to_yaml
 from deepseek_jax.layers.moe.dispatch import check_backend
 from deepseek_jax.metrics import MetricsLogger, plot_run
 from deepseek_jax.model import Transformer
-from deepseek_jax.optim import lr_schedule, make_optimizer
 from deepseek_jax.params import train_flops_per_token
 from deepseek_jax.sharding import batch_sharding, in_mesh, make_mesh, rules
-from deepseek_jax.train import eval_step, init_state, state_shardings, train_step
+from deepseek_jax.train import build, eval_step, init_state
 
 AVERAGED = ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "skipped", "moe_dropped_frac")
 
@@ -84,14 +82,7 @@ def open_session(cfg: Config) -> Session:
     mesh, mesh_rules = make_mesh(cfg.mesh), rules(cfg.mesh)
     _check_batch_split(batch_sharding(mesh, mesh_rules), cfg)
     check_backend(cfg.model.moe.dispatch, mesh.devices.flat[0].platform)
-    model = Transformer(cfg.model)
-    abstract_params = jax.eval_shape(
-        partial(model.init, mutable=["params", "router"]), jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
-    )
-    optimizer = make_optimizer(cfg.optim, nn.unbox(abstract_params)["params"], cfg.train.steps)
-    abstract, shardings = state_shardings(model, optimizer, cfg, mesh, mesh_rules)
-    schedule = lr_schedule(cfg.optim, cfg.train.steps)
-    step = partial(train_step, model=model, optimizer=optimizer, schedule=schedule, cfg=cfg)
+    model, optimizer, step, abstract, shardings = build(cfg, mesh, mesh_rules)
     ev = partial(eval_step, model=model, cfg=cfg)
     return Session(
         cfg, run_dir, model, tokenizer, mesh, batch_sharding(mesh, mesh_rules),

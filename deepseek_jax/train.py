@@ -22,6 +22,7 @@ from flax import struct
 from deepseek_jax import losses
 from deepseek_jax.config import Config
 from deepseek_jax.model import Transformer
+from deepseek_jax.optim import lr_schedule, make_optimizer
 from deepseek_jax.sharding import batch_shards, logical_shardings, replicated
 
 
@@ -131,10 +132,8 @@ def eval_step(params, router, batch, *, model, cfg: Config):
     return {"ce_sum": terms["ce"] * terms["tokens"], "tokens": terms["tokens"], "mtp": terms["mtp"]}
 
 
-def state_shardings(model, optimizer, cfg: Config, mesh, mesh_rules):
-    """(abstract TrainState, its NamedShardings), derived from the parameters' logical axes."""
-    tokens = jax.ShapeDtypeStruct((1, min(8, cfg.data.seq_len)), jnp.int32)
-    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0), tokens)
+def state_shardings(boxed, optimizer, mesh, mesh_rules):
+    """(abstract TrainState, its NamedShardings) from the boxed abstract variables' logical axes."""
     param_sh = logical_shardings(boxed["params"], mesh, mesh_rules)
     router_sh = logical_shardings(boxed["router"], mesh, mesh_rules)
     params = nn.unbox(boxed["params"])
@@ -148,6 +147,19 @@ def state_shardings(model, optimizer, cfg: Config, mesh, mesh_rules):
     )
     shardings = TrainState(step=rep, params=param_sh, router=router_sh, opt_state=opt_sh, rng=rep, bad_step=rep)
     return abstract, shardings
+
+
+def build(cfg: Config, mesh, mesh_rules):
+    """(model, optimizer, train_step with its static arguments bound, abstract state, its shardings)
+    for `cfg` on `mesh` (concrete or abstract); nothing is allocated."""
+    model = Transformer(cfg.model)
+    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
+                           jnp.zeros((1, 8), jnp.int32))
+    optimizer = make_optimizer(cfg.optim, nn.unbox(boxed)["params"], cfg.train.steps)
+    abstract, shardings = state_shardings(boxed, optimizer, mesh, mesh_rules)
+    step = partial(train_step, model=model, optimizer=optimizer, schedule=lr_schedule(cfg.optim, cfg.train.steps),
+                   cfg=cfg)
+    return model, optimizer, step, abstract, shardings
 
 
 def init_state(model, optimizer, cfg: Config, shardings) -> TrainState:

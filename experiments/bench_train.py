@@ -12,21 +12,17 @@ import argparse
 import dataclasses
 import platform
 import time
-from functools import partial
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import Config, DataConfig, OptimConfig, TrainConfig, load_model_config
-from deepseek_jax.optim import lr_schedule, make_optimizer
 from deepseek_jax.params import count_params, train_flops_per_token
 from deepseek_jax.run import measure_peak_flops
 from deepseek_jax.sharding import make_mesh, rules
-from deepseek_jax.model import Transformer
-from deepseek_jax.train import init_state, state_shardings, train_step
+from deepseek_jax.train import build, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [  # (name, config, batch, seq, MoE impl override)
@@ -43,14 +39,9 @@ def bench(name: str, path: str, batch: int, seq: int, steps: int, impl: str | No
     cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq, global_batch_size=batch),
                  optim=OptimConfig(), train=TrainConfig(steps=1000))
     mesh = make_mesh(cfg.mesh)
-    model = Transformer(model_cfg)
-    params_abs = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
-                                jnp.zeros((1, 8), jnp.int32))
-    optimizer = make_optimizer(cfg.optim, nn.unbox(params_abs)["params"], cfg.train.steps)
-    _, shardings = state_shardings(model, optimizer, cfg, mesh, rules(cfg.mesh))
+    model, optimizer, step, _, shardings = build(cfg, mesh, rules(cfg.mesh))
     state = init_state(model, optimizer, cfg, shardings)
-    step = jax.jit(partial(train_step, model=model, optimizer=optimizer, schedule=lr_schedule(cfg.optim, 1000),
-                           cfg=cfg), donate_argnums=0)
+    step = jax.jit(step, donate_argnums=0)
     rng = np.random.default_rng(0)
     batch_of = lambda: {  # noqa: E731
         "tokens": jnp.asarray(rng.integers(0, model_cfg.vocab_size, (batch, seq)), jnp.int32),

@@ -10,17 +10,16 @@ experts into `intermediates` (tests compare them with HF's exactly).
 
 from typing import NamedTuple
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import MoEConfig
-from deepseek_jax.losses import sequence_balance_loss
 from deepseek_jax.layers.mlp import MLP
 from deepseek_jax.layers.moe.dispatch import dispatch_experts
 from deepseek_jax.layers.moe.router import route, router_scores
+from deepseek_jax.losses import sequence_balance_loss
 
 ROUTER_COLLECTION = "router"
 
