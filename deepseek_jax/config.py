@@ -79,13 +79,52 @@ class MLAConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class V4AttentionConfig:
+    """DeepSeek-V4 shared-KV attention (layers/v4_attention.py). The per-layer compress ratio (0 =
+    sliding window only, 4 = CSA with the indexer, other = HCA) is the model's `compress_ratios`."""
+
+    n_heads: int  # N (V4-Flash: 64)
+    head_dim: int  # X, dims of each query head and of the one shared K=V head (512)
+    rope_head_dim: int  # R, the last R dims of q, kv and indexer q/k are rotated (64)
+    q_lora_rank: int  # Q, query latent (1024)
+    o_groups: int  # groups of heads in the grouped output projection; divides n_heads (8)
+    o_lora_rank: int  # per-group rank of the output projection (1024)
+    window_size: int  # sliding-window keys per query, itself included (128)
+    index_n_heads: int  # P, lightning-indexer heads (64)
+    index_head_dim: int  # Y, indexer head dim and indexer-compressor entry width (128)
+    index_topk: int  # compressed entries each CSA query attends to (Flash 512, Pro 1024)
+    compress_rope_theta: float = 160000.0  # RoPE base of the CSA/HCA layers (with YaRN)
+    q_block: int = 0  # queries per block of the gathered attention (memory only); 0 = one block
+
+    def __post_init__(self):
+        sizes = ("n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
+                 "window_size", "index_n_heads", "index_head_dim", "index_topk")  # fmt: skip
+        for name in sizes:
+            value = getattr(self, name)
+            _check(value > 0, f"v4.{name} must be > 0, got {value}")
+        R, X = self.rope_head_dim, self.head_dim
+        _check(R % 2 == 0, f"v4.rope_head_dim must be even (RoPE rotates pairs), got {R}")
+        _check(R <= X, f"v4.rope_head_dim ({R}) must be <= head_dim ({X})")
+        _check(
+            R <= self.index_head_dim,
+            f"v4.index_head_dim ({self.index_head_dim}) must be >= rope_head_dim ({R})",
+        )
+        _check(
+            self.n_heads % self.o_groups == 0,
+            f"v4.o_groups ({self.o_groups}) must divide n_heads ({self.n_heads})",
+        )
+        _check(self.compress_rope_theta > 0, "v4.compress_rope_theta must be > 0")
+        _check(self.q_block >= 0, f"v4.q_block must be >= 0, got {self.q_block}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     n_routed_experts: int  # E
     n_shared_experts: int = 1  # shared experts, fused into one MLP of width n_shared * moe_inter_dim
     n_activated_experts: int  # A, routed experts per token
     n_expert_groups: int = 1  # P, groups for device-limited routing (HF `n_group`)
     n_limited_groups: int = 1  # groups a token may route into (HF `topk_group`)
-    score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # router affinity
+    score_func: Literal["sigmoid", "softmax", "sqrtsoftplus"] = "sigmoid"  # router affinity (V4: sqrtsoftplus)
     route_scale: float = 1.0  # multiplies the routing weights (HF `routed_scaling_factor`)
     norm_topk_prob: bool = True  # renormalise the selected weights to sum to 1
     moe_inter_dim: int  # F of each routed expert
@@ -93,6 +132,9 @@ class MoEConfig:
     # expert-parallel dispatch over the mesh axis the rules give `experts` (layers/moe/dispatch.py):
     dispatch: Literal["ring", "a2a", "ragged_a2a", "dense"] = "ring"
     capacity_factor: float = 0.0  # a2a / dense buffers, x the balanced load; 0 = dropless (worst case)
+    swiglu_limit: float = 0.0  # clamp of routed and shared SwiGLUs: gate <= lim, |up| <= lim (V4: 10); 0 = off
+    weight_before_down: bool = False  # routing weight scales silu(gate)*up before w_down (V4), not after (V3)
+    n_hash_layers: int = 0  # the first MoE layers route by token id through a fixed table `tid2eid` (V4: 3)
 
     def __post_init__(self):
         E, A, P = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
@@ -115,6 +157,50 @@ class MoEConfig:
         _check(self.n_shared_experts >= 0, "moe.n_shared_experts must be >= 0")
         _check(self.moe_inter_dim > 0, "moe.moe_inter_dim must be > 0")
         _check(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {self.capacity_factor}")
+        _check(self.swiglu_limit >= 0, f"moe.swiglu_limit must be >= 0 (0 = off), got {self.swiglu_limit}")
+        _check(self.n_hash_layers >= 0, f"moe.n_hash_layers must be >= 0, got {self.n_hash_layers}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MHCConfig:
+    """Manifold-constrained hyper-connections (V4 §2.2, layers/mhc.py): I parallel residual streams."""
+
+    hc_mult: int = 4  # I, residual streams (V4: 4)
+    hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp row/column rounds projecting comb (V4: 20)
+    hc_eps: float = 1e-6  # added to pre, to the softmax and to every Sinkhorn denominator (V4: 1e-6)
+
+    def __post_init__(self):
+        _check(self.hc_mult >= 1, f"mhc.hc_mult must be >= 1, got {self.hc_mult}")
+        _check(self.hc_sinkhorn_iters >= 1, f"mhc.hc_sinkhorn_iters must be >= 1, got {self.hc_sinkhorn_iters}")
+        _check(self.hc_eps >= 0, f"mhc.hc_eps must be >= 0, got {self.hc_eps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexerConfig:
+    """DeepSeek-V3.2 sparse attention (layers/dsa.py): the lightning indexer and its top-k."""
+
+    index_n_heads: int  # P, indexer heads (V3.2: 64)
+    index_head_dim: int  # Y, dims per indexer head; the first R are rotated (V3.2: 128)
+    index_topk: int  # keys (tokens) each query attends to; U = min(index_topk, S) (V3.2: 2048)
+    # training stage: True = dense warm-up (dense attention, KL over all visible keys, only the
+    # indexer trained); False = sparse stage (top-k attention, KL over the selected keys, all trained)
+    index_dense_warmup: bool = False
+    index_q_block: int = 0  # queries per block of scores + attention (memory only); 0 = one block
+
+    def __post_init__(self):
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            _check(getattr(self, name) > 0, f"index.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.index_q_block >= 0, f"index.index_q_block must be >= 0, got {self.index_q_block}")
+        _check(self.index_head_dim % 2 == 0, f"index.index_head_dim must be even, got {self.index_head_dim}")
+
+    def check_against(self, q_lora_rank: int, qk_rope_head_dim: int) -> None:
+        """Cross-config invariants, checked by ModelConfig.__post_init__."""
+        _check(q_lora_rank > 0, "DSA needs mla.q_lora_rank > 0: the indexer reads the query latent")
+        _check(
+            0 < qk_rope_head_dim <= self.index_head_dim,
+            f"index.index_head_dim ({self.index_head_dim}) must be >= mla.qk_rope_head_dim "
+            f"({qk_rope_head_dim}): RoPE goes on the first R indexer dims",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,9 +214,15 @@ class ModelConfig:
     max_seq_len: int = 4096  # tokens, longest sequence the model is asked to handle
     num_nextn_predict_layers: int = 0  # MTP depth; 0 disables MTP
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype (params stay float32)
-    mla: MLAConfig
+    mla: MLAConfig | None = None  # V3 / V3.2 attention (exactly one of mla and v4)
     moe: MoEConfig
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)  # V4: rope_theta of SWA layers, YaRN of CSA/HCA
+    index: IndexerConfig | None = None  # V3.2 DSA in every block (MTP included); None = dense MLA
+    v4: V4AttentionConfig | None = None  # V4 shared-KV attention (SWA / CSA / HCA by compress_ratios)
+    compress_ratios: tuple[int, ...] = ()  # V4: per layer, then per MTP layer; 0 SWA, 4 CSA, else HCA
+    mhc: MHCConfig | None = None  # V4 hyper-connection streams (required with v4)
+    # FP8/FP4 fake-quant of the released numerics (quant.py, README); "none" = exact float math
+    quant_sim: Literal["none", "fp8", "fp8_fp4"] = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "inter_dim", "n_layers", "max_seq_len"):
@@ -141,6 +233,34 @@ class ModelConfig:
         )
         _check(self.num_nextn_predict_layers >= 0, "model.num_nextn_predict_layers must be >= 0")
         _check(self.norm_eps > 0, "model.norm_eps must be > 0")
+        _check(
+            (self.mla is None) != (self.v4 is None),
+            "model needs exactly one attention section: mla (V3 / V3.2) or v4",
+        )
+        if self.index is not None:
+            _check(self.mla is not None, "model.index (V3.2 DSA) needs model.mla")
+            self.index.check_against(self.mla.q_lora_rank, self.mla.qk_rope_head_dim)
+        if self.v4 is not None:
+            self._check_v4()
+        else:
+            _check(not self.compress_ratios and self.mhc is None, "model.compress_ratios/mhc need model.v4")
+            _check(self.moe.n_hash_layers == 0, "moe.n_hash_layers (hash routing) needs model.v4")
+            _check(self.quant_sim == "none", "model.quant_sim is wired for V4 models only (model.v4)")
+
+    def _check_v4(self):
+        n = self.n_layers + self.num_nextn_predict_layers
+        _check(
+            len(self.compress_ratios) == n,
+            f"model.compress_ratios needs {n} entries (n_layers + num_nextn_predict_layers), "
+            f"got {len(self.compress_ratios)}",
+        )
+        _check(all(r >= 0 for r in self.compress_ratios), "model.compress_ratios must be >= 0")
+        _check(self.mhc is not None, "model.v4 needs model.mhc (V4 blocks run on hyper-connection streams)")
+        _check(self.n_dense_layers == 0, "model.v4: every V4 block is MoE, set n_dense_layers: 0")
+        _check(
+            self.moe.n_hash_layers <= self.n_layers,
+            f"moe.n_hash_layers ({self.moe.n_hash_layers}) must be <= n_layers ({self.n_layers})",
+        )
 
     @property
     def n_moe_layers(self) -> int:
@@ -226,6 +346,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # most recent checkpoints kept
     async_checkpoints: bool = True  # save in the background while training continues
     mtp_loss_weight: float = 0.3  # λ of the MTP loss (V3: 0.3, later 0.1)
+    # weight of the V3.2 indexer KL, summed over layers (each indexer learns only from its own KL,
+    # so this scales the indexers' gradients alone); unused without model.index
+    index_loss_weight: float = 1.0
     balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
     bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off
     loss_chunk_tokens: int = 4096  # tokens per device per cross-entropy chunk (memory ~ chunk x V)
@@ -241,7 +364,7 @@ class TrainConfig:
         _check(self.eval_every >= 0 and self.ckpt_every >= 0, "train intervals must be >= 0")
         _check(self.keep_checkpoints > 0 and self.eval_batches > 0, "train counts must be > 0")
         _check(self.loss_chunk_tokens > 0, "train.loss_chunk_tokens must be > 0")
-        for name in ("mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops"):
+        for name in ("mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops", "index_loss_weight"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
 
 
@@ -378,6 +501,8 @@ def build(cls, data: dict, origin: dict | None = None, prefix: str = ""):
     for name, value in data.items():
         where = f"{prefix}{name} (from {origin.get(prefix + name, 'code')})"
         tp = hints[name]
+        if value is not None and typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), tp)  # `X | None`
         if dataclasses.is_dataclass(tp):
             kwargs[name] = build(tp, value, origin, f"{prefix}{name}.")
         else:
@@ -420,6 +545,10 @@ def load_model_config(paths: list[str | Path], overrides: list[str] = ()) -> Mod
     """Loads just the `model` section (files may hold other sections; they are ignored)."""
     merged, origin = load_dict(paths, overrides)
     _check("model" in merged, f"no `model:` section in {', '.join(map(str, paths))}")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(merged) - sections)
+    _check(not unknown, f"unknown top-level section(s) {unknown} (from {[origin.get(k, k) for k in unknown]}); "
+           f"sections are {sorted(sections)} (overrides need the prefix, e.g. model.dim=64)")
     return build(ModelConfig, merged["model"], origin, "model.")
 
 

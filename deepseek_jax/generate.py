@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.model import Transformer, init_cache
+from deepseek_jax.model import Transformer, build_cache
 
 
 def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
@@ -63,9 +63,12 @@ def generate(
     if P + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     start_B = np.array([P - len(p) for p in prompts], np.int32)
+    if cfg.v4 is not None and start_B.any():  # V4's cache has no left padding: one prompt at a time
+        return [generate(model, variables, [p], max_new_tokens, eos_id, pad_id, temperature, top_p, seed + i)[0]
+                for i, p in enumerate(prompts)]
     tokens_BP = np.array([[pad_id] * s + list(p) for s, p in zip(start_B, prompts)], np.int32)
     positions_BP = np.maximum(np.arange(P)[None, :] - start_B[:, None], 0).astype(np.int32)
-    cache = init_cache(cfg, B, P + max_new_tokens)
+    cache = build_cache(cfg, B, P + max_new_tokens)
     logits_BV, cache = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B)
     key = jax.random.key(seed)
     done = np.zeros(B, bool)

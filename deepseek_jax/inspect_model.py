@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import build_model
 from deepseek_jax.params import param_summary
 
 
@@ -37,7 +37,7 @@ def check_tokens(tokens_BT: np.ndarray, cfg: ModelConfig) -> None:
 def inspect(cfg: ModelConfig, batch: int = 2, seq_len: int = 64, seed: int = 0) -> dict:
     """Initialises the model, prints its parameter table, runs and times one jitted forward pass."""
     print(param_summary(cfg))
-    model = Transformer(cfg)
+    model = build_model(cfg)
     tokens_BT = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
     check_tokens(tokens_BT, cfg)
     t0 = time.perf_counter()

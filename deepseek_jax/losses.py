@@ -4,6 +4,8 @@
     MTP depth k   L_k the same with y_t = t_{t+k+1};  L_MTP = λ/K Σ_k L_k          (V3 §2.2)
     balance       L_bal = α Σ_i f_i P_i per sequence                                   (V3 §2.1.2)
     bias update   b_i <- b_i + γ·sign(mean_j c_j - c_i)        (aux-loss-free balancing, V3 §2.1.2)
+    indexer KL    L_I = mean_t KL(p_t ‖ softmax(I_t)) per DSA layer, summed over layers with weight λ_I
+                  (V3.2 §2.1; computed inside the attention, layers/dsa.py, added up in train.py)
 
 Everything is pure and computed in float32. The cross-entropy returns masked sums, not means, so
 the caller can add up chunks, MTP depths and data-parallel shards before a single division.

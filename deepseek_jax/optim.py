@@ -10,6 +10,10 @@ Which group a parameter joins is decided by its name (the last path element) fro
 parameter of two or more dimensions in neither table raises, so a new weight cannot silently land
 in the wrong group or skip its weight-decay decision.
 
+Frozen parameters (DeepSeek-V3.2's dense warm-up trains the lightning indexers alone): an optional
+`trainable` tree splits the parameters with `optax.partition`; the frozen ones get zero updates and
+no optimizer state, and clipping sees only the trained gradients.
+
 Learning rates. Muon's orthogonalised update has singular values ≈ 1, hence an RMS of
 1/√max(m, n) that depends on the shape; scaling it by 0.2·√max(m, n) ("consistent RMS",
 Moonlight, Liu et al. 2025, arXiv:2502.16982 §2.2) sets every matrix's update RMS to ≈ 0.2, the
@@ -48,6 +52,14 @@ MUON_MATRICES = {
     "w_up": (1, 1),  # [D, F]
     "w_down": (1, 1),  # [F, D]
     "w_eh": (1, 1),  # [2D, D], MTP's projection of [emb; h]
+    "w_k": (1, 1),  # [D, Y], the V3.2 indexer's key projection (its w_uq [Q, P, Y] is above)
+    # DeepSeek-V4 (its report: Muon for all but embedding, head, mHC base/scale and norms)
+    "w_kv": (1, 1),  # [D, X] shared K=V head; compressors' [D, c·X] (and their w_gate, above)
+    "w_oa": (2, 1),  # [W, P, X, Y]: one [P·X, Y] matrix per output group (W a batch axis)
+    "w_ob": (2, 1),  # [W, Y, D]: one [W·Y, D] matrix
+    "fn": (2, 1),  # [I, D, Z] mHC mixing map (and the head's [I, D, I])
+    "w_e": (1, 1),  # [D, D] MTP embedding projection
+    "w_h": (1, 1),  # [D, D] MTP stream projection
 }
 MAX_BATCH_AXES = 2  # "layers" and "experts"
 
@@ -58,7 +70,13 @@ MAX_BATCH_AXES = 2  # "layers" and "experts"
 # V4 report does not say which optimizer it gets: with E small next to D it has rank <= E, and
 # orthogonalising would set all E directions that steer discrete top-k choices to equal size, an
 # untested change to routing dynamics; it stays on AdamW, as in V3.
-ADAMW_PARAMS = {"embedding": False, "w_head": True, "w_router": True, "scale": False, "bias": False}
+# The V3.2 indexer's per-head weights `w_weights` [D, P] are a small gate like the router (rank <= P)
+# and are treated like it.
+ADAMW_PARAMS = {
+    "embedding": False, "w_head": True, "w_router": True, "w_weights": True, "scale": False, "bias": False,
+    "ape": False,  # V4 compressor's learned position bias [m, c·X]: a bias table, not a map
+    "sink": False, "base": False,  # V4 attention sinks [N]; mHC static biases [Z]
+}
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
@@ -177,11 +195,26 @@ def _muon(cfg: OptimConfig, schedule, params) -> optax.GradientTransformation:
     )
 
 
-def make_optimizer(cfg: OptimConfig, params, total_steps: int) -> optax.GradientTransformation:
+def indexer_only(params):
+    """True for the V3.2 lightning indexers' parameters (any path through an `indexer` scope):
+    the `trainable` tree of the dense warm-up stage."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: "indexer" in _path_name(path).split("/"), params)
+
+
+def make_optimizer(
+    cfg: OptimConfig, params, total_steps: int, trainable=None
+) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW for all (`adamw`) or the Muon/AdamW split (`muon`).
 
     `params` may be arrays or ShapeDtypeStructs; only their paths and shapes are read.
+    `trainable`: an optional bool tree like `params`; False leaves are frozen (zero updates).
     """
+    if trainable is not None:
+        labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+        kept = jax.tree.map(lambda p, t: p if t else optax.MaskedNode(), params, trainable)
+        return optax.partition(  # the inner chain is built on the trained leaves' tree only
+            {"train": make_optimizer(cfg, kept, total_steps), "frozen": optax.set_to_zero()}, labels
+        )
     adamw_lr = lr_schedule(cfg, total_steps, cfg.lr)
     if cfg.name == "adamw":
         inner = _adamw(cfg, adamw_lr, decay_mask(params))  # raises for an unknown matrix

@@ -1,4 +1,4 @@
-"""Parameter counts of a model config, from `jax.eval_shape` of `Transformer.init` (no allocation).
+"""Parameter counts of a model config, from `jax.eval_shape` of the model's init (no allocation).
 
 Every parameter falls in one category, by its path and logical axes:
 
@@ -6,6 +6,7 @@ Every parameter falls in one category, by its path and logical axes:
     attention   MLA projections and norms     norms      block pre-norms and the final norm
     dense_ffn   SwiGLU of the dense blocks    routed     experts (leaves with an `experts` axis)
     shared      shared experts                router     the [D, E] gate
+    mhc         V4 hyper-connection maps (attn_hc, ffn_hc, hc_head)
     mtp_routed, mtp_other   everything under `mtp_*`, split into routed experts and the rest (MTP
                 shares the embedding and head, so the checkpoint's copies of them are not counted)
 
@@ -22,10 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import build_model
 
 CATEGORIES = (
-    "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "head",
+    "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "mhc", "head",
     "mtp_routed", "mtp_other",
 )
 
@@ -33,7 +34,7 @@ CATEGORIES = (
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
     """'a/b/c' -> (shape, logical axes) for every parameter, from an abstract init."""
     tokens_BT = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens_BT)
+    abstract = jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens_BT)
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"], is_leaf=is_boxed):
@@ -58,6 +59,8 @@ def category(name: str, axes: tuple) -> str:
         return "shared"
     if parts[-1] == "w_router":
         return "router"
+    if any(p in ("attn_hc", "ffn_hc", "hc_head") for p in parts):
+        return "mhc"
     if len(parts) > 1 and parts[-2] in ("attn_norm", "ffn_norm", "final_norm"):
         return "norms"
     if "ffn" in parts and parts[0] == "dense_layers":
@@ -102,11 +105,12 @@ def param_summary(cfg: ModelConfig) -> str:
     per = lambda key, n: c[key] // n if n else 0  # noqa: E731
     rows = [
         _row("embedding [V, D]", c["embedding"]),
-        _row("attention (MLA), per layer", per("attention", L), f"x {L}"),
+        _row("attention, per layer (mean)", per("attention", L), f"x {L}"),
         _row("dense FFN, per layer", per("dense_ffn", Ld), f"x {Ld}"),
         _row("MoE routed experts, per layer", per("routed", Lm), f"x {Lm}, {E} experts, top-{A}"),
         _row("MoE shared experts, per layer", per("shared", Lm), f"x {Lm}"),
         _row("MoE router, per layer", per("router", Lm), f"x {Lm}"),
+        _row("mHC maps (all)", c["mhc"]),
         _row("norms (all)", c["norms"]),
         _row("head [D, V]", c["head"]),
         _row("main model", c["main"]),
@@ -128,6 +132,27 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """
     c, K = count_params(cfg), cfg.num_nextn_predict_layers
     matmul = c["active_no_embedding"] + K * (c["mtp_active"] + c["head"])
-    m = cfg.mla
-    attention = (cfg.n_layers + K) * m.n_heads * (m.qk_head_dim + m.v_head_dim) * seq_len / 2 * 2
-    return 6.0 * matmul + 3.0 * attention
+    return 6.0 * matmul + 3.0 * 2 * attention_macs_per_token(cfg, seq_len)
+
+
+def attention_macs_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Score + value multiply-adds per token, summed over layers (MTP included), averaged over the
+    positions of a causal sequence. MLA: all earlier keys (V3.2 DSA: at most index_topk of them, its
+    indexer's O(T) scores over P heads of Y dims counted too). V4: window + compressed entries (CSA:
+    at most index_topk, plus its indexer over T/4 entries; HCA: all T/m), head_dim for q·k and p·v."""
+    T, K = seq_len, cfg.num_nextn_predict_layers
+    if cfg.v4 is None:
+        m, keys = cfg.mla, T / 2
+        index = 0.0 if cfg.index is None else cfg.index.index_n_heads * cfg.index.index_head_dim * T / 2
+        keys = keys if cfg.index is None else min(keys, cfg.index.index_topk)
+        return (cfg.n_layers + K) * (m.n_heads * (m.qk_head_dim + m.v_head_dim) * keys + index)
+    v, total = cfg.v4, 0.0
+    for ratio in cfg.compress_ratios:
+        keys, index = min(v.window_size, T / 2), 0.0
+        if ratio == 4:
+            keys += min(v.index_topk, T / 8)
+            index = v.index_n_heads * v.index_head_dim * T / 8
+        elif ratio:
+            keys += T / (2 * ratio)
+        total += v.n_heads * 2 * v.head_dim * keys + index
+    return total

@@ -1,8 +1,13 @@
 """The train state and the pure, jitted train and eval steps.
 
-    loss = CE(next token) + λ · mean_k CE_k(MTP depth k) + α · Σ_layers L_bal
+    loss = CE(next token) + λ · mean_k CE_k(MTP depth k) + α · Σ_layers L_bal + λ_I · Σ_layers L_I
     params <- optimizer(grads)                         (AdamW | Muon + AdamW, clipped)
     b_e    <- b_e + γ · sign(mean load - load_e)       (router biases, outside the optimizer)
+
+L_I is DeepSeek-V3.2's indexer KL (layers/dsa.py), one per DSA block (MTP blocks included). In the
+sparse stage each indexer's inputs are detached, so L_I trains only the indexers and the LM loss
+only the rest; in the dense warm-up (`index.index_dense_warmup`) the optimizer freezes everything
+but the indexers (optim.indexer_only) and the router biases stay put.
 
 Expert loads are the counts over the whole global batch (the step sees global arrays, so under a
 mesh the sum is a cross-device reduction, never a per-shard statistic). A non-finite loss or
@@ -10,6 +15,7 @@ gradient never reaches the state: the update is skipped, and unless `skip_nonfin
 the step is recorded in `bad_step` and the loop stops with an error naming it.
 """
 
+import functools
 from functools import partial
 from typing import Any
 
@@ -21,8 +27,8 @@ from flax import struct
 
 from deepseek_jax import losses
 from deepseek_jax.config import Config
-from deepseek_jax.model import Transformer
-from deepseek_jax.optim import lr_schedule, make_optimizer
+from deepseek_jax.model import Transformer, build_model, router_bias_rows
+from deepseek_jax.optim import indexer_only, lr_schedule, make_optimizer
 from deepseek_jax.sharding import batch_shards, logical_shardings, replicated
 
 
@@ -36,12 +42,13 @@ class TrainState:
     bad_step: jax.Array  # int32, first step with a non-finite loss or gradient; -1 if none
 
 
-def _loss_terms(params, router, batch, model: Transformer, cfg: Config):
-    """Per-term losses and MoE statistics for one batch."""
+def _loss_terms(params, router, batch, model: Transformer, cfg: Config, index_loss: bool = True):
+    """Per-term losses and MoE statistics for one batch (the indexer KL only if index_loss)."""
     tcfg, mcfg = cfg.train, cfg.model
+    dsa = {"index_loss": True} if mcfg.index is not None and index_loss else {}
     out = model.apply(
         {"params": params, "router": router}, batch["tokens"], batch["positions"], batch["segment_ids"],
-        return_logits=False,
+        return_logits=False, **dsa,
     )
     B, T, D = out.hidden.shape
     w_head_DV = params["w_head"].astype(out.hidden.dtype)
@@ -62,6 +69,8 @@ def _loss_terms(params, router, batch, model: Transformer, cfg: Config):
     balance = [out.balance_loss.sum()] if out.balance_loss is not None else []
     balance += [out.mtp_balance_loss.sum()] if out.mtp_balance_loss is not None else []
     terms["balance"] = sum(balance) if balance else jnp.float32(0)
+    index = [kl.sum() for kl in (out.index_loss, out.mtp_index_loss) if kl is not None]
+    terms["index"] = sum(index) if index else jnp.float32(0)
     routed = [c.sum() for c in (out.expert_counts, out.mtp_expert_counts) if c is not None]
     dropped = [d.sum() for d in (out.dropped, out.mtp_dropped) if d is not None]
     # share of real (token, expert) pairs a capacity-limited dispatch dropped (0 when dropless)
@@ -73,15 +82,20 @@ def loss_fn(params, router, batch, model: Transformer, cfg: Config):
     terms, counts = _loss_terms(params, router, batch, model, cfg)
     t = cfg.train
     total = terms["ce"] + t.mtp_loss_weight * terms["mtp"] + t.balance_loss_weight * terms["balance"]
+    total = total + t.index_loss_weight * terms["index"]
     return total, (terms, counts)
 
 
-def update_biases(router: dict, counts, mtp_counts, rate: float) -> dict:
-    """The aux-loss-free rule on every MoE layer's bias (main stack [L, E], MTP modules [E])."""
+def update_biases(router: dict, counts, mtp_counts, rate: float, bias_rows=None) -> dict:
+    """The aux-loss-free rule on every MoE layer's bias: `bias_rows` (model.router_bias_rows) says
+    which rows of counts [L_moe, E] each stacked bias holds (hash-routed layers have none); MTP [E]."""
     router = jax.tree.map(lambda x: x, router)  # a copy we may rebind into
     if counts is not None:
-        bias = router["moe_layers"]["ffn"]["bias"]
-        router["moe_layers"]["ffn"]["bias"] = losses.update_router_bias(bias, counts, rate)
+        for path, rows in bias_rows or [(("moe_layers", "ffn", "bias"), tuple(range(counts.shape[0])))]:
+            node = router
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = losses.update_router_bias(node[path[-1]], counts[jnp.asarray(rows)], rate)
     for k in range(0 if mtp_counts is None else mtp_counts.shape[0]):
         bias = router[f"mtp_{k}"]["block"]["ffn"]["bias"]
         router[f"mtp_{k}"]["block"]["ffn"]["bias"] = losses.update_router_bias(bias, mtp_counts[k], rate)
@@ -101,7 +115,10 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    router = update_biases(state.router, counts, mtp_counts, cfg.train.bias_update_rate)
+    index = cfg.model.index
+    frozen = index is not None and index.index_dense_warmup  # dense warm-up: only the indexers train
+    rate = 0.0 if frozen else cfg.train.bias_update_rate
+    router = update_biases(state.router, counts, mtp_counts, rate, router_bias_rows(cfg.model))
 
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     if not cfg.train.skip_nonfinite_steps:
@@ -119,27 +136,34 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
         "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": terms["tokens"],
         "skipped": (~finite).astype(jnp.int32), "moe_dropped_frac": terms["dropped_frac"],
     }
+    if index is not None:
+        metrics["index_loss"] = terms["index"]  # Σ over DSA layers of the mean per-token KL
     if counts is not None:
         metrics["load_max_over_mean"] = _load_stats(counts)  # [L_moe]
-        bias = new_state.router["moe_layers"]["ffn"]["bias"]
-        metrics["bias_min"], metrics["bias_max"] = bias.min(), bias.max()
+        biases = [functools.reduce(dict.__getitem__, path, new_state.router)
+                  for path, _ in router_bias_rows(cfg.model)] or [jnp.zeros(())]
+        metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
+        metrics["bias_max"] = jnp.max(jnp.stack([b.max() for b in biases]))
     return new_state, metrics
 
 
 def eval_step(params, router, batch, *, model, cfg: Config):
     """Summed next-token (and MTP) losses and token counts over one batch."""
-    terms, _ = _loss_terms(params, router, batch, model, cfg)
+    terms, _ = _loss_terms(params, router, batch, model, cfg, index_loss=False)
     return {"ce_sum": terms["ce"] * terms["tokens"], "tokens": terms["tokens"], "mtp": terms["mtp"]}
 
 
 def state_shardings(boxed, optimizer, mesh, mesh_rules):
     """(abstract TrainState, its NamedShardings) from the boxed abstract variables' logical axes."""
+    boxed = {"router": {}, **boxed}  # a model without MoE layers has no router collection
     param_sh = logical_shardings(boxed["params"], mesh, mesh_rules)
     router_sh = logical_shardings(boxed["router"], mesh, mesh_rules)
     params = nn.unbox(boxed["params"])
     opt_abs = jax.eval_shape(optimizer.init, params)
     rep = replicated(mesh)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_abs, param_sh, transform_non_params=lambda _: rep)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (frozen leaves: no state)
+    opt_sh = optax.tree_map_params(optimizer, lambda p, s: p if masked(p) else s, opt_abs, param_sh,
+                                   transform_non_params=lambda _: rep, is_leaf=masked)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params, router=nn.unbox(boxed["router"]),
         opt_state=opt_abs, rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
@@ -152,10 +176,12 @@ def state_shardings(boxed, optimizer, mesh, mesh_rules):
 def build(cfg: Config, mesh, mesh_rules):
     """(model, optimizer, train_step with its static arguments bound, abstract state, its shardings)
     for `cfg` on `mesh` (concrete or abstract); nothing is allocated."""
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
                            jnp.zeros((1, 8), jnp.int32))
-    optimizer = make_optimizer(cfg.optim, nn.unbox(boxed)["params"], cfg.train.steps)
+    params, index = nn.unbox(boxed)["params"], cfg.model.index
+    trainable = indexer_only(params) if index is not None and index.index_dense_warmup else None
+    optimizer = make_optimizer(cfg.optim, params, cfg.train.steps, trainable)
     abstract, shardings = state_shardings(boxed, optimizer, mesh, mesh_rules)
     step = partial(train_step, model=model, optimizer=optimizer, schedule=lr_schedule(cfg.optim, cfg.train.steps),
                    cfg=cfg)

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import load_model_config
+from deepseek_jax.config import load_model_config, to_dict
 from deepseek_jax.convert.hf import (
-    ConversionError, fuse_experts, hf_to_variables, unfuse_experts, variables_to_hf,
+    ConversionError, fuse_experts, hf_config_from_model, hf_to_variables, model_config_from_hf, unfuse_experts,
+    variables_to_hf,
 )
 from deepseek_jax.model import Transformer
 
 TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
+TINY_V32 = Path(__file__).parents[1] / "configs/model/tiny_v32.yaml"
 
 
 def random_variables(cfg, seed=0):
@@ -133,3 +135,45 @@ def test_save_pretrained_safetensors_load(tmp_path):
     with jax.default_matmul_precision("highest"):
         got = jax.jit(lambda v, t: Transformer(cfg).apply(v, t).logits)(variables, tokens)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3.2: the indexer rows (every layer, MTP included) and config.json
+
+
+def test_v32_round_trip_and_indexer_names():
+    cfg = load_model_config([TINY_V32])
+    variables = random_variables(cfg)
+    hf = variables_to_hf(variables, cfg, per_expert=True)
+    jax.tree.map(np.testing.assert_array_equal, hf_to_variables(hf, cfg), variables)
+    assert sum(x.size for x in hf.values()) == sum(x.size for x in jax.tree.leaves(variables))
+    ic, Q, D = cfg.index, cfg.mla.q_lora_rank, cfg.dim
+    P, Y = ic.index_n_heads, ic.index_head_dim
+    want = {"wq_b.weight": (P * Y, Q), "wk.weight": (Y, D), "k_norm.weight": (Y,), "k_norm.bias": (Y,),
+            "weights_proj.weight": (P, D)}
+    for i in range(cfg.n_layers + cfg.num_nextn_predict_layers):  # the MTP layer has one too
+        for name, shape in want.items():
+            assert hf[f"model.layers.{i}.self_attn.indexer.{name}"].shape == shape, (i, name)
+    # head p of wq_b is rows [p·Y, (p+1)·Y): our w_uq[:, p, :]
+    w_uq = variables["params"]["moe_layers"]["attn"]["indexer"]["w_uq"][0]
+    np.testing.assert_array_equal(hf["model.layers.1.self_attn.indexer.wq_b.weight"][Y : 2 * Y], w_uq[:, 1, :].T)
+    # a V3.2 checkpoint is not a V3 one: the indexer tensors are unexpected there
+    with pytest.raises(ConversionError, match=r"unexpected \[.*indexer"):
+        hf_to_variables(hf, load_model_config([TINY]))
+
+
+@pytest.mark.parametrize("path", [TINY, TINY_V32], ids=["v3", "v32"])
+def test_hf_config_json_round_trip(path):
+    """hf_config_from_model -> model_config_from_hf gives our config back, except the fields HF
+    does not hold (compute dtype, MoE implementation, DSA training stage and query blocks)."""
+    cfg = load_model_config([path])
+    hf = hf_config_from_model(cfg)
+    assert hf["model_type"] == ("deepseek_v32" if cfg.index else "deepseek_v3")
+    assert ("index_topk" in hf) == (cfg.index is not None)
+    back = model_config_from_hf(hf, dtype=cfg.dtype)
+    compute_only = {"impl", "dispatch", "capacity_factor", "index_dense_warmup", "index_q_block"}
+
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in compute_only}
+
+    assert strip(to_dict(back)) == strip(to_dict(cfg))

@@ -151,3 +151,43 @@ def test_671b_yaml_holds_the_published_config():
     for key, value in want.items():
         subset = {k: got[key][k] for k in value} if isinstance(value, dict) else got[key]
         assert subset == value, key
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V3.2-Exp: V3 + the lightning indexer in every layer (deepseek_v32_671b.yaml)
+
+V32_671B = CONFIGS / "deepseek_v32_671b.yaml"
+
+
+@functools.cache
+def v32_counts() -> tuple[object, dict[str, int]]:
+    cfg = load_model_config([V32_671B])
+    return cfg, count_params(cfg)
+
+
+def test_v32_671b_is_v3_plus_one_indexer_per_layer():
+    """Published for DeepSeek-V3.2-Exp: "671B" (its model card / V3.1-Terminus base) and "685B" on
+    Hugging Face (main model + MTP layer as stored, embedding/head copies included, as for V3).
+    The indexer adds P·Y·Q + D·Y + 2Y + D·P = 13,959,424 per layer, 62 layers with the MTP one."""
+    (cfg, c), (_, v3) = v32_counts(), v3_counts()
+    ic, D, Q = cfg.index, cfg.dim, cfg.mla.q_lora_rank
+    P, Y = ic.index_n_heads, ic.index_head_dim
+    per_layer = P * Y * Q + D * Y + 2 * Y + D * P
+    assert per_layer == 13_959_424
+    assert c["main"] - v3["main"] == cfg.n_layers * per_layer
+    assert c["mtp"] - v3["mtp"] == per_layer
+    stored_total = c["total"] + 2 * cfg.vocab_size * cfg.dim  # + model.layers.61 embedding/head copies
+    print(f"\nV3.2 main {c['main'] / 1e9:.3f}B (published 671B), stored total {stored_total / 1e9:.3f}B "
+          f"(published 685B), indexer {cfg.n_layers + 1} x {per_layer:,}")
+    assert rel_err(c["main"], 671e9) < 0.01
+    assert rel_err(stored_total, 685e9) < 0.01
+
+
+def test_v32_671b_yaml_holds_the_published_config():
+    """config_671B_v3.2.json / HF config.json: V3's values (as in deepseek_v3_671b.yaml) + index_*."""
+    cfg, _ = v32_counts()
+    got, v3 = to_dict(cfg), to_dict(v3_counts()[0])
+    assert got.pop("index") == {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+                                "index_dense_warmup": False, "index_q_block": 0}
+    v3.pop("index")
+    assert got == v3

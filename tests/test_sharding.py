@@ -1,5 +1,6 @@
 """Sharding on 8 fake CPU devices: every mesh file gives the single-device loss, gradients and
-balance statistics (layout invariance); parameter partition specs match the golden files; the
+balance statistics (layout invariance; the tiny V3.2's DSA blocks on two mesh files that split
+its indexer's heads, weights and batch); parameter partition specs of the tiny V3 and V3.2 match the golden files; the
 compiled fsdp_ep step holds the dispatch collectives and never gathers the experts over the expert
 axis; the mesh files are complete; only sharding.py names mesh axes."""
 
@@ -29,13 +30,19 @@ MESHES = sorted(p.stem for p in (ROOT / "configs" / "mesh").glob("*.yaml"))
 EP_MESHES = ("fsdp_ep", "ep_tp", "dp_ep", "experts_on_fsdp")
 # the tiny model, two layers (one dense, one MoE) + MTP; E=16, D=128, F=96 are distinct sizes
 SMALL = ["model.n_layers=2", "model.vocab_size=512", "data.seq_len=32", "data.global_batch_size=8"]
+# the tiny V3.2 as two dense DSA blocks (its MoE is V3's, covered above; no MoE and no MTP keep the
+# compiles short): T = 32 > index_topk = 8, so the selection is sparse. fsdp_tp splits the
+# indexer's heads over `tensor` and its weights over `fsdp`; ep_tp splits the batch over `expert`
+V32_SMALL = [*SMALL, "model.n_dense_layers=2", "model.num_nextn_predict_layers=0", "model.index.index_topk=8"]
+V32_MESHES = ("fsdp_tp", "ep_tp")
 _spec = importlib.util.spec_from_file_location("regen", ROOT / "tests" / "golden" / "regenerate_shardings.py")
 regen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(regen)
 
 
-def small_cfg(mesh: str, *overrides: str):
-    return load_config([ROOT / "configs/model/tiny.yaml", ROOT / f"configs/mesh/{mesh}.yaml"], [*SMALL, *overrides])
+def small_cfg(mesh: str, *overrides: str, model: str = "tiny"):
+    small = V32_SMALL if model == "tiny_v32" else SMALL
+    return load_config([ROOT / f"configs/model/{model}.yaml", ROOT / f"configs/mesh/{mesh}.yaml"], [*small, *overrides])
 
 
 def make_batch(cfg) -> dict:
@@ -51,13 +58,27 @@ def make_batch(cfg) -> dict:
 
 
 def init_variables(cfg):
+    """Random variables from the declared shapes and axes (numpy: no init compile): norms 1, biases
+    0, the embedding N(0, 1), matrices N(0, 1/fan-in) with fan-in the first non-stacking axis, and
+    router biases spread over ±0.1 so the routing is not trivially uniform."""
     model = Transformer(cfg.model)
-    v = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32), mutable=["params", "router"])
-    v = nn.unbox(v)
-    # spread the router biases so the routing is not trivially uniform
-    v["router"] = jax.tree.map(lambda b: jax.random.uniform(jax.random.key(3), b.shape, b.dtype, -0.1, 0.1),
-                               v["router"])
-    return model, v
+    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
+                           jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name, shape = "/".join(str(getattr(k, "key", k)) for k in path), leaf.value.shape
+        if name.startswith("router/"):
+            return rng.uniform(-0.1, 0.1, shape).astype(np.float32)
+        if name.endswith(("/scale", "/bias")):
+            return np.full(shape, 1.0 if name.endswith("scale") else 0.0, np.float32)
+        fan_in = next(n for n, a in zip(shape, leaf.names) if a not in ("layers", "experts"))
+        std = 1.0 if name.endswith("embedding") else fan_in**-0.5
+        return (std * rng.standard_normal(shape)).astype(np.float32)
+
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    v = {c: boxed.get(c, {}) for c in ("params", "router")}  # no MoE layer: no router collection
+    return model, jax.tree_util.tree_map_with_path(fill, v, is_leaf=is_boxed)
 
 
 def grad_fn(model, cfg):
@@ -67,14 +88,22 @@ def grad_fn(model, cfg):
     return jax.jit(f)
 
 
-@pytest.fixture(scope="module")
-def reference():
+def single_device(cfg):
     """Loss, terms, expert counts and gradients on one device, no mesh."""
-    cfg = small_cfg("single")
     model, v = init_variables(cfg)
     batch = make_batch(cfg)
     out, grads = grad_fn(model, cfg)(v["params"], v["router"], batch)
     return v, batch, jax.device_get(out), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return single_device(small_cfg("single"))
+
+
+@pytest.fixture(scope="module")
+def reference_v32():
+    return single_device(small_cfg("single", model="tiny_v32"))
 
 
 def run_on_mesh(cfg, v, batch, lower_only=False):
@@ -83,7 +112,7 @@ def run_on_mesh(cfg, v, batch, lower_only=False):
     with activate(mesh, mesh_rules):
         boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
                                jnp.zeros((1, 8), jnp.int32))
-        p_sh, r_sh = (logical_shardings(boxed[c], mesh, mesh_rules) for c in ("params", "router"))
+        p_sh, r_sh = (logical_shardings(boxed.get(c, {}), mesh, mesh_rules) for c in ("params", "router"))
         params, router = jax.device_put(v["params"], p_sh), jax.device_put(v["router"], r_sh)
         sharded = {k: jax.device_put(x, batch_sharding(mesh, mesh_rules)) for k, x in batch.items()}
         compiled = grad_fn(model, cfg).lower(params, router, sharded).compile()
@@ -95,7 +124,7 @@ def run_on_mesh(cfg, v, batch, lower_only=False):
 
 def compare(out, grads, ref_out, ref_grads, what):
     tol = TOL["resharded_f32"]
-    for k in ("total", "ce", "mtp", "balance"):
+    for k in ("total", "ce", "mtp", "balance", "index"):
         assert_close(out[k], ref_out[k], **tol, what=f"{what}: {k}")
     np.testing.assert_array_equal(out["counts"], ref_out["counts"], err_msg=f"{what}: expert counts")
     np.testing.assert_array_equal(out["mtp_counts"], ref_out["mtp_counts"], err_msg=f"{what}: MTP expert counts")
@@ -112,6 +141,15 @@ def test_layout_invariance_every_mesh(mesh, reference):
     v, batch, ref_out, ref_grads = reference
     _, out, grads, params = run_on_mesh(small_cfg(mesh), v, batch)
     compare(out, grads, ref_out, ref_grads, mesh)
+
+
+@pytest.mark.parametrize("mesh", V32_MESHES)
+def test_layout_invariance_v32(mesh, reference_v32):
+    """The tiny V3.2's DSA blocks: loss, indexer KL and gradients equal the single-device ones."""
+    v, batch, ref_out, ref_grads = reference_v32
+    assert float(ref_out["index"]) > 0
+    _, out, grads, _ = run_on_mesh(small_cfg(mesh, model="tiny_v32"), v, batch)
+    compare(out, grads, ref_out, ref_grads, f"tiny_v32/{mesh}")
 
 
 @pytest.mark.parametrize("dispatch", ["a2a", "dense"])
@@ -148,12 +186,13 @@ def test_fsdp_ep_hlo_collectives(dispatch, needs, reference):
     assert any(k == "all-gather" and any(f in s for f in local) for k, s, _ in ops), "no FSDP gather of local experts"
 
 
+@pytest.mark.parametrize("model", sorted(regen.MODELS))
 @pytest.mark.parametrize("mesh", MESHES)
-def test_golden_partition_specs(mesh):
+def test_golden_partition_specs(mesh, model):
     path = ROOT / "configs" / "mesh" / f"{mesh}.yaml"
-    golden = regen.golden_path("tiny", path)
+    golden = regen.golden_path(model, path)
     assert golden.exists(), f"{golden} missing: run python tests/golden/regenerate_shardings.py"
-    got = regen.render("tiny", path)
+    got = regen.render(model, path)
     assert got == golden.read_text(), (
         f"partition specs under {mesh} changed; if intended, run python tests/golden/regenerate_shardings.py "
         "and review the diff"

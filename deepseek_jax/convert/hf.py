@@ -1,4 +1,5 @@
-"""One name table between our parameters and HF transformers' DeepseekV3 state dict, used both ways.
+"""One name table between our parameters and HF transformers' DeepseekV3 / DeepseekV32 state dicts,
+used both ways, and the `config.json` fields both ways (`model_config_from_hf`, `hf_config_from_model`).
 
 Our variables are `{"params": ..., "router": ...}` with each block stack scanned (leading layer axis).
 HF names are per layer: `model.layers.{i}.<name>`, the MTP modules at i = n_layers + k. Each rule
@@ -6,6 +7,9 @@ maps one HF tensor to one or more of our arrays (e.g. `kv_b_proj` -> `w_uk`, `w_
 for each direction. HF keeps routed experts fused in memory (`gate_up_proj [E, 2F, D]`,
 `down_proj [E, D, F]`) but `save_pretrained` and the official checkpoints write one tensor per
 expert (`mlp.experts.{e}.gate_proj.weight`); both are accepted, and either can be written.
+
+DeepSeek-V3.2 (`model_type` deepseek_v32, `cfg.index` set) adds the lightning indexer under each
+attention, MTP layers included: `self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`.
 
 Nothing is dropped silently: an HF tensor no rule consumes, a missing tensor, or a wrong shape is
 an error naming it. The only tensors skipped are listed in `SKIPPED` (copies of shared weights).
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepseek_jax.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from deepseek_jax.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
 
 Arrays = tuple[np.ndarray, ...]
 
@@ -70,6 +74,10 @@ def _heads_in_back(w, cfg):  # [In, N, K] -> [N*K, In]
     return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
 
 
+def _index_heads_in(a, cfg):  # indexer wq_b [P*Y, Q] -> [Q, P, Y]
+    return (a.reshape(cfg.index.index_n_heads, -1, a.shape[-1]).transpose(2, 0, 1),)
+
+
 def _kv_b(a, cfg):  # [N*(H+O), C] -> w_uk [C, N, H], w_uv [C, N, O]
     m = cfg.mla
     a = a.reshape(m.n_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
@@ -115,6 +123,10 @@ def _no_q_lora(cfg):
     return cfg.mla.q_lora_rank == 0
 
 
+def _has_index(cfg):
+    return cfg.index is not None
+
+
 def _has_shared(cfg):
     return cfg.moe.n_shared_experts > 0
 
@@ -146,6 +158,16 @@ ATTN_RULES = (
          _kv_b, _kv_b_back),
     Rule(("attn/w_o",), "self_attn.o_proj.weight", lambda c: (c.dim, c.mla.n_heads * c.mla.v_head_dim),
          _o, _o_back),
+    # V3.2 lightning indexer (P heads of Y dims; its queries read the MLA query latent)
+    Rule(("attn/indexer/w_uq",), "self_attn.indexer.wq_b.weight",
+         lambda c: (c.index.index_n_heads * c.index.index_head_dim, c.mla.q_lora_rank),
+         _index_heads_in, _heads_in_back, _has_index),
+    linear("attn/indexer/w_k", "self_attn.indexer.wk.weight", lambda c: (c.index.index_head_dim, c.dim), _has_index),
+    vector("attn/indexer/k_norm/scale", "self_attn.indexer.k_norm.weight", lambda c: c.index.index_head_dim,
+           _has_index),
+    vector("attn/indexer/k_norm/bias", "self_attn.indexer.k_norm.bias", lambda c: c.index.index_head_dim, _has_index),
+    linear("attn/indexer/w_weights", "self_attn.indexer.weights_proj.weight",
+           lambda c: (c.index.index_n_heads, c.dim), _has_index),
 )
 DENSE_RULES = ATTN_RULES + (
     linear("ffn/w_gate", "mlp.gate_proj.weight", lambda c: (c.inter_dim, c.dim)),
@@ -181,7 +203,7 @@ GLOBAL_RULES = (
 # Official checkpoints repeat the embedding and head inside each MTP layer; ours share them.
 SKIPPED = (r"model\.layers\.\d+\.embed_tokens\.weight", r"model\.layers\.\d+\.shared_head\.head\.weight")
 
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_RE = re.compile(r"^((?:model\.layers|mtp)\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -307,7 +329,9 @@ def variables_to_hf(variables: Mapping, cfg: ModelConfig, per_expert: bool = Fal
 
 
 def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
-    """Our ModelConfig from an HF DeepseekV3 `config.json` dict (`overrides` e.g. dtype="float32")."""
+    """Our ModelConfig from an HF DeepseekV3 / V32 `config.json` dict (`overrides` e.g. dtype="float32").
+    V3.2 (model_type deepseek_v32, or index_* fields present) gets `index`; HF defaults apply to
+    the index fields it omits."""
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     yarn = rope.get("rope_type", rope.get("type", "default")) == "yarn"
     fields = dict(
@@ -335,5 +359,37 @@ def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
             mscale=float(rope.get("mscale") or 1.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
         ),
     )
+    if hf.get("model_type") == "deepseek_v32" or "index_topk" in hf:
+        fields["index"] = IndexerConfig(
+            index_n_heads=hf.get("index_n_heads", 64), index_head_dim=hf.get("index_head_dim", 128),
+            index_topk=hf.get("index_topk", 2048),
+        )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def hf_config_from_model(cfg: ModelConfig) -> dict:
+    """The HF `config.json` dict (DeepseekV3Config / DeepseekV32Config keys) for our config;
+    `model_config_from_hf` reads it back (up to our compute-only fields: dtype, moe.impl/dispatch/
+    capacity_factor, index.index_dense_warmup/index_q_block)."""
+    m, mo, r = cfg.mla, cfg.moe, cfg.rope
+    rope = {"rope_type": "yarn" if r.yarn else "default", "rope_theta": r.rope_theta}
+    if r.yarn:
+        rope.update(factor=r.rope_factor, original_max_position_embeddings=r.original_seq_len,
+                    beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
+    hf = dict(
+        model_type="deepseek_v3" if cfg.index is None else "deepseek_v32",
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
+        num_hidden_layers=cfg.n_layers, first_k_dense_replace=cfg.n_dense_layers, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len, num_nextn_predict_layers=cfg.num_nextn_predict_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_heads, q_lora_rank=m.q_lora_rank or None,
+        kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
+        v_head_dim=m.v_head_dim, n_routed_experts=mo.n_routed_experts, n_shared_experts=mo.n_shared_experts,
+        num_experts_per_tok=mo.n_activated_experts, n_group=mo.n_expert_groups, topk_group=mo.n_limited_groups,
+        scoring_func=mo.score_func, routed_scaling_factor=mo.route_scale, norm_topk_prob=mo.norm_topk_prob,
+        moe_intermediate_size=mo.moe_inter_dim, rope_parameters=rope, tie_word_embeddings=False,
+    )
+    if cfg.index is not None:
+        hf.update(index_n_heads=cfg.index.index_n_heads, index_head_dim=cfg.index.index_head_dim,
+                  index_topk=cfg.index.index_topk)
+    return hf

@@ -37,7 +37,6 @@ U keys selected per query (min(`index_topk`, S)).
 """
 
 import functools
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -45,40 +44,12 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
-from deepseek_jax.config import ConfigError
+from deepseek_jax.config import IndexerConfig  # defined with the other configs; importable from here
 from deepseek_jax.layers.mla import MLA, NEG_INF, cache_mask, causal_mask, masked_softmax, mla_naive
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
 
 INDEX_NORM_EPS = 1e-6  # k_norm LayerNorm epsilon, fixed in HF and the official code
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexerConfig:
-    index_n_heads: int  # P, indexer heads (V3.2: 64)
-    index_head_dim: int  # Y, dims per indexer head; the first R are rotated (V3.2: 128)
-    index_topk: int  # keys (tokens) each query attends to; U = min(index_topk, S) (V3.2: 2048)
-    index_dense_warmup: bool = False  # training stage: dense attention, KL over all visible keys
-    index_q_block: int = 0  # queries per block of scores + attention (memory only); 0 = one block
-
-    def __post_init__(self):
-        for name in ("index_n_heads", "index_head_dim", "index_topk"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"index.{name} must be > 0, got {getattr(self, name)}")
-        if self.index_q_block < 0:
-            raise ConfigError(f"index.index_q_block must be >= 0, got {self.index_q_block}")
-        if self.index_head_dim % 2:
-            raise ConfigError(f"index.index_head_dim must be even, got {self.index_head_dim}")
-
-    def check_against(self, q_lora_rank: int, qk_rope_head_dim: int) -> None:
-        """Cross-config invariants (for ModelConfig.__post_init__ once DSA is wired in)."""
-        if q_lora_rank <= 0:
-            raise ConfigError("DSA needs mla.q_lora_rank > 0: the indexer reads the query latent")
-        if not 0 < qk_rope_head_dim <= self.index_head_dim:
-            raise ConfigError(
-                f"index.index_head_dim ({self.index_head_dim}) must be >= mla.qk_rope_head_dim "
-                f"({qk_rope_head_dim}): RoPE goes on the first R indexer dims"
-            )
 
 
 class DSACache(NamedTuple):

@@ -1,5 +1,6 @@
-"""Writes tests/golden/shardings/<mesh>.txt: the partition spec of every parameter of the tiny
-model under each configs/mesh/*.yaml on 8 devices (an abstract mesh: no device is needed).
+"""Writes tests/golden/shardings/<model>__<mesh>.txt: the partition spec of every parameter of the
+tiny V3, V3.2 and V4 models (and of their `router` collection: selection biases, V4's tid2eid
+tables) under each configs/mesh/*.yaml on 8 devices (an abstract mesh: no device is needed).
 
     python tests/golden/regenerate_shardings.py      # then review `git diff tests/golden`
 
@@ -7,6 +8,7 @@ tests/test_sharding.py compares the same rendering with the checked-in files, so
 rule, a parameter's logical axes or a mesh file shows up as a reviewed diff.
 """
 
+import functools
 import sys
 from functools import partial
 from pathlib import Path
@@ -17,19 +19,26 @@ import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "shardings"
-MODELS = {"tiny": ROOT / "configs" / "model" / "tiny.yaml"}
+MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4")}
 N_DEVICES = 8
+
+
+@functools.cache
+def boxed_variables(model_cfg):
+    """The abstract boxed variables (shapes + logical axes): mesh-independent, so traced once."""
+    from deepseek_jax.model import build_model
+
+    return jax.eval_shape(partial(build_model(model_cfg).init, mutable=["params", "router"]),
+                          jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
 
 
 def render(model_name: str, mesh_path: Path) -> str:
     from deepseek_jax.config import load_config
-    from deepseek_jax.model import Transformer
     from deepseek_jax.sharding import abstract_mesh, rules
 
     cfg = load_config([MODELS[model_name], mesh_path])
     mesh = abstract_mesh(cfg.mesh, N_DEVICES)
-    boxed = jax.eval_shape(partial(Transformer(cfg.model).init, mutable=["params", "router"]),
-                           jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    boxed = boxed_variables(cfg.model)
     lines = [f"# {model_name} under {mesh_path.name} on {N_DEVICES} devices, mesh {dict(mesh.shape)}",
              "# path: shape -> PartitionSpec (regenerate: python tests/golden/regenerate_shardings.py)"]
     for collection in ("params", "router"):

@@ -21,6 +21,11 @@ of the stored weights (FSDP on D) is gathered by the shard_map's input reshardin
 axes only, never over the expert axes. When the tokens are not split over the expert axes, every
 shard already holds every token: each runs its local experts and the partial outputs are psum'd.
 Without a mesh the same per-shard code runs once with ep = 1 (no collectives).
+
+With `moe.weight_before_down` (V4) the routing weight scales the expert's hidden activation, so
+a2a, ragged_a2a and dense also send each row's weight to the expert shard (one float per row);
+ring and the replicated path hold the weights there already. `moe.swiglu_limit` reaches the experts,
+and `quant_sim` (experts.py) the FP8 simulation of W_down's input on the expert shard.
 """
 
 import contextlib
@@ -33,7 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.config import ConfigError, MoEConfig
+from deepseek_jax.layers.mlp import swiglu_act
 from deepseek_jax.layers.moe.experts import EXPERT_IMPLS
+from deepseek_jax.quant import sim_act
 from deepseek_jax.sharding import MoEAxes, moe_axes
 
 DISPATCHES = ("ring", "a2a", "ragged_a2a", "dense")
@@ -47,6 +54,7 @@ class _Shards(NamedTuple):
     tokens: tuple  # mesh axes splitting the tokens (batch, then sequence)
     ep: int  # expert shards
     replicated_tokens: bool  # experts split over axes the tokens are not: local experts + psum
+    quant_sim: str = "none"  # FP8 simulation of W_down's input (experts.py), static per call
 _EMULATE_RAGGED = [False]
 
 
@@ -124,11 +132,17 @@ def _local_ids(experts, rank, E_l):
     return jnp.where(mine, experts - rank * E_l, -1)
 
 
+def _experts(c: MoEConfig, x_MD, ids_MA, weights_MA, w, quant_sim="none"):
+    """The configured expert impl on a shard's local experts, partial outputs in float32."""
+    return EXPERT_IMPLS[c.impl](x_MD, ids_MA, weights_MA, *w, out_dtype=jnp.float32, limit=c.swiglu_limit,
+                                weight_before_down=c.weight_before_down, quant_sim=quant_sim)
+
+
 def _ring(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     ep_axes, E_l = ax.experts, w[0].shape[0]
     xg_MD, eg_MA, gg_MA = (_all_gather(a, ep_axes) for a in (x_MD, experts_MA, weights_MA))
     ids = _local_ids(eg_MA, _rank(ep_axes), E_l)
-    y_MD = _psum(EXPERT_IMPLS[c.impl](xg_MD, ids, gg_MA, *w, out_dtype=jnp.float32), ax.hidden)
+    y_MD = _psum(_experts(c, xg_MD, ids, gg_MA, w, ax.quant_sim), ax.hidden)
     if ep_axes:
         y_MD = jax.lax.psum_scatter(y_MD, _axis(ep_axes), scatter_dimension=0, tiled=True)
     return y_MD, jnp.int32(0)
@@ -153,11 +167,16 @@ def _a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     send_id = jnp.full((ep * C,), -1, jnp.int32).at[slot_X].set(flat_X[order_X] % E_l, mode="drop")
     recv_x = _all_to_all(send_x.reshape(ep, C, D), ep_axes).reshape(ep * C, D)
     recv_id = _all_to_all(send_id.reshape(ep, C), ep_axes).reshape(ep * C, 1)
-    ones = jnp.ones((ep * C, 1), jnp.float32)
-    y_CD = _psum(EXPERT_IMPLS[c.impl](recv_x, recv_id, ones, *w, out_dtype=jnp.float32), ax.hidden)
+    g_X = weights_MA.reshape(-1)[order_X].astype(jnp.float32)
+    if c.weight_before_down:  # the weight travels with its row and is applied on the expert shard
+        send_g = jnp.zeros((ep * C,), jnp.float32).at[slot_X].set(g_X, mode="drop")
+        recv_g, g_X = _all_to_all(send_g.reshape(ep, C), ep_axes).reshape(ep * C, 1), jnp.ones_like(g_X)
+    else:
+        recv_g = jnp.ones((ep * C, 1), jnp.float32)
+    y_CD = _psum(_experts(c, recv_x, recv_id, recv_g, w, ax.quant_sim), ax.hidden)
     back_XD = jnp.take(_all_to_all(y_CD.reshape(ep, C, D), ep_axes).reshape(ep * C, D), slot_X, axis=0,
                        mode="fill", fill_value=0)
-    g_X = jnp.where(keep_X, weights_MA.reshape(-1)[order_X], 0.0)
+    g_X = jnp.where(keep_X, g_X, 0.0)
     y_MD = jnp.zeros((M, D), jnp.float32).at[token_X].add(back_XD * g_X[:, None])
     dropped = jnp.sum(~keep_X & mask_M[token_X]).astype(jnp.int32)
     return y_MD, dropped
@@ -185,11 +204,16 @@ def _ragged_a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     ends = jnp.cumsum(local_count_SE.reshape(-1))  # [ep·E_l] chunk ends in source-major order
     chunk = jnp.searchsorted(ends, jnp.arange(rows), side="right")
     recv_id = jnp.where(chunk < ep * E_l, chunk % E_l, -1).reshape(rows, 1)
-    ones = jnp.ones((rows, 1), jnp.float32)
-    y_RD = _psum(EXPERT_IMPLS[c.impl](recv_x, recv_id, ones, *w, out_dtype=jnp.float32), ax.hidden)
+    g_X = weights_MA.reshape(-1)[order_X].astype(jnp.float32)
+    if c.weight_before_down:  # the weight travels with its row and is applied on the expert shard
+        recv_g = _ragged_all_to_all(g_X[:, None], jnp.zeros((rows, 1), jnp.float32), in_off_D, send_D,
+                                    out_off_D, recv_S, ep_axes)
+        g_X = jnp.ones_like(g_X)
+    else:
+        recv_g = jnp.ones((rows, 1), jnp.float32)
+    y_RD = _psum(_experts(c, recv_x, recv_id, recv_g, w, ax.quant_sim), ax.hidden)
     back_XD = _ragged_all_to_all(y_RD, jnp.zeros((X, D), jnp.float32), recv_off_S, recv_S,
                                  (jnp.cumsum(size_SD, axis=1) - size_SD)[:, me], send_D, ep_axes)
-    g_X = weights_MA.reshape(-1)[order_X]
     return jnp.zeros((M, D), jnp.float32).at[token_X].add(back_XD * g_X[:, None]), jnp.int32(0)
 
 
@@ -207,7 +231,13 @@ def _gshard(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     x_ECD = jnp.einsum("MEC,MD->ECD", dispatch_MEC.astype(x_MD.dtype), x_MD)
     x_SECD = _all_to_all(x_ECD.reshape(ep, E_l, C, D), ep_axes)  # S: source shard
     w_gate, w_up, w_down = w
-    h_SECF = jax.nn.silu(jnp.einsum("SECD,EDF->SECF", x_SECD, w_gate)) * jnp.einsum("SECD,EDF->SECF", x_SECD, w_up)
+    gate_SECF, up_SECF = (jnp.einsum("SECD,EDF->SECF", x_SECD, w_) for w_ in (w_gate, w_up))
+    h_SECF = swiglu_act(gate_SECF, up_SECF, c.swiglu_limit)
+    if c.weight_before_down:  # each slot's weight (a slot holds at most one pair) goes to the expert shard
+        g_SEC = _all_to_all(combine_MEC.sum(0).reshape(ep, E_l, C), ep_axes)
+        h_SECF = (h_SECF.astype(jnp.float32) * g_SEC[..., None]).astype(h_SECF.dtype)
+        combine_MEC = dispatch_MEC
+    h_SECF = sim_act(h_SECF, ax.quant_sim)
     y_SECD = _psum(jnp.einsum("SECF,EFD->SECD", h_SECF, w_down, preferred_element_type=jnp.float32), ax.hidden)
     y_ECD = _all_to_all(y_SECD, ep_axes).reshape(E, C, D)
     y_MD = jnp.einsum("MEC,ECD->MD", combine_MEC, y_ECD)
@@ -225,18 +255,19 @@ def _per_shard(c: MoEConfig, ax: "_Shards", x_BTD, experts_BTA, weights_BTA, mas
             mask_BT.reshape(B * T))
     if ax.replicated_tokens:  # every shard holds every token: local experts, then sum the parts
         ids = _local_ids(args[1], _rank(ax.experts), w[0].shape[0])
-        y_MD = EXPERT_IMPLS[c.impl](args[0], ids, args[2], *w, out_dtype=jnp.float32)
+        y_MD = _experts(c, args[0], ids, args[2], w, ax.quant_sim)
         y_MD, dropped = _psum(_psum(y_MD, ax.hidden), ax.experts), jnp.int32(0)
     else:
         y_MD, dropped = STRATEGIES[c.dispatch](c, *args, w, ax)
     return y_MD.astype(x_BTD.dtype).reshape(B, T, D), _psum(dropped, ax.tokens)
 
 
-def dispatch_experts(c: MoEConfig, x_BTD, experts_BTA, weights_BTA, mask_BT, w_gate_EDF, w_up_EDF, w_down_EFD):
+def dispatch_experts(c: MoEConfig, x_BTD, experts_BTA, weights_BTA, mask_BT, w_gate_EDF, w_up_EDF, w_down_EFD,
+                     quant_sim: str = "none"):
     """Routed-expert output [B, T, D] and the (token, expert) pairs dropped for capacity (int32)."""
     axes: MoEAxes = moe_axes()
     if axes.mesh is None:
-        ax = _Shards((), (), (), 1, False)
+        ax = _Shards((), (), (), 1, False, quant_sim)
         return _per_shard(c, ax, x_BTD, experts_BTA, weights_BTA, mask_BT, w_gate_EDF, w_up_EDF, w_down_EFD)
     size = lambda names: math.prod(axes.mesh.shape[a] for a in names)  # noqa: E731
     batch, seq = axes.tokens
@@ -251,7 +282,7 @@ def dispatch_experts(c: MoEConfig, x_BTD, experts_BTA, weights_BTA, mask_BT, w_g
     E = w_gate_EDF.shape[0]
     if E % ep:
         raise DispatchError(f"moe.n_routed_experts={E} is not divisible by the {ep} expert shards {expert}")
-    ax = _Shards(expert, hidden, token_axes, ep, bool(expert) and not set(expert) <= set(token_axes))
+    ax = _Shards(expert, hidden, token_axes, ep, bool(expert) and not set(expert) <= set(token_axes), quant_sim)
     t = P(batch or None, seq or None)
     e, h = expert or None, hidden or None
     fn = jax.shard_map(

@@ -1,0 +1,126 @@
+"""The V4 model as a whole (the layers have their own parity tests; the model's HF parity is
+test_parity_v4.py): the layer schedule's segments, step-by-step decoding vs the full forward across
+window and compression-block boundaries, MTP causality, the router-bias bookkeeping of hash layers,
+and the MTP tensors' conversion names.
+"""
+
+import numpy as np
+import pytest
+from utils import assert_close
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ConfigError, load_model_config
+from deepseek_jax.convert import hf_v4
+from deepseek_jax.model import build_cache, build_model, router_bias_rows
+from deepseek_jax.model_v4 import layer_segments
+
+TINY_V4 = "configs/model/tiny_v4.yaml"
+# window 8 and HCA ratio 16 so that T = 40 crosses windows and blocks of both compressors;
+# index_topk 4 < the 10 CSA entries at T = 40
+OVERRIDES = ["model." + o for o in (
+    "v4.window_size=8", "v4.index_topk=4", "vocab_size=256", "dim=64", "moe.n_routed_experts=8",
+    "moe.n_activated_experts=2", "moe.moe_inter_dim=32", "v4.q_lora_rank=32", "v4.head_dim=32",
+    "v4.rope_head_dim=8", "v4.o_lora_rank=16", "v4.index_head_dim=16", "max_seq_len=64")]
+B, T = 2, 40
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_model_config([TINY_V4], OVERRIDES)
+    model = build_model(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :8]))
+    return cfg, model, variables, tokens
+
+
+def test_segments_of_the_released_schedules():
+    names = lambda ratios, n_hash: [s.name for s in layer_segments(  # noqa: E731
+        [(r, i < n_hash) for i, r in enumerate(ratios)])]
+    flash = [0, 0] + [4, 128] * 20 + [4]
+    pro = [128, 128, 4] + [128, 4] * 29
+    assert names(flash, 3) == ["layers_0_1", "layers_2", "layers_3_42"]
+    assert names(pro, 3) == ["layers_0_1", "layers_2", "layers_3_60"]
+    assert names([0, 4, 16, 4], 1) == ["layers_0", "layers_1", "layers_2", "layers_3"]
+
+
+def test_decode_step_by_step_equals_full_forward(tiny):
+    cfg, model, variables, tokens = tiny
+    full = jax.jit(lambda v, t: model.apply(v, t, mtp=False).logits)(variables, tokens)
+
+    @jax.jit
+    def step(cache, token_B1, index):
+        out = model.apply(variables, token_B1, cache=cache, cache_index=index, mtp=False)
+        return out.logits[:, -1], out.cache
+
+    cache = build_cache(cfg, B, T, jnp.float32)
+    got = []
+    for t in range(T):
+        logits, cache = step(cache, tokens[:, t : t + 1], jnp.int32(t))
+        got.append(logits)
+    got = jnp.stack(got, axis=1)
+    print(f"\nV4 decode (40 single steps) vs full forward: max err {float(jnp.abs(got - full).max()):.2e}")
+    assert_close(got, full, rtol=1e-4, atol=1e-4, what="V4 step-by-step logits")
+
+
+def test_mtp_is_causal_and_present(tiny):
+    cfg, model, variables, tokens = tiny
+    fwd = jax.jit(lambda v, t: model.apply(v, t))
+    out = fwd(variables, tokens)
+    assert out.mtp_logits.shape == (1, B, T, cfg.vocab_size) and np.isfinite(np.asarray(out.mtp_logits)).all()
+    i = 20  # MTP slot i reads tokens <= i + 1: changing token i + 2 must not move slots <= i
+    changed = tokens.at[:, i + 2].set((tokens[:, i + 2] + 1) % cfg.vocab_size)
+    out2 = fwd(variables, changed)
+    np.testing.assert_array_equal(np.asarray(out.mtp_logits[:, :, : i + 1]), np.asarray(out2.mtp_logits[:, :, : i + 1]))
+    assert np.abs(np.asarray(out.mtp_logits[:, :, i + 1] - out2.mtp_logits[:, :, i + 1])).max() > 0
+    assert set(variables["params"]["mtp_0"]) >= {"w_e", "w_h", "enorm", "hnorm", "norm", "hc_head", "block"}
+
+
+def test_bias_rows_skip_hash_layers(tiny):
+    cfg, model, variables, _ = tiny
+    rows = router_bias_rows(cfg)
+    assert [p for p, _ in rows] == [(f"layers_{i}", "block_0", "ffn", "bias") for i in (1, 2, 3)]
+    assert [r for _, r in rows] == [(1,), (2,), (3,)]
+    assert "tid2eid" in variables["router"]["layers_0"]["block_0"]["ffn"]
+    assert "bias" not in variables["router"]["layers_0"]["block_0"]["ffn"]
+
+
+def test_mtp_tensors_convert_both_ways(tiny):
+    cfg, _, variables, _ = tiny
+    state = hf_v4.variables_to_hf(jax.tree.map(np.asarray, variables), cfg, per_expert=True)
+    assert "mtp.0.e_proj.weight" in state and "mtp.0.hc_head.hc_fn" in state
+    assert "model.layers.0.mlp.gate.tid2eid" in state and state["model.layers.0.mlp.gate.tid2eid"].dtype == np.int64
+    back = hf_v4.hf_to_variables(state, cfg)
+    for (p, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves_with_path(back)):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(p))
+    no_mtp = {k: v for k, v in state.items() if not k.startswith("mtp.")}
+    with pytest.raises(hf_v4.ConversionError, match="num_nextn_predict_layers: 0"):
+        hf_v4.hf_to_variables(no_mtp, cfg)
+
+
+def test_v4_config_errors():
+    with pytest.raises(ConfigError, match="compress_ratios needs 5 entries"):
+        load_model_config([TINY_V4], ["model.compress_ratios=[0,4,16,4]"])
+    with pytest.raises(ConfigError, match="exactly one attention section"):
+        load_model_config([TINY_V4, "configs/model/tiny.yaml"])
+    with pytest.raises(ConfigError, match="unknown top-level section"):
+        load_model_config([TINY_V4], ["v4.window_size=8"])
+    with pytest.raises(ConfigError, match="n_hash_layers"):
+        load_model_config([TINY_V4], ["model.moe.n_hash_layers=5"])
+
+
+@pytest.mark.slow  # four prefill / step / forward compiles (~1 min on 2 cores)
+def test_generate_ragged_prompts_one_at_a_time(tiny):
+    from deepseek_jax.generate import generate
+
+    cfg, model, variables, tokens = tiny
+    prompts = [list(map(int, tokens[0, :3])), list(map(int, tokens[1, :5]))]
+    out = generate(model, variables, prompts, max_new_tokens=3, eos_id=-1)
+    full = jax.jit(lambda v, t: model.apply(v, t, mtp=False).logits)
+    for p, new in zip(prompts, out):
+        assert len(new) == 3
+        seq = jnp.asarray([p + new[:2]], jnp.int32)  # greedy: token k+1 is the argmax after token k
+        want = np.asarray(jnp.argmax(full(variables, seq)[0, len(p) - 1 :], -1))
+        assert new == list(map(int, want)), (new, want)
