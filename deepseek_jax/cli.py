@@ -20,7 +20,7 @@ from pathlib import Path
 from deepseek_jax.config import ConfigError, load_config, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIGS / "train" / "tiny_stdlib.yaml"
+DEFAULT_CONFIG = CONFIGS / "train" / "tiny_v4_stdlib.yaml"
 COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot", "plan")
 
 
@@ -66,7 +66,7 @@ def _dispatch(ns) -> int:
     if ns.command == "plot":
         from deepseek_jax.metrics import plot_run
 
-        print(plot_run(ns.args[0] if ns.args else "runs/tiny_stdlib"))
+        print(plot_run(ns.args[0] if ns.args else "runs/tiny_v4_stdlib"))
         return 0
     cfg = _config(ns.args, ns.mesh)
     if ns.command == "config":

@@ -94,7 +94,7 @@ class V4AttentionConfig:
     index_head_dim: int  # Y, indexer head dim and indexer-compressor entry width (128)
     index_topk: int  # compressed entries each CSA query attends to (Flash 512, Pro 1024)
     compress_rope_theta: float = 160000.0  # RoPE base of the CSA/HCA layers (with YaRN)
-    q_block: int = 0  # queries per block of the gathered attention (memory only); 0 = one block
+    q_block: int = 0  # queries per block of indexer top-k + attention (memory only); 0 = one block
 
     def __post_init__(self):
         sizes = ("n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank",

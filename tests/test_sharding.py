@@ -1,8 +1,9 @@
 """Sharding on 8 fake CPU devices: every mesh file gives the single-device loss, gradients and
 balance statistics (layout invariance; the tiny V3.2's DSA blocks on two mesh files that split
-its indexer's heads, weights and batch); parameter partition specs of the tiny V3 and V3.2 match the golden files; the
-compiled fsdp_ep step holds the dispatch collectives and never gathers the experts over the expert
-axis; the mesh files are complete; only sharding.py names mesh axes."""
+its indexer's heads, weights and batch; the tiny V4 with every block kind on fsdp_ep and fsdp_tp);
+parameter partition specs of the tiny V3, V3.2 and V4 match the golden files; the compiled fsdp_ep
+step holds the dispatch collectives and never gathers the experts over the expert axis; the mesh
+files are complete; only sharding.py names mesh axes."""
 
 import ast
 import importlib.util
@@ -19,7 +20,7 @@ import yaml
 
 from deepseek_jax.axes import LOGICAL_AXES
 from deepseek_jax.config import MESH_AXES, ConfigError, load_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.model import build_model
 from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, make_mesh, rules
 from deepseek_jax.train import loss_fn
 from tests.utils import TOL, assert_close, assert_close_to_scale
@@ -35,44 +36,68 @@ SMALL = ["model.n_layers=2", "model.vocab_size=512", "data.seq_len=32", "data.gl
 # indexer's heads over `tensor` and its weights over `fsdp`; ep_tp splits the batch over `expert`
 V32_SMALL = [*SMALL, "model.n_dense_layers=2", "model.num_nextn_predict_layers=0", "model.index.index_topk=8"]
 V32_MESHES = ("fsdp_tp", "ep_tp")
+# the tiny V4 at its smallest with every path live: layer 0 CSA (ratio 4: T/4 = 8 entries > index_topk
+# = 4) routed by the hash table, layer 1 HCA (ratio 8) with learned routing, the MTP block sliding-window
+# only (window 8 < T = 32), all on 4 mHC streams. Sizes are distinct (D=64, Q=48, X=32, Y=40, F=24,
+# E=8) and divide the fsdp / tensor / expert splits. fsdp_ep runs the expert-parallel dispatch (E
+# over expert, D over fsdp); fsdp_tp splits the query, output-group, sink and indexer heads over tensor
+V4_SMALL = [
+    "model.vocab_size=512", "data.seq_len=32", "data.global_batch_size=8", "model.dim=64", "model.n_layers=2",
+    "model.compress_ratios=[4,8,0]", "model.v4.head_dim=32", "model.v4.rope_head_dim=8", "model.v4.q_lora_rank=48",
+    "model.v4.o_lora_rank=40", "model.v4.window_size=8", "model.v4.index_head_dim=16", "model.v4.index_topk=4",
+    "model.moe.n_routed_experts=8", "model.moe.n_activated_experts=2", "model.moe.moe_inter_dim=24",
+]
+V4_MESHES = ("fsdp_ep", "fsdp_tp")
+SMALLS = {"tiny": SMALL, "tiny_v32": V32_SMALL, "tiny_v4": V4_SMALL}
 _spec = importlib.util.spec_from_file_location("regen", ROOT / "tests" / "golden" / "regenerate_shardings.py")
 regen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(regen)
 
 
 def small_cfg(mesh: str, *overrides: str, model: str = "tiny"):
-    small = V32_SMALL if model == "tiny_v32" else SMALL
-    return load_config([ROOT / f"configs/model/{model}.yaml", ROOT / f"configs/mesh/{mesh}.yaml"], [*small, *overrides])
+    return load_config([ROOT / f"configs/model/{model}.yaml", ROOT / f"configs/mesh/{mesh}.yaml"],
+                       [*SMALLS[model], *overrides])
 
 
 def make_batch(cfg) -> dict:
-    """Two packed documents per row, the last tokens padding."""
+    """Two packed documents per row, the last tokens padding; for V4 (whose attention takes the row's
+    positions, model_v4.V4Transformer.__call__) one document per row, then the padding."""
     B, T = cfg.data.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, cfg.model.vocab_size, (B, T)).astype(np.int32)
-    cut = T // 2 + 3
+    cut = T if cfg.model.v4 is not None else T // 2 + 3
     segs = np.where(np.arange(T) < cut, 1, 2).astype(np.int32)[None].repeat(B, 0)
     segs[:, -4:] = 0
     positions = np.where(np.arange(T) < cut, np.arange(T), np.arange(T) - cut).astype(np.int32)[None].repeat(B, 0)
     return {"tokens": tokens, "positions": positions, "segment_ids": segs, "loss_mask": segs > 0}
 
 
+# the fan-in dims (among the non-stacking ones) of weights whose fan-in is not the first dim: V4's
+# grouped output W_oa [W, P, X, Y] and W_ob [W, Y, D] and the mHC mixing φ [I, D, Z]
+FAN_IN = {"w_oa": slice(1, 3), "w_ob": slice(0, 2), "fn": slice(0, 2)}
+
+
 def init_variables(cfg):
     """Random variables from the declared shapes and axes (numpy: no init compile): norms 1, biases
-    0, the embedding N(0, 1), matrices N(0, 1/fan-in) with fan-in the first non-stacking axis, and
-    router biases spread over ±0.1 so the routing is not trivially uniform."""
-    model = Transformer(cfg.model)
+    0, the embedding N(0, 1), matrices N(0, 1/fan-in) with fan-in the first non-stacking axis (or
+    FAN_IN's), router biases spread over ±0.1 so the routing is not trivially uniform, and V4's
+    hash tables A distinct random experts per token id."""
+    model = build_model(cfg.model)
     boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
                            jnp.zeros((1, 8), jnp.int32))
     rng = np.random.default_rng(0)
 
     def fill(path, leaf):
         name, shape = "/".join(str(getattr(k, "key", k)) for k in path), leaf.value.shape
+        if name.endswith("/tid2eid"):  # [..., V, A]
+            E = cfg.model.moe.n_routed_experts
+            return np.argsort(rng.random((*shape[:-1], E)), axis=-1)[..., : shape[-1]].astype(np.int32)
         if name.startswith("router/"):
             return rng.uniform(-0.1, 0.1, shape).astype(np.float32)
         if name.endswith(("/scale", "/bias")):
             return np.full(shape, 1.0 if name.endswith("scale") else 0.0, np.float32)
-        fan_in = next(n for n, a in zip(shape, leaf.names) if a not in ("layers", "experts"))
+        dims = [n for n, a in zip(shape, leaf.names) if a not in ("layers", "experts")]
+        fan_in = int(np.prod(dims[FAN_IN.get(name.rsplit("/", 1)[-1], slice(0, 1))]))
         std = 1.0 if name.endswith("embedding") else fan_in**-0.5
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
@@ -106,8 +131,13 @@ def reference_v32():
     return single_device(small_cfg("single", model="tiny_v32"))
 
 
+@pytest.fixture(scope="module")
+def reference_v4():
+    return single_device(small_cfg("single", model="tiny_v4"))
+
+
 def run_on_mesh(cfg, v, batch, lower_only=False):
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     mesh, mesh_rules = make_mesh(cfg.mesh), rules(cfg.mesh)
     with activate(mesh, mesh_rules):
         boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
@@ -130,9 +160,13 @@ def compare(out, grads, ref_out, ref_grads, what):
     np.testing.assert_array_equal(out["mtp_counts"], ref_out["mtp_counts"], err_msg=f"{what}: MTP expert counts")
     assert float(out["dropped_frac"]) == 0.0, what
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    worst = 0.0
     for (path, g), g_ref in zip(flat, jax.tree.leaves(ref_grads)):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         assert_close_to_scale(g, g_ref, tol["rtol"], what=f"{what}: grad {name}")
+        worst = max(worst, float(np.max(np.abs(g - g_ref)) / (np.max(np.abs(g_ref)) or 1.0)))
+    print(f"{what}: |Δ total| {abs(float(out['total']) - float(ref_out['total'])):.2e}, "
+          f"max grad err / max|grad| {worst:.2e}")
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -150,6 +184,19 @@ def test_layout_invariance_v32(mesh, reference_v32):
     assert float(ref_out["index"]) > 0
     _, out, grads, _ = run_on_mesh(small_cfg(mesh, model="tiny_v32"), v, batch)
     compare(out, grads, ref_out, ref_grads, f"tiny_v32/{mesh}")
+
+
+@pytest.mark.parametrize("mesh", V4_MESHES)
+def test_layout_invariance_v4(mesh, reference_v4):
+    """The tiny V4 (CSA + hash routing, HCA + learned routing, SWA MTP, mHC): loss terms, expert
+    counts of both routings and gradients equal the single-device ones."""
+    v, batch, ref_out, ref_grads = reference_v4
+    cfg = small_cfg(mesh, model="tiny_v4")
+    m, T = cfg.model, cfg.data.seq_len
+    assert m.compress_ratios == (4, 8, 0) and m.moe.n_hash_layers == 1 and T // 4 > m.v4.index_topk
+    assert m.v4.window_size < T and m.mhc.hc_mult > 1 and m.num_nextn_predict_layers == 1
+    _, out, grads, _ = run_on_mesh(cfg, v, batch)
+    compare(out, grads, ref_out, ref_grads, f"tiny_v4/{mesh}")
 
 
 @pytest.mark.parametrize("dispatch", ["a2a", "dense"])

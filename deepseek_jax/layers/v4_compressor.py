@@ -12,7 +12,8 @@ Block j holds tokens j·m … j·m + m − 1 (m = compress ratio, i = slot in th
 Entry j exists once token j·m + m − 1 has been seen and is visible to query t iff (j+1)·m ≤ t + 1.
 The indexer (CSA layers only, §1.6) owns a second compressor at width Y (`index_head_dim`), over
 the same blocks, and the query side q^I = RoPE_t(c_q W^I_uq) [P × Y], w = x W^I_w · (P·Y)^-½;
-scoring and top-k are dsa.py's `index_scores` / `select_topk` (v4_attention.py calls them).
+scoring and top-k are dsa.py's `index_scores` / `select_topk` (v4_attention.py's `select_entries`
+calls them, q_block queries at a time).
 
 One code path for the full forward and for decoding with a cache: the new tokens are written after
 the r0 = start mod m tokens of the partial block the state holds, into a block-aligned buffer of
