@@ -16,6 +16,8 @@ mHC `fn` is HF's [Z, I·D] (column i·D + d) and ours [I, D, Z]. Routed experts 
 
 from collections.abc import Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from deepseek_jax.config import MHCConfig, ModelConfig, MoEConfig, RopeConfig, V4AttentionConfig
@@ -190,9 +192,6 @@ def hf_to_variables(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
 def check_shapes(variables: Mapping, abstract: Mapping) -> None:
     """Every converted array has the shape of the model's variable at its path (both ways complete);
     `abstract` may hold boxed (logically partitioned) leaves, as `jax.eval_shape(model.init)` gives."""
-    import flax.linen as nn
-    import jax
-
     abstract = nn.unbox(abstract)
     want = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(abstract)}
     got = {jax.tree_util.keystr(p): a.shape for p, a in jax.tree_util.tree_leaves_with_path(variables)}
