@@ -1,10 +1,9 @@
 """deepseek_jax: DeepSeek MoE language models in JAX + Flax Linen."""
 
 from deepseek_jax.config import Config, ConfigError, ModelConfig, load_config, load_model_config
-from deepseek_jax.model import ModelOutput, Transformer, build_cache, build_model, init_cache
+from deepseek_jax.models import Decoder, ModelOutput, build_cache, build_model
 
 __all__ = [
-    "Config", "ConfigError", "ModelConfig", "ModelOutput", "Transformer", "build_cache", "build_model",
-    "init_cache",
+    "Config", "ConfigError", "Decoder", "ModelConfig", "ModelOutput", "build_cache", "build_model",
     "load_config", "load_model_config",
 ]

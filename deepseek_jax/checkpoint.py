@@ -91,12 +91,17 @@ class Checkpointer:
         self.manager.close()
 
 
+# compute-only keys a resumed run may change: the same parameters, the same math
+RESUMABLE_CHANGES = ("model.remat:",)
+
+
 def check_compatible(stored: dict, cfg, run_dir: str | Path) -> None:
     """A run directory may only be resumed by a config with the same model and data stream."""
     new = to_dict(cfg)
     diffs = []
     for section in FROZEN_SECTIONS:
-        diffs += _diff(stored.get(section, {}), new[section], section)
+        diffs += [d for d in _diff(stored.get(section, {}), new[section], section)
+                  if not d.startswith(RESUMABLE_CHANGES)]
     for key in FROZEN_DATA_KEYS:
         if stored.get("data", {}).get(key) != new["data"][key]:
             diffs.append(f"data.{key}: {stored.get('data', {}).get(key)!r} -> {new['data'][key]!r}")
@@ -114,8 +119,3 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
             out += _diff(old.get(k), new.get(k), f"{prefix}.{k}")
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
-
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with shardings, the restore target for a state shaped like `state`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

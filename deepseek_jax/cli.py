@@ -4,7 +4,8 @@ Commands:
   train     train (or resume) a run; the default command, on the embedded default config
   eval      held-out loss and perplexity of a run's latest checkpoint
   generate  complete prompts with a run's latest checkpoint (--prompt, repeatable)
-  inspect   build the model, print its parameter table and run a forward pass
+  inspect   print the model's parameter table and run one forward pass (only its output shapes,
+            from jax.eval_shape, when the parameters would not fit in a quarter of memory)
   config    print the resolved config as YAML (`config show CONFIG...` also works)
   plot      write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl
   plan      per-device memory and collective volume of a train step on --devices N (--mesh FILE),
@@ -86,11 +87,15 @@ def _dispatch(ns) -> int:
         line = " ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items())
         _print0(line)
     elif ns.command == "generate":
-        from deepseek_jax.run import load_trained, sample
+        from deepseek_jax.generate import sample
+        from deepseek_jax.run import load_trained
 
         s, state = load_trained(cfg)
         prompts = ns.prompt or list(cfg.train.sample_prompts)
-        for p, text in zip(prompts, sample(s, state, prompts, ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed)):
+        variables = {"params": state.params, "router": state.router}
+        texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
+                       ns.top_p, ns.seed)
+        for p, text in zip(prompts, texts):
             _print0(f"--- {p!r}\n{p}{text}")
     elif ns.command == "plan":
         from deepseek_jax.plan import format_report, plan
@@ -111,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
     from deepseek_jax.data import DataError
     from deepseek_jax.inspect_model import InputError
+    from deepseek_jax.multihost import ProcessError
     from deepseek_jax.plan import PlanError
     from deepseek_jax.run import TrainingError
 
     try:
         return _dispatch(ns)
-    except (ConfigError, DataError, InputError, PlanError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, InputError, PlanError, ProcessError, TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

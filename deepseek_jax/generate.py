@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.model import Transformer, build_cache
+import flax.linen as nn
+
+from deepseek_jax.models import build_cache
 
 
 def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
@@ -30,22 +32,23 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
 
 
 @partial(jax.jit, static_argnames=("model",))
-def _prefill(model: Transformer, variables, tokens_BP, positions_BP, cache, start_B):
+def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B):
     out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=0, cache_start_B=start_B, mtp=False)
     return out.logits[:, -1], out.cache
 
 
 @partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def _step(model: Transformer, variables, token_B, position_B, cache, index, start_B):
+def _step(model: nn.Module, variables, token_B, position_B, cache, index, start_B):
+    positions_B1 = None if position_B is None else position_B[:, None]
     out = model.apply(
-        variables, token_B[:, None], position_B[:, None], cache=cache, cache_index=index,
+        variables, token_B[:, None], positions_B1, cache=cache, cache_index=index,
         cache_start_B=start_B, mtp=False,
     )
     return out.logits[:, -1], out.cache
 
 
 def generate(
-    model: Transformer,
+    model: nn.Module,
     variables,
     prompts: list[list[int]],
     max_new_tokens: int,
@@ -63,12 +66,14 @@ def generate(
     if P + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     start_B = np.array([P - len(p) for p in prompts], np.int32)
-    if cfg.v4 is not None and start_B.any():  # V4's cache has no left padding: one prompt at a time
+    if cfg.row_positions and start_B.any():  # row positions admit no left padding: one prompt at a time
         return [generate(model, variables, [p], max_new_tokens, eos_id, pad_id, temperature, top_p, seed + i)[0]
                 for i, p in enumerate(prompts)]
     tokens_BP = np.array([[pad_id] * s + list(p) for s, p in zip(start_B, prompts)], np.int32)
     positions_BP = np.maximum(np.arange(P)[None, :] - start_B[:, None], 0).astype(np.int32)
     cache = build_cache(cfg, B, P + max_new_tokens)
+    rows = cfg.row_positions  # the model derives each row's positions itself and takes no start slots
+    positions_BP, start_B = (None, None) if rows else (positions_BP, start_B)
     logits_BV, cache = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B)
     key = jax.random.key(seed)
     done = np.zeros(B, bool)
@@ -84,6 +89,15 @@ def generate(
                     out[b].append(int(token_np[b]))
         if done.all() or i == max_new_tokens - 1:
             break
-        position_B = jnp.asarray(P + i - start_B, jnp.int32)
+        position_B = None if rows else jnp.asarray(P + i - start_B, jnp.int32)
         logits_BV, cache = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B)
     return out
+
+
+def sample(model: nn.Module, variables, tokenizer, prompts: list[str], max_new_tokens: int,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Completions of text prompts (`generate` on their token ids, decoded back to text)."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    new = generate(model, variables, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
+                   temperature, top_p, seed)
+    return [tokenizer.decode(n) for n in new]

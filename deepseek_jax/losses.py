@@ -1,15 +1,14 @@
-"""Training losses: chunked next-token cross-entropy, MTP targets, V3's balance terms.
+"""Training losses: chunked next-token cross-entropy and MTP targets.
 
     main loss     L = (1/Σm) Σ_t m_t · (-log softmax(h_t W_head)[y_t]),  y_t = t_{t+1}
     MTP depth k   L_k the same with y_t = t_{t+k+1};  L_MTP = λ/K Σ_k L_k          (V3 §2.2)
-    balance       L_bal = α Σ_i f_i P_i per sequence                                   (V3 §2.1.2)
-    bias update   b_i <- b_i + γ·sign(mean_j c_j - c_i)        (aux-loss-free balancing, V3 §2.1.2)
     indexer KL    L_I = mean_t KL(p_t ‖ softmax(I_t)) per DSA layer, summed over layers with weight λ_I
-                  (V3.2 §2.1; computed inside the attention, layers/dsa.py, added up in train.py)
+                  (V3.2 §2.1; computed inside the attention, layers/attention/indexer.py, added up in train.py)
 
 Everything is pure and computed in float32. The cross-entropy returns masked sums, not means, so
 the caller can add up chunks, MTP depths and data-parallel shards before a single division.
-Reference: DeepSeek-V3 technical report, arXiv:2412.19437, §2.1.2 and §2.2.
+The routing statistics (balance loss, aux-free bias update) live with the router, layers/moe/balance.py.
+Reference: DeepSeek-V3 technical report, arXiv:2412.19437, §2.2.
 Local letters: P chunks, U tokens per chunk.
 """
 
@@ -81,40 +80,3 @@ def next_token_targets(
 def _shift_left(x_BT: jax.Array, k: int) -> jax.Array:
     """x[:, t + k] at slot t; the last k slots get 0 / False."""
     return jnp.concatenate([x_BT[:, k:], jnp.zeros_like(x_BT[:, :k])], axis=1)
-
-
-def sequence_balance_loss(
-    scores_BTE: jax.Array, experts_BTA: jax.Array, mask_BT: jax.Array, n_activated: int
-) -> jax.Array:
-    """V3's complementary sequence-wise balance loss, unweighted (the caller multiplies by α).
-
-    Per sequence b with T_b unmasked tokens and A = n_activated of E experts:
-        f_i = E/(A·T_b) Σ_t 1[i ∈ topk(t)],   P_i = 1/T_b Σ_t s_{i,t} / Σ_j s_{j,t},
-        L_b = Σ_i f_i P_i;   the result is the mean of L_b over sequences with T_b > 0.
-    Perfectly uniform routing gives f_i = 1, P_i = 1/E, L = 1; all tokens on the same A experts
-    with scores spread evenly over them gives f = E/A, P = 1/A there, L = E/A.
-    Gradients flow through P only (f counts discrete choices).
-    """
-    E = scores_BTE.shape[-1]
-    mask_BT = mask_BT.astype(jnp.float32)
-    T_B = mask_BT.sum(-1)
-    scores_BTE = scores_BTE.astype(jnp.float32)
-    probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
-    chosen_BTE = jax.nn.one_hot(experts_BTA, E, dtype=jnp.float32).sum(-2)
-    denom_B = jnp.maximum(T_B, 1.0)[:, None]
-    f_BE = E / n_activated * jnp.einsum("BTE,BT->BE", chosen_BTE, mask_BT) / denom_B
-    p_BE = jnp.einsum("BTE,BT->BE", probs_BTE, mask_BT) / denom_B
-    loss_B = (f_BE * p_BE).sum(-1)
-    has_tokens_B = T_B > 0
-    return jnp.where(has_tokens_B, loss_B, 0.0).sum() / jnp.maximum(has_tokens_B.sum(), 1)
-
-
-def update_router_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
-    """Aux-loss-free balancing: b_i <- b_i + γ·sign(mean_j c_j - c_i) over the last axis.
-
-    Overloaded experts (c_i above the mean load) lose γ of selection bias, underloaded ones gain
-    γ; works on one layer's [E] or a stack's [L, E] (mean per layer).
-    """
-    counts_E = counts_E.astype(jnp.float32)
-    error_E = counts_E.mean(-1, keepdims=True) - counts_E
-    return (bias_E + rate * jnp.sign(error_E)).astype(bias_E.dtype)

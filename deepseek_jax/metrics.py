@@ -13,6 +13,9 @@ through `purge_step`, which hides the earlier run's events from the resume step 
 
 Metric names the console understands: `loss` (shown in the bar, and as `ppl` = exp(loss) in eval
 lines), `tokens_per_sec` (shown as tok/s) and `mtp_loss` (plotted). Any other name is recorded only.
+
+Model FLOP utilisation: MFU = tokens/s · model FLOPs per token / (peak FLOP/s per device · devices),
+the peak configured (`train.peak_flops`) or measured on a float32 matmul (`measure_peak_flops`).
 """
 
 import json
@@ -25,6 +28,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -133,6 +138,22 @@ def format_summary(step: int, split: str, values: Mapping[str, float]) -> str:
         values = {"loss": loss, "ppl": ppl, **values}
     parts = " ".join(f"{name} {value:.4g}" for name, value in values.items())
     return f"step {step} {split}: {parts}"
+
+
+def measure_peak_flops(n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of one device on a float32 n x n matmul (the MFU denominator when not configured)."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f(x).block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_flops: float, n_devices: int) -> float:
+    """Model FLOP utilisation: the share of the devices' peak FLOP/s the model's FLOPs used."""
+    return tokens_per_sec * flops_per_token / (peak_flops * n_devices)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

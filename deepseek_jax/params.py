@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import build_model
+from deepseek_jax.models import LayerKind, build_model, layer_kinds, mtp_kind
 
 CATEGORIES = (
     "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "mhc", "head",
@@ -63,7 +63,7 @@ def category(name: str, axes: tuple) -> str:
         return "mhc"
     if len(parts) > 1 and parts[-2] in ("attn_norm", "ffn_norm", "final_norm"):
         return "norms"
-    if "ffn" in parts and parts[0] == "dense_layers":
+    if "ffn" in parts:  # what is left of an FFN (routed, shared, router went above): a dense SwiGLU
         return "dense_ffn"
     raise ValueError(f"parameter {name} fits no category; extend deepseek_jax/params.py")
 
@@ -135,24 +135,27 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul + 3.0 * 2 * attention_macs_per_token(cfg, seq_len)
 
 
+def _layer_attention_macs(cfg: ModelConfig, kind: LayerKind, T: int) -> float:
+    """One layer's attention multiply-adds per token (see attention_macs_per_token)."""
+    if kind.attention != "v4":
+        m, keys, index = cfg.mla, T / 2, 0.0
+        if kind.attention == "dsa":
+            index = cfg.index.index_n_heads * cfg.index.index_head_dim * T / 2
+            keys = min(keys, cfg.index.index_topk)
+        return m.n_heads * (m.qk_head_dim + m.v_head_dim) * keys + index
+    v, keys, index = cfg.v4, min(cfg.v4.window_size, T / 2), 0.0
+    if kind.ratio == 4:
+        keys += min(v.index_topk, T / 8)
+        index = v.index_n_heads * v.index_head_dim * T / 8
+    elif kind.ratio:
+        keys += T / (2 * kind.ratio)
+    return v.n_heads * 2 * v.head_dim * keys + index
+
+
 def attention_macs_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Score + value multiply-adds per token, summed over layers (MTP included), averaged over the
     positions of a causal sequence. MLA: all earlier keys (V3.2 DSA: at most index_topk of them, its
     indexer's O(T) scores over P heads of Y dims counted too). V4: window + compressed entries (CSA:
     at most index_topk, plus its indexer over T/4 entries; HCA: all T/m), head_dim for q·k and p·v."""
-    T, K = seq_len, cfg.num_nextn_predict_layers
-    if cfg.v4 is None:
-        m, keys = cfg.mla, T / 2
-        index = 0.0 if cfg.index is None else cfg.index.index_n_heads * cfg.index.index_head_dim * T / 2
-        keys = keys if cfg.index is None else min(keys, cfg.index.index_topk)
-        return (cfg.n_layers + K) * (m.n_heads * (m.qk_head_dim + m.v_head_dim) * keys + index)
-    v, total = cfg.v4, 0.0
-    for ratio in cfg.compress_ratios:
-        keys, index = min(v.window_size, T / 2), 0.0
-        if ratio == 4:
-            keys += min(v.index_topk, T / 8)
-            index = v.index_n_heads * v.index_head_dim * T / 8
-        elif ratio:
-            keys += T / (2 * ratio)
-        total += v.n_heads * 2 * v.head_dim * keys + index
-    return total
+    kinds = layer_kinds(cfg) + [mtp_kind(cfg, k) for k in range(cfg.num_nextn_predict_layers)]
+    return sum(_layer_attention_macs(cfg, kind, seq_len) for kind in kinds)

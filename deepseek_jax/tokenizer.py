@@ -3,7 +3,7 @@
 A trained tokenizer is GPT-2 style byte-level BPE (Radford et al. 2019, §2.2): the 256 byte symbols
 are the initial alphabet, so every string encodes, and `<|endoftext|>` (id 0) ends each document.
 `load_or_train` decides whether to train, reuse a cached one or load a given file; the documents
-come from `deepseek_jax.data` (`data.load_tokenizer` is the public entry point). Also here: the
+come from `deepseek_jax.data.sources` (`data.load_tokenizer` is the public entry point). Also here: the
 pipeline's `Tokenize` stage and `count_tokens` for the unigram baseline. `DataError` lives here
 (re-exported by `data`) because this is the lowest module that raises it.
 """

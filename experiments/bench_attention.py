@@ -29,9 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import IndexerConfig, MLAConfig, RopeConfig, V4AttentionConfig
-from deepseek_jax.layers.dsa import SparseMLA
-from deepseek_jax.layers.mla import MLA
-from deepseek_jax.layers.v4_attention import V4Attention
+from deepseek_jax.layers.attention import MLA, V4Attention
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "bench_attention.md"
@@ -56,7 +54,7 @@ def configs(ns) -> dict:
     dtype = jnp.dtype(ns.dtype)
     mods = {
         "mla": (MLA(mla, RopeConfig(), D, dtype=dtype), "all t+1 (causal)", "-"),
-        "dsa": (SparseMLA(mla, RopeConfig(), D, dtype=dtype, index=index),
+        "dsa": (MLA(mla, RopeConfig(), D, dtype=dtype, index=index),
                 f"top-{ns.dsa_topk} of t+1", ns.dsa_q_block),
     }  # fmt: skip
     w, k = ns.window, ns.v4_topk

@@ -5,26 +5,51 @@ token batches, for the tiny config and a ~100M-parameter config, with the float3
 measured in the same run as the MFU denominator. Prints a Markdown table and writes it to
 experiments/results/bench_train.md.
 
+`--remat` instead runs one config (v3_100m at 4 x 256 by default) under each `model.remat` policy
+(the jax.checkpoint policy of the scanned blocks) and writes experiments/results/bench_remat.md:
+per policy, compile time (lower + compile of the state-donating step), the median step time of
+--steps steps after a warm-up step, tokens/s, XLA's compiled memory analysis (temporaries, and
+arguments + outputs - donated aliases + temporaries: the executable's peak; deterministic, unlike
+process RSS), and the first step's loss and gradient norm, which must agree across policies (remat
+changes what is stored, not the math). Every policy starts from the same initial state and sees
+the same batches. `offload` is reported as not run where `check_remat_backend` refuses it (CPU).
+
     python experiments/bench_train.py [--steps 5] [--impl blocked]
+    python experiments/bench_train.py --remat [--steps 3] [--config configs/model/v3_100m.yaml --batch 4 --seq 256]
 """
 
 import argparse
 import dataclasses
+import os
 import platform
+import statistics
+import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.config import Config, DataConfig, OptimConfig, TrainConfig, load_model_config
+from deepseek_jax.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    load_model_config,
+)
+from deepseek_jax.metrics import measure_peak_flops, mfu
+from deepseek_jax.models import check_remat_backend
 from deepseek_jax.params import count_params, train_flops_per_token
-from deepseek_jax.run import measure_peak_flops
+from deepseek_jax.plan.report import memory
+from deepseek_jax.program import build_program
 from deepseek_jax.sharding import make_mesh, rules
-from deepseek_jax.train import build, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
+REMAT_OUT = ROOT / "experiments" / "results" / "bench_remat.md"
+POLICIES = ("none", "full", "save_dots", "save_attention", "offload")
 CASES = [  # (name, config, batch, seq, MoE impl override)
     ("tiny", "configs/model/tiny.yaml", 16, 128, None),
     ("tiny", "configs/model/tiny.yaml", 16, 128, "ragged"),  # XLA:CPU's masked-dense ragged_dot
@@ -38,10 +63,9 @@ def bench(name: str, path: str, batch: int, seq: int, steps: int, impl: str | No
         model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, impl=impl))
     cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq, global_batch_size=batch),
                  optim=OptimConfig(), train=TrainConfig(steps=1000))
-    mesh = make_mesh(cfg.mesh)
-    model, optimizer, step, _, shardings = build(cfg, mesh, rules(cfg.mesh))
-    state = init_state(model, optimizer, cfg, shardings)
-    step = jax.jit(step, donate_argnums=0)
+    p = build_program(cfg, make_mesh(cfg.mesh), rules(cfg.mesh))
+    state = p.init_state()
+    step = jax.jit(p.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)
     batch_of = lambda: {  # noqa: E731
         "tokens": jnp.asarray(rng.integers(0, model_cfg.vocab_size, (batch, seq)), jnp.int32),
@@ -65,11 +89,143 @@ def bench(name: str, path: str, batch: int, seq: int, steps: int, impl: str | No
             "moe_impl": model_cfg.moe.impl}
 
 
+def synthetic_batches(p, n: int) -> list[dict]:
+    """n random token batches in the program's batch sharding; the same n batches on every call."""
+    B, T, V = p.cfg.data.global_batch_size, p.cfg.data.seq_len, p.cfg.model.vocab_size
+    rng = np.random.default_rng(0)
+    host = [{
+        "tokens": rng.integers(0, V, (B, T)).astype(np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+        "segment_ids": np.ones((B, T), np.int32),
+        "loss_mask": np.ones((B, T), np.float32) * (np.arange(T) < T - 1),
+    } for _ in range(n)]
+    return [jax.device_put(b, p.batch_sharding) for b in host]
+
+
+def bench_remat(model_cfg, policy: str, batch: int, seq: int, steps: int) -> dict:
+    """One policy: compile, memory analysis, a warm-up step (its loss and grad norm), `steps` timed steps."""
+    model_cfg = dataclasses.replace(model_cfg, remat=policy)
+    row = {"policy": policy}
+    try:
+        check_remat_backend(model_cfg, jax.devices()[0].platform)
+    except ConfigError as e:
+        return {**row, "skipped": str(e)}
+    cfg = Config(model=model_cfg, data=DataConfig(seq_len=seq, global_batch_size=batch),
+                 optim=OptimConfig(), train=TrainConfig(steps=1000))
+    p = build_program(cfg, make_mesh(cfg.mesh), rules(cfg.mesh))
+    t0 = time.perf_counter()
+    compiled = p.lower().compile()
+    row["compile_s"] = time.perf_counter() - t0
+    row["mem"] = memory(compiled)
+    state, batches = p.init_state(), synthetic_batches(p, steps + 1)
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, b)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            row["loss"], row["grad_norm"] = float(metrics["loss"]), float(metrics["grad_norm"])
+    row["step_s"] = statistics.median(times[1:])
+    row["tokens_per_s"] = batch * seq / row["step_s"]
+    return row
+
+
+def machine() -> str:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()}-core {platform.machine()}, {ram:.0f} GB RAM, "
+            f"{jax.device_count()} x {jax.devices()[0].platform} (jax {jax.__version__}, "
+            f"python {platform.python_version()})")  # fmt: skip
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def remat_table(rows: list[dict]) -> list[str]:
+    """The Markdown table; the `x none` columns are ratios to the `none` row."""
+    base = next((r for r in rows if r["policy"] == "none" and "skipped" not in r), None)
+
+    def ratio(r: dict, key) -> str:
+        return f"{key(r) / key(base):.2f}" if base else "-"
+
+    lines = [
+        (
+            "| model.remat | compile (s) | step (s) | x none | tokens/s | temp (GiB) | x none "
+            "| peak (GiB) | x none | first-step loss | first-step grad norm |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['policy']} | not run: {r['skipped']} |" + " |" * 9)
+            continue
+        m = r["mem"]
+        lines.append(
+            f"| {r['policy']} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
+            f"| {ratio(r, lambda x: x['step_s'])} | {r['tokens_per_s']:,.0f} "
+            f"| {_gib(m['temp'])} | {ratio(r, lambda x: x['mem']['temp'])} "
+            f"| {_gib(m['peak_estimate'])} | {ratio(r, lambda x: x['mem']['peak_estimate'])} "
+            f"| {r['loss']:.6f} | {r['grad_norm']:.6f} |"
+        )
+    return lines
+
+
+def main_remat(ns) -> None:
+    model_cfg = load_model_config([ROOT / ns.config])
+    load0, t0 = os.getloadavg()[0], time.perf_counter()
+    rows = [bench_remat(model_cfg, policy, ns.batch, ns.seq, ns.steps) for policy in ns.policies]
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
+    counts = count_params(model_cfg)
+    base = next((r for r in rows if "mem" in r), None)
+    args = f"{_gib(base['mem']['argument'])} GiB" if base else "-"
+    lines = [
+        f"Command: `python experiments/bench_train.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Machine: {machine()}. Date: {date.today().isoformat()}.",
+        (
+            f"Config: {ns.config} ({counts['total'] / 1e6:.1f}M parameters, "
+            f"{counts['active'] / 1e6:.1f}M active), {model_cfg.dtype}, MoE impl {model_cfg.moe.impl}, "
+            f"batch {ns.batch} x {ns.seq} tokens; the full train step (MTP, balance loss, AdamW, bias "
+            "update). Remat wraps the scanned decoder blocks only: embedding, head, MTP block and loss "
+            "are outside it (the loss's vocabulary chunks are rematerialised in every row)."
+        ),
+        (
+            f"Step: median of {ns.steps} steps after one warm-up step. Memory: XLA's compiled memory "
+            "analysis (`compiled.memory_analysis()`), not process RSS: temp = temp_size_in_bytes "
+            "(activations kept for the backward, gradients, workspace); peak = arguments + outputs - "
+            f"donated aliases + temp (the arguments, state and batch, are {args} in every row)."
+        ),
+        (
+            f"1-min load average {load0:.1f} at start, {load1:.1f} at end (other jobs may share the "
+            "cores: compare ratios within this table, not absolute times across runs). "
+            f"Total wall {wall:.0f} s."
+        ),
+        "",
+        *remat_table(rows),
+    ]
+    table = "\n".join(lines)
+    print(table)
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text("# bench_train --remat\n\n" + table + "\n")
+    print(f"\nwritten to {ns.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, help="timed steps (default 5; 3 with --remat)")
     ap.add_argument("--impl", choices=["ragged", "blocked", "dense"], help="override the configs' MoE impl")
+    ap.add_argument("--remat", action="store_true", help="the remat-policy table instead (bench_remat.md)")
+    ap.add_argument("--config", default="configs/model/v3_100m.yaml", help="--remat: model config")
+    ap.add_argument("--batch", type=int, default=4, help="--remat: sequences per step")
+    ap.add_argument("--seq", type=int, default=256, help="--remat: tokens per sequence")
+    ap.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="--remat")
+    ap.add_argument("--out", type=Path, default=REMAT_OUT, help="--remat: output file")
     ns = ap.parse_args()
+    if ns.remat:
+        ns.steps = ns.steps or 3
+        return main_remat(ns)
+    ns.steps = ns.steps or 5
     peak = measure_peak_flops()
     rows = [bench(name, path, b, t, ns.steps, ns.impl or impl) for name, path, b, t, impl in CASES]
     lines = [
@@ -80,10 +236,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * jax.device_count())
+        util = mfu(r["tokens_per_s"], r["flops_per_token"], peak, jax.device_count())
         lines.append(
             f"| {r['config']} | {r['params'] / 1e6:.1f}M / {r['active'] / 1e6:.1f}M | {r['moe_impl']} | {r['batch']} "
-            f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu:.1%} |"
+            f"| {r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {util:.1%} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -4,7 +4,7 @@ For each mesh file: compile time of the jitted, donating train step; median step
 real steps on a freshly initialised, sharded state (synthetic tokens); per-device parameter,
 optimizer and temporary memory (shardings arithmetic and the compiled executable's memory
 analysis); and the step's collectives by kind (count and result bytes per device, read from the
-optimized HLO, loop bodies times their trip counts; see deepseek_jax/plan.py). The first step's
+optimized HLO, loop bodies times their trip counts; see deepseek_jax/plan/hlo.py). The first step's
 loss is reported too: every layout computes the same function, so it must agree across rows.
 
 On a CPU the devices are fake (`jax_num_cpu_devices`, default 8) and share the host's cores, so
@@ -49,25 +49,25 @@ def run_layout(cfg, n_devices: int, steps: int, compiler_options: dict | None = 
     """Compiles, measures and runs `cfg`'s train step on its mesh over the first n devices.
 
     initial: a host copy of a fresh state, placed into this layout's shardings; None initialises
-    one here (`init_state`, created sharded). Returns (row, the host copy of the initial state).
+    one here (`Program.init_state`, created sharded). Returns (row, the host copy of the initial state).
     """
     import jax
 
-    from deepseek_jax.plan import collectives, memory, setup
-    from deepseek_jax.sharding import make_mesh
-    from deepseek_jax.train import init_state
+    from deepseek_jax.plan import collectives, memory
+    from deepseek_jax.program import build_program
+    from deepseek_jax.sharding import make_mesh, rules
 
-    s = setup(cfg, make_mesh(cfg.mesh, jax.devices()[:n_devices]))
+    p = build_program(cfg, make_mesh(cfg.mesh, jax.devices()[:n_devices]), rules(cfg.mesh))
     t = time.perf_counter()
-    compiled = s.lower().compile(compiler_options=compiler_options)
+    compiled = p.lower().compile(compiler_options=compiler_options)
     compile_s = time.perf_counter() - t
     if initial is None:
-        with s.activate():
-            state = init_state(s.model, s.optimizer, cfg, s.shardings)
+        with p.activate():
+            state = p.init_state()
         initial = jax.device_get(state)
     else:
-        state = jax.device_put(initial, s.shardings)
-    batch = synthetic_batch(cfg, s.batch_sharding)
+        state = jax.device_put(initial, p.state_shardings)
+    batch = synthetic_batch(cfg, p.batch_sharding)
     state, metrics = compiled(state, batch)  # the first call also pays one-off transfer costs
     loss = float(metrics["loss"])
     times = []
@@ -76,8 +76,8 @@ def run_layout(cfg, n_devices: int, steps: int, compiler_options: dict | None = 
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
-    row = {"mesh_shape": {k: int(v) for k, v in s.mesh.shape.items()}, "compile_s": compile_s,
-           "step_s": statistics.median(times), "loss": loss, "memory": memory(compiled, s),
+    row = {"mesh_shape": {k: int(v) for k, v in p.mesh.shape.items()}, "compile_s": compile_s,
+           "step_s": statistics.median(times), "loss": loss, "memory": memory(compiled, p),
            "collectives": collectives(compiled.as_text())}
     return row, initial
 
@@ -89,7 +89,7 @@ def ablate(model: str, meshes: list[str], n_devices: int, batch: int, seq: int, 
     The state is initialised once, in the first layout, and resharded into the others: every
     layout starts from the same parameters (and the model's init compiles once, not per mesh).
 
-    compiler_options: XLA options for the train step's compile (tests pass plan.py's fast-CPU ones).
+    compiler_options: XLA options for the train step's compile (tests pass the plan's fast-CPU ones).
     """
     from deepseek_jax.config import ConfigError, load_config
 

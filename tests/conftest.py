@@ -25,3 +25,19 @@ jax.config.update(
     os.environ.get("DEEPSEEK_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "deepseek_jax_xla_cache")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A few hundred KB of real Python source as text files (the loop tests' data)."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for i, f in enumerate(sorted(stdlib.glob("*.py"))[:60]):
+        (root / f"doc{i:03d}.txt").write_text(f.read_text(errors="ignore"))
+    return root

@@ -1,5 +1,5 @@
 """A tiny random HF transformers DeepseekV32Attention (MLA + DSA indexer; torch, CPU, float32) and
-the mapping of its tensors onto our SparseMLA parameters (the rows convert/hf.py needs for V3.2).
+the mapping of its tensors onto our MLA (with the DSA indexer) parameters (the rows convert/hf.py needs for V3.2).
 
 Initialised with fan-in scaling as in hf_reference.py; norm weights are 1 + N(0, 0.1) and the
 indexer's LayerNorm bias N(0, 0.1), so a converter that drops either fails.
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
 from deepseek_jax.convert.hf import model_config_from_hf
-from deepseek_jax.layers.dsa import IndexerConfig
+from deepseek_jax.config import IndexerConfig
 
 torch.set_num_threads(1)  # bit-stable torch reference
 
@@ -125,7 +125,7 @@ def hf_tensors(attn, grad: bool = False) -> dict[str, np.ndarray]:
 
 
 def params_from_hf(sd: dict[str, np.ndarray], mla, index) -> dict:
-    """Our SparseMLA params from the HF module's tensors; HF name (under `self_attn.`) -> ours:
+    """Our MLA (+ DSA indexer) params from the HF module's tensors; HF name (under `self_attn.`) -> ours:
 
     q_a_proj.weight [Q, D] -> w_dq [D, Q] (T)          q_a_layernorm.weight -> q_norm/scale
     q_b_proj.weight [N(H+R), Q] -> w_uq [Q, N, H+R]     kv_a_proj_with_mqa.weight -> w_dkv (T)

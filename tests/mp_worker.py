@@ -23,10 +23,8 @@ def main(args: list[str]) -> None:
     s, state = load_trained(cfg)  # what `deepseek-jax eval` restores
     ckpt = Checkpointer(s.run_dir, use_async=False)
     step = ckpt.latest_step()
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          s.abstract_state, s.state_shardings)
-    _, data_state, _ = ckpt.restore(step, target)
-    as_numpy = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.abstract_state)
+    _, data_state, _ = ckpt.restore(step, s.program.state_target())
+    as_numpy = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.program.abstract_state)
     saved = ocp.StandardCheckpointer().restore(ckpt.directory / str(step) / "state", as_numpy)
     ckpt.close()
     diffs = jax.tree.map(lambda got, want: float(np.max(np.abs(np.asarray(got) - want), initial=0.0)),

@@ -1,4 +1,4 @@
-"""The strict YAML loader and the config invariants (deepseek_jax/config.py).
+"""The strict YAML loader and the config invariants (deepseek_jax/config/).
 
 Every error test matches the message, so a loader that raises for the wrong reason, or names the
 wrong key or file, fails. YAML files are written under tmp_path.
@@ -383,3 +383,64 @@ def test_round_trip_keeps_non_default_sections(tmp_path):
     assert again == cfg
     assert again.mesh.rules[0] == ("experts", "expert") and again.optim.lr == 1e-3
 
+
+
+# Parts compose: mHC streams and hash routing with MLA; remat; the emulated ragged dispatch
+def test_mla_blocks_on_mhc_streams_with_the_indexer(tmp_path):
+    index = {"index_n_heads": 2, "index_head_dim": 16, "index_topk": 8}
+    cfg = load_config([model_file(tmp_path, mhc={"hc_mult": 2}, index=index)])
+    assert cfg.model.mhc.hc_mult == 2 and cfg.model.v4 is None and cfg.model.index.index_topk == 8
+    assert not cfg.model.row_positions  # MLA honours per-document / left-padded positions
+
+
+def test_v4_still_needs_mhc_and_compress_ratios_still_need_v4(tmp_path):
+    with raises(r"model\.v4 needs model\.mhc"):
+        load_model_config([CONFIGS / "model" / "tiny_v4.yaml"], ["model.mhc="])
+    with raises(r"model\.compress_ratios \(V4 SWA/CSA/HCA per layer\) needs model\.v4"):
+        load_config([model_file(tmp_path, compress_ratios=[0, 4, 0, 4])])
+    with raises(r"model\.quant_sim is wired for V4 models only"):
+        load_config([model_file(tmp_path, mhc={})], ["model.quant_sim=fp8"])
+
+
+def test_hash_routing_without_v4_is_bounded_by_the_moe_layers(tmp_path):
+    path = model_file(tmp_path)  # 4 layers, 1 dense: 3 MoE layers
+    assert load_config([path], ["model.moe.n_hash_layers=3"]).model.moe.n_hash_layers == 3
+    with raises(r"moe\.n_hash_layers \(4\) must be <= the MoE layers \(n_layers - n_dense_layers = 3\)"):
+        load_config([path], ["model.moe.n_hash_layers=4"])
+    with raises(r"moe\.n_hash_layers \(2\) must be <= the MoE layers .* = 1\)"):
+        load_config([path], ["model.n_dense_layers=3", "model.moe.n_hash_layers=2"])
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "save_dots", "save_attention", "offload"])
+def test_remat_policies(tmp_path, policy):
+    assert load_config([model_file(tmp_path)], [f"model.remat={policy}"]).model.remat == policy
+
+
+def test_remat_default_and_unknown_policy(tmp_path):
+    assert load_config([model_file(tmp_path)]).model.remat == "none"
+    with raises(r"model\.remat \(from override 'model\.remat=dots'\): 'dots' is not one of \('none', 'full'"):
+        load_config([model_file(tmp_path)], ["model.remat=dots"])
+
+
+def test_emulated_ragged_dispatch_is_a_dispatch_value(tmp_path):
+    cfg = load_config([model_file(tmp_path)], ["model.moe.dispatch=ragged_a2a_emulated"])
+    assert cfg.model.moe.dispatch == "ragged_a2a_emulated"
+    with raises(r"model\.moe\.dispatch .*'ragged' is not one of"):
+        load_config([model_file(tmp_path)], ["model.moe.dispatch=ragged"])
+
+
+def test_row_positions_marks_v4_attention():
+    assert load_model_config([CONFIGS / "model" / "tiny_v4.yaml"]).row_positions
+    assert not load_model_config([CONFIGS / "model" / "tiny.yaml"]).row_positions
+
+
+# Cross-section checks (config/checks.py), run by the loader on every Config
+def test_seq_len_longer_than_the_model_names_both_keys_and_sources(tmp_path):
+    path = model_file(tmp_path, "short.yaml", max_seq_len=64)
+    with raises(r"data\.seq_len=128 exceeds model\.max_seq_len=64 \(data\.seq_len from override "
+                r"'data\.seq_len=128', model\.max_seq_len from .*short\.yaml\)"):
+        load_config([path], ["data.seq_len=128"])
+    with raises(r"data\.seq_len=256 exceeds model\.max_seq_len=64 \(data\.seq_len from the default"):
+        load_config([path])
+    assert load_config([path], ["data.seq_len=64"]).data.seq_len == 64  # equal is fine
+    assert load_model_config([path]).max_seq_len == 64  # model only: no data section to check against

@@ -14,7 +14,7 @@ from deepseek_jax.convert.hf import (
     ConversionError, fuse_experts, hf_config_from_model, hf_to_variables, model_config_from_hf, unfuse_experts,
     variables_to_hf,
 )
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
 
 TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
 TINY_V32 = Path(__file__).parents[1] / "configs/model/tiny_v32.yaml"
@@ -22,7 +22,7 @@ TINY_V32 = Path(__file__).parents[1] / "configs/model/tiny_v32.yaml"
 
 def random_variables(cfg, seed=0):
     """Random numpy variables with the model's exact tree (from eval_shape; nothing compiled)."""
-    abstract = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    abstract = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     rng = np.random.default_rng(seed)
     abstract = {k: v for k, v in abstract.items() if k in ("params", "router")}
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
@@ -133,7 +133,7 @@ def test_save_pretrained_safetensors_load(tmp_path):
     tokens = np.random.default_rng(0).integers(0, hf_cfg["vocab_size"], (2, 16))
     want, _ = hf_forward(model, None, tokens)
     with jax.default_matmul_precision("highest"):
-        got = jax.jit(lambda v, t: Transformer(cfg).apply(v, t).logits)(variables, tokens)
+        got = jax.jit(lambda v, t: build_model(cfg).apply(v, t).logits)(variables, tokens)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
@@ -155,7 +155,7 @@ def test_v32_round_trip_and_indexer_names():
         for name, shape in want.items():
             assert hf[f"model.layers.{i}.self_attn.indexer.{name}"].shape == shape, (i, name)
     # head p of wq_b is rows [p·Y, (p+1)·Y): our w_uq[:, p, :]
-    w_uq = variables["params"]["moe_layers"]["attn"]["indexer"]["w_uq"][0]
+    w_uq = variables["params"]["layers_1_3"]["block_0"]["attn"]["indexer"]["w_uq"][0]
     np.testing.assert_array_equal(hf["model.layers.1.self_attn.indexer.wq_b.weight"][Y : 2 * Y], w_uq[:, 1, :].T)
     # a V3.2 checkpoint is not a V3 one: the indexer tensors are unexpected there
     with pytest.raises(ConversionError, match=r"unexpected \[.*indexer"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import load_model_config
-from deepseek_jax.model import Transformer, init_cache
+from deepseek_jax.models import build_cache, build_model
 
 CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
 
@@ -17,7 +17,7 @@ CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
 def tiny():
     cfg = load_model_config([CONFIGS / "model/tiny.yaml"])
     cfg = dataclasses.replace(cfg, dtype="float32", vocab_size=512)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
     variables = jax.jit(model.init)(jax.random.key(0), tokens[:, :4])
     return cfg, model, variables, tokens
@@ -25,11 +25,11 @@ def tiny():
 
 def test_cache_holds_only_latent_and_rope_key(tiny):
     cfg, *_ = tiny
-    cache = init_cache(cfg, batch=2, max_len=48)
+    cache = build_cache(cfg, batch=2, max_len=48)
     C, R = cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
-    per_token = sum(a.shape[-1] for stack in cache.values() for a in stack) // len(cache)
+    per_token = sum(a.shape[-1] for a in jax.tree.leaves(cache)) // len(cache)  # one slot per segment
     assert per_token == C + R  # numbers cached per token per layer
-    assert cache["moe_layers"].kv_latent.shape == (cfg.n_moe_layers, 2, 48, C)
+    assert cache["layers_1_3"][0].kv_latent.shape == (cfg.n_moe_layers, 2, 48, C)
 
 
 def test_token_by_token_decoding_matches_full_forward(tiny):
@@ -37,8 +37,8 @@ def test_token_by_token_decoding_matches_full_forward(tiny):
     B, T = tokens.shape
     with jax.default_matmul_precision("highest"):
         full = jax.jit(lambda v, t: model.apply(v, t, mtp=False).logits)(variables, tokens)
-        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[0::4][:2])  # (logits, cache)
-        cache = init_cache(cfg, B, max_len=T + 8)
+        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[0::2][:2])  # (logits, cache)
+        cache = build_cache(cfg, B, max_len=T + 8)
         prefill = 13  # a prompt, then one token at a time
         logits, cache = step(variables, tokens[:, :prefill], cache, jnp.int32(0))
         pieces = [logits]

@@ -1,9 +1,8 @@
 """Expert-parallel dispatch strategies against a numpy float64 reference, on 8 fake CPU devices:
 dropless strategies under every expert-parallel mesh (outputs and gradients), capacity-limited
 a2a / dense dropping exactly the pairs their buffers cannot hold (and counting them), the
-ragged_a2a offsets logic through an emulation, and its early error on XLA:CPU."""
+ragged_a2a offsets logic through its emulation (`ragged_a2a_emulated`), and its early error on XLA:CPU."""
 
-import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -87,7 +86,8 @@ def dropless_reference():
     return args, y, grads
 
 
-CASES = [(m, d) for m in ("fsdp_ep", "ep_tp", "dp_ep", "experts_on_fsdp") for d in ("ring", "a2a", "dense", "ragged_a2a")]
+DROPLESS = ("ring", "a2a", "dense", "ragged_a2a_emulated")
+CASES = [(m, d) for m in ("fsdp_ep", "ep_tp", "dp_ep", "experts_on_fsdp") for d in DROPLESS]
 CASES += [("fsdp_tp", "a2a"), ("fsdp_tp", "dense")]  # expert_mlp split over tensor: partial sums reduced
 
 
@@ -96,8 +96,7 @@ def test_dropless_strategies_equal_reference(mesh, dispatch, dropless_reference)
     """Every dropless strategy under every expert-parallel mesh: outputs vs numpy f64, gradients vs
     the no-mesh run (same f32 math, resharded)."""
     args, _, ref_grads = dropless_reference
-    with dsp.emulate_ragged_all_to_all() if dispatch == "ragged_a2a" else contextlib.nullcontext():
-        y, dropped, grads = run(moe_cfg(dispatch=dispatch), mesh, args)
+    y, dropped, grads = run(moe_cfg(dispatch=dispatch), mesh, args)
     assert dropped == 0
     assert_close(y, reference(*args), **TOL["layer_f32"], what=f"{mesh}/{dispatch}: y")
     for name, g, g_ref in zip(("x", "w_gate", "w_up", "w_down"), grads, ref_grads):
@@ -143,7 +142,20 @@ def test_ragged_a2a_fails_early_on_cpu():
     with pytest.raises(dsp.DispatchError, match="ring .*a2a .*dense"):
         dsp.check_backend("ragged_a2a", "cpu")
     dsp.check_backend("ragged_a2a", "gpu")
+    dsp.check_backend("ragged_a2a_emulated", "cpu")
     dsp.check_backend("ring", "cpu")
+
+
+def test_ragged_emulation_is_part_of_the_jit_key():
+    """One jitted function, the config static: each dispatch value lowers to its own collective,
+    whatever was traced before (a trace-time switch could reuse the other branch's cache entry)."""
+    x, experts, weights, mask, *w = inputs()
+    mcfg = load_config([ROOT / "configs/model/tiny.yaml", ROOT / "configs/mesh/fsdp_ep.yaml"]).mesh
+    fn = jax.jit(dsp.dispatch_experts, static_argnums=0)
+    with activate(make_mesh(mcfg), rules(mcfg)):
+        for dispatch in ("ragged_a2a_emulated", "ragged_a2a", "ragged_a2a_emulated"):
+            text = fn.lower(moe_cfg(dispatch=dispatch), x, experts, weights, mask, *w).as_text()
+            assert ("ragged_all_to_all" in text) == (dispatch == "ragged_a2a"), dispatch
 
 
 def test_ragged_all_to_all_reference_semantics():

@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 from utils import TOL, assert_close
 
-from deepseek_jax.config import ConfigError, MLAConfig, RopeConfig
-from deepseek_jax.layers.dsa import (
-    DSACache,
-    Indexer,
-    IndexerConfig,
-    SparseMLA,
-    apply_rope_half,
+from deepseek_jax.config import ConfigError, IndexerConfig, MLAConfig, RopeConfig
+from deepseek_jax.layers.attention.core import causal_mask
+from deepseek_jax.layers.attention.indexer import (
+    DSAIndexer,
     index_scores,
     indexer_loss_dense,
     indexer_loss_sparse,
     select_topk,
 )
-from deepseek_jax.layers.mla import MLA, causal_mask
-from deepseek_jax.layers.rope import rope_cos_sin, yarn_inv_freq, yarn_mscale
+from deepseek_jax.layers.attention.mla import MLA, LatentCache
+from deepseek_jax.layers.rope import apply_rope_half, rope_cos_sin, yarn_inv_freq, yarn_mscale
 
 B, T, D = 2, 24, 64
 SEGMENTS = np.array([[1] * 10 + [2] * 14, [1] * 24])  # row 0 packs two documents
@@ -70,7 +67,7 @@ def hf_pair():
 
 
 def run_sparse(mla, rope, index, params, x, positions, segments=None, **kw):
-    model = SparseMLA(mla, rope, D, dtype=jnp.float32, index=index)
+    model = MLA(mla, rope, D, dtype=jnp.float32, index=index)
     fn = jax.jit(lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg, **kw, mutable=True))
     (out, _, kl), inter = fn(params, x, positions, segments)
     return out, kl, inter
@@ -92,7 +89,7 @@ def test_indexer_scores_and_selection_match_hf(hf_pair, case):
         rope.rope_factor, rope.mscale_all_dim
     )
     cos, sin = rope_cos_sin(jnp.asarray(POSITIONS[case]), inv_freq, cos_scale)
-    iq, ik, iw = Indexer(index, D, mla.q_lora_rank, jnp.float32).apply(
+    iq, ik, iw = DSAIndexer(index, D, mla.q_lora_rank, jnp.float32).apply(
         {"params": params["indexer"]}, x, c_q, cos, sin
     )
     _, _, inter = run_sparse(mla, rope, index, params, x, POSITIONS[case], segments)
@@ -120,7 +117,7 @@ def test_sparse_attention_matches_hf(hf_pair, case):
     assert kl is None
     err = np.abs(np.asarray(out) - hf_out).max()
     print(f"\n{case}: max|Δ| sparse MLA vs HF {err:.2e} (max|out| {np.abs(hf_out).max():.2f})")
-    assert_close(out, hf_out, **TOL["layer_f32"], what="SparseMLA vs HF DeepseekV32Attention")
+    assert_close(out, hf_out, **TOL["layer_f32"], what="MLA + DSA vs HF DeepseekV32Attention")
     # sparsity is live: dense attention gives another answer on the rows with > top-k keys
     dense = IndexerConfig(index_n_heads=8, index_head_dim=16, index_topk=T)
     out_dense, _, _ = run_sparse(mla, rope, dense, params, x, POSITIONS[case], segments)
@@ -140,7 +137,7 @@ def test_sparse_attention_gradients_match_hf(hf_pair):
     out, _ = attn(xt, hv.hf_v32.DeepseekV32RotaryEmbedding(config)(xt, pos), hv.hf_mask(B, T))
     (out * torch.from_numpy(r)).sum().backward()
 
-    model = SparseMLA(mla, rope, D, dtype=jnp.float32, index=index)
+    model = MLA(mla, rope, D, dtype=jnp.float32, index=index)
 
     def loss(p, x):
         out = model.apply({"params": p}, x, POSITIONS["causal"], mutable=["intermediates"])[0][0]
@@ -189,13 +186,13 @@ def small():
     r = np.random.default_rng(2)
     x = r.standard_normal((B, SMALL_T, SMALL_D)).astype(np.float32)
     positions = np.broadcast_to(np.arange(SMALL_T), (B, SMALL_T)).copy()
-    model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
+    model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
     return x, positions, random_params(model, x, positions)
 
 
 def test_params_are_mla_plus_indexer(small):
     x, positions, _ = small
-    model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
+    model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
     boxed = jax.eval_shape(model.init, jax.random.key(0), x, positions)["params"]
     mla_shapes = nn.unbox(
         jax.eval_shape(MLA(MLA_CFG, ROPE, SMALL_D).init, jax.random.key(0), x, positions)
@@ -220,11 +217,11 @@ def test_sparse_equals_dense_mla_when_topk_covers_all(small, segments):
     x, positions, params = small
     segs = None if segments is None else np.array([[1] * 5 + [2] * 7] * B)
     dense_params = {k: v for k, v in params.items() if k != "indexer"}
-    want, _ = jax.jit(MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32).apply)(
+    want, _, _ = jax.jit(MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32).apply)(
         {"params": dense_params}, x, positions, segs
     )
     for topk in (SMALL_T, 4 * SMALL_T):
-        model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(topk))
+        model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(topk))
         (got, _, _), _ = jax.jit(
             lambda p, model=model: model.apply({"params": p}, x, positions, segs, mutable=True)
         )(params)
@@ -252,7 +249,7 @@ def test_selection_respects_mask():
 
 def test_packed_documents_equal_separate_documents(small):
     x, _, params = small
-    model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
+    model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
     apply = jax.jit(
         lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg, mutable=True)[0][0]
     )
@@ -268,7 +265,7 @@ def test_packed_documents_equal_separate_documents(small):
 
 def test_chunked_prefill_and_decode_equal_full_forward(small):
     x, positions, params = small
-    model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
+    model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4))
     full = jax.jit(
         lambda p, model=model: model.apply({"params": p}, x, positions, mutable=True)[0][0]
     )(params)
@@ -281,7 +278,7 @@ def test_chunked_prefill_and_decode_equal_full_forward(small):
         return out, cache
 
     S = 16  # cache slots > tokens: empty slots must never be selected
-    cache = DSACache(*(jnp.zeros((B, S, n), jnp.float32) for n in (8, 4, 8)))
+    cache = LatentCache(*(jnp.zeros((B, S, n), jnp.float32) for n in (8, 4, 8)))
     outs, start = [], 0
     for size in (5, 1, 1, 5):
         out, cache = step(
@@ -298,7 +295,7 @@ def test_bf16_compute_matches_f32(small):
     x, positions, params = small
     got = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=dtype, index=index_cfg(4))
+        model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=dtype, index=index_cfg(4))
         (out, _, _), inter = jax.jit(
             lambda p, model=model: model.apply({"params": p}, x, positions, mutable=True)
         )(params)
@@ -320,11 +317,11 @@ def test_query_blocks_do_not_change_math(small, warmup):
 
     def run(block):
         ic = index_cfg(4, index_dense_warmup=warmup, index_q_block=block)
-        model = SparseMLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=ic)
+        model = MLA(MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=ic)
 
         def loss(p):
             (out, _, kl), _ = model.apply(
-                {"params": p}, x, positions, indexer_loss=True, mutable=True
+                {"params": p}, x, positions, index_loss=True, mutable=True
             )
             return jnp.sum(out * r) + kl, (out, kl)
 
@@ -399,12 +396,12 @@ def test_indexer_loss_gradients(small, warmup):
     """Sparse stage: the KL reaches the indexer's weights but not its input x nor MLA's weights.
     Dense warm-up: the indexer input is not detached (the rest of the model is frozen instead)."""
     x, positions, params = small
-    model = SparseMLA(
+    model = MLA(
         MLA_CFG, ROPE, SMALL_D, dtype=jnp.float32, index=index_cfg(4, index_dense_warmup=warmup)
     )
 
     def kl(p, x):
-        (_, _, kl), _ = model.apply({"params": p}, x, positions, indexer_loss=True, mutable=True)
+        (_, _, kl), _ = model.apply({"params": p}, x, positions, index_loss=True, mutable=True)
         return kl
 
     value, (g_params, g_x) = jax.jit(jax.value_and_grad(kl, argnums=(0, 1)))(params, x)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import ConfigError, load_config, load_model_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
 from deepseek_jax.optim import indexer_only, make_optimizer
 from deepseek_jax.sharding import make_mesh, rules
-from deepseek_jax.train import TrainState, _loss_terms, build
+from deepseek_jax.program import build_program
+from deepseek_jax.train import TrainState, _loss_terms
 
 ROOT = Path(__file__).parents[1]
 V32 = ROOT / "configs/model/tiny_v32.yaml"
@@ -64,7 +65,7 @@ def random_variables(model, seed=0) -> dict:
 
 
 def is_stacked(name: str) -> bool:
-    return name.startswith(("dense_layers/", "moe_layers/"))
+    return name.startswith("layers_")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_index_section_loads_and_is_checked():
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_frozen_parameters_get_zero_updates_and_no_state(name):
     cfg = load_config([V32], [f"optim.name={name}", "optim.warmup_steps=0"])
-    shapes = nn.unbox(jax.eval_shape(Transformer(cfg.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    shapes = nn.unbox(jax.eval_shape(build_model(cfg.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     params = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes["params"])  # numpy: no eager compiles
     trainable = indexer_only(params)
     assert {k for k, t in flat(trainable).items() if t} == {k for k in flat(params) if "/indexer/" in k}
@@ -114,7 +115,7 @@ def test_frozen_parameters_get_zero_updates_and_no_state(name):
 @pytest.fixture(scope="module")
 def sparse_setup():
     cfg = small_cfg("model.num_nextn_predict_layers=0")  # compile time; the MTP block is the same Block
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     return cfg, model, random_variables(model), make_batch(cfg)
 
 
@@ -142,7 +143,8 @@ def test_sparse_stage_indexer_learns_only_from_its_kl(sparse_setup):
 
 def one_step(cfg):
     """(state before, state after, metrics) of one train_step from random variables, one device."""
-    model, optimizer, step, _, _ = build(cfg, make_mesh(cfg.mesh), rules(cfg.mesh))
+    p = build_program(cfg, make_mesh(cfg.mesh), rules(cfg.mesh))
+    model, optimizer, step = p.model, p.optimizer, p.train_step
     v = random_variables(model)
     state = TrainState(
         step=jnp.int32(0), params=v["params"], router=v["router"], opt_state=jax.jit(optimizer.init)(v["params"]),

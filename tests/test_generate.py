@@ -11,7 +11,7 @@ import pytest
 
 from deepseek_jax.config import load_model_config
 from deepseek_jax.generate import generate, sample_logits
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
 
 TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
 
@@ -20,7 +20,7 @@ TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
 def tiny():
     cfg = load_model_config([TINY])
     cfg = dataclasses.replace(cfg, vocab_size=64, n_layers=2, num_nextn_predict_layers=0, dtype="float32")
-    model = Transformer(cfg)
+    model = build_model(cfg)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     return model, variables
 

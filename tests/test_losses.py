@@ -1,18 +1,12 @@
 """Losses vs numpy float64 references: chunked cross-entropy (values, grads, memory), k-hop
-targets on a packed row, V3's sequence-wise balance loss, the aux-loss-free bias update."""
+targets on a packed row. The routing statistics are tested with the router (test_moe.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.losses import (
-    chunked_cross_entropy,
-    next_token_targets,
-    sequence_balance_loss,
-    token_nll,
-    update_router_bias,
-)
+from deepseek_jax.losses import chunked_cross_entropy, next_token_targets, token_nll
 
 
 def ce_inputs(M=37, D=16, V=50, seed=0):
@@ -102,67 +96,3 @@ def test_next_token_targets_on_a_packed_row():
     np.testing.assert_array_equal(valid[0], [1, 1, 0, 0, 1, 0, 0, 0, 0])
     _, valid = next_token_targets(jnp.arange(5)[None], jnp.ones((1, 5), bool), k=2)
     np.testing.assert_array_equal(valid[0], [1, 1, 1, 0, 0])  # the row's end is never a target
-
-
-def numpy_balance(scores, experts, mask, A):
-    B, T, E = scores.shape
-    losses = []
-    for b in range(B):
-        keep = mask[b].astype(bool)
-        if not keep.any():
-            continue
-        s = scores[b, keep].astype(np.float64)
-        chosen = np.zeros_like(s)
-        for t, row in enumerate(experts[b, keep]):
-            chosen[t, row] = 1.0
-        f = E / (A * keep.sum()) * chosen.sum(0)
-        p = (s / s.sum(-1, keepdims=True)).mean(0)
-        losses.append((f * p).sum())
-    return np.mean(losses)
-
-
-def test_balance_loss_matches_numpy():
-    B, T, E, A = 3, 10, 8, 2
-    rng = np.random.default_rng(0)
-    scores = 1 / (1 + np.exp(-rng.normal(size=(B, T, E)))).astype(np.float32)
-    experts = np.argsort(-scores, axis=-1)[..., :A]
-    mask = rng.random((B, T)) < 0.7
-    mask[2] = False  # an all-padding sequence is left out of the mean
-    loss_and_grad = jax.jit(jax.value_and_grad(sequence_balance_loss), static_argnums=3)
-    got, grad = loss_and_grad(scores, experts, mask, A)
-    np.testing.assert_allclose(float(got), numpy_balance(scores, experts, mask, A), rtol=1e-5)
-    assert bool(jnp.isfinite(grad).all()) and float(jnp.abs(grad).sum()) > 0
-
-
-def test_balance_loss_uniform_is_one_and_collapse_is_e_over_a():
-    E, A, T = 8, 2, 4
-    experts_uniform = np.arange(T * A).reshape(1, T, A) % E  # every expert chosen exactly once
-    ones = np.ones((1, T, E), np.float32)
-    mask = np.ones((1, T), bool)
-    l_uniform = float(sequence_balance_loss(ones, experts_uniform, mask, A))
-    np.testing.assert_allclose(l_uniform, 1.0, rtol=1e-6)
-    # half collapsed: tokens share 4 experts, scores spread over them
-    half = np.tile(np.array([[0, 1], [2, 3]]), (T // 2, 1))[None]
-    scores_half = np.zeros((1, T, E), np.float32)
-    scores_half[..., :4] = 1.0
-    # all tokens on experts {0, 1}, all score mass there: f = E/A, P = 1/A, L = E/A
-    collapsed = np.zeros((1, T, A), np.int32) + np.arange(A)
-    scores_col = np.zeros((1, T, E), np.float32)
-    scores_col[..., :A] = 1.0
-    l_half = float(sequence_balance_loss(scores_half, half, mask, A))
-    l_col = float(sequence_balance_loss(scores_col, collapsed, mask, A))
-    np.testing.assert_allclose(l_half, E / 4, rtol=1e-6)
-    np.testing.assert_allclose(l_col, E / A, rtol=1e-6)
-    assert 1.0 < l_half < l_col
-
-
-def test_router_bias_update():
-    counts = jnp.array([10, 0, 5, 5])  # mean 5: expert 0 overloaded, expert 1 underloaded
-    new = update_router_bias(jnp.zeros(4), counts, 1e-3)
-    np.testing.assert_allclose(new, [-1e-3, 1e-3, 0.0, 0.0])
-    bias_LE = jnp.full((2, 4), 0.5, jnp.float32)
-    counts_LE = jnp.array([[10, 0, 5, 5], [1, 1, 1, 9]])  # layer means 5 and 3
-    new = update_router_bias(bias_LE, counts_LE, 0.01)
-    assert new.shape == (2, 4) and new.dtype == jnp.float32
-    want = 0.5 + 0.01 * np.array([[-1, 1, 0, 0], [1, 1, 1, -1]])
-    np.testing.assert_allclose(new, want, rtol=1e-6)

@@ -8,7 +8,8 @@ import pytest
 from utils import TOL, assert_close
 
 from deepseek_jax.config import MLAConfig, RopeConfig
-from deepseek_jax.layers.mla import MLA, LatentCache, causal_mask, mla_absorbed, mla_naive
+from deepseek_jax.layers.attention.core import causal_mask
+from deepseek_jax.layers.attention.mla import MLA, LatentCache, mla_absorbed, mla_naive
 from deepseek_jax.layers.rope import yarn_inv_freq
 
 B, T, N, H, R, O, C = 2, 7, 3, 8, 4, 6, 10
@@ -185,8 +186,8 @@ def test_module_param_shapes(module_setup):
 
 def test_module_matches_numpy(module_setup):
     cfg, mla, params, x, positions = module_setup
-    out, cache = jax.jit(mla.apply)({"params": params}, x, positions)
-    assert cache is None
+    out, cache, kl = jax.jit(mla.apply)({"params": params}, x, positions)
+    assert cache is None and kl is None
     want, _, _ = np_mla_module(params, cfg, x, positions, np.asarray(causal_mask(None, B, 12)))
     assert_close(out, want, **TOL["layer_f32"], what="MLA module vs numpy")
 
@@ -200,11 +201,11 @@ def _empty_cache(x):
 
 def test_chunked_prefill_equals_full_forward(module_setup):
     cfg, mla, params, x, positions = module_setup
-    full, _ = jax.jit(mla.apply)({"params": params}, x, positions)
+    full, _, _ = jax.jit(mla.apply)({"params": params}, x, positions)
 
     @jax.jit
     def step(x_chunk, pos_chunk, cache, index):  # index is traced: one program per chunk length
-        return mla.apply({"params": params}, x_chunk, pos_chunk, cache=cache, cache_index=index)
+        return mla.apply({"params": params}, x_chunk, pos_chunk, cache=cache, cache_index=index)[:2]
 
     cache, outs, start = _empty_cache(x), [], 0
     for size in (5, 1, 6):
@@ -218,7 +219,10 @@ def test_chunked_prefill_equals_full_forward(module_setup):
     assert isinstance(cache, LatentCache)
     assert cache.kv_latent.shape == (B, MAX_LEN, cfg.kv_lora_rank)
     assert cache.k_rope.shape == (B, MAX_LEN, cfg.qk_rope_head_dim)
-    assert sum(a.size for a in cache) == B * MAX_LEN * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert cache.index_k is None  # no indexer, no indexer keys
+    assert sum(a.size for a in jax.tree.leaves(cache)) == B * MAX_LEN * (
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    )
     _, c_want, k_rope_want = np_mla_module(params, cfg, x, positions, causal_mask(None, B, 12))
     assert_close(cache.kv_latent[:, :12], c_want, **TOL["layer_f32"], what="cached latents")
     assert_close(cache.k_rope[:, :12], k_rope_want, **TOL["layer_f32"], what="cached rope keys")
@@ -233,9 +237,16 @@ def test_packed_documents_equal_separate_documents(module_setup):
     apply = jax.jit(mla.apply)
     segments = np.array([[0] * 5 + [1] * 7] * B)
     positions = np.array([list(range(5)) + list(range(7))] * B)
-    packed, _ = apply({"params": params}, x, positions, segments)
-    first, _ = apply({"params": params}, x[:, :5], positions[:, :5])
-    second, _ = apply({"params": params}, x[:, 5:], positions[:, 5:])
+    packed, _, _ = apply({"params": params}, x, positions, segments)
+    first, _, _ = apply({"params": params}, x[:, :5], positions[:, :5])
+    second, _, _ = apply({"params": params}, x[:, 5:], positions[:, 5:])
     assert_close(
         packed, jnp.concatenate([first, second], 1), **TOL["layer_f32"], what="packed docs"
     )
+
+
+def test_index_loss_without_indexer_raises(module_setup):
+    """A module raises on an argument it cannot honour: no indexer, no indexer KL."""
+    _, mla, params, x, positions = module_setup
+    with pytest.raises(ValueError, match="index_loss=True needs the DSA indexer"):
+        mla.apply({"params": params}, x, positions, index_loss=True)

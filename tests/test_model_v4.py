@@ -14,8 +14,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ConfigError, load_model_config
 from deepseek_jax.convert import hf_v4
-from deepseek_jax.model import build_cache, build_model, router_bias_rows
-from deepseek_jax.model_v4 import layer_segments
+from deepseek_jax.models import LayerKind, build_cache, build_model, layer_segments, router_bias_rows
 
 TINY_V4 = "configs/model/tiny_v4.yaml"
 # window 8 and HCA ratio 16 so that T = 40 crosses windows and blocks of both compressors;
@@ -69,20 +68,21 @@ def test_mtp_is_causal_and_present(tiny):
     cfg, model, variables, tokens = tiny
     fwd = jax.jit(lambda v, t: model.apply(v, t))
     out = fwd(variables, tokens)
-    assert out.mtp_logits.shape == (1, B, T, cfg.vocab_size) and np.isfinite(np.asarray(out.mtp_logits)).all()
+    assert out.mtp.logits.shape == (1, B, T, cfg.vocab_size) and np.isfinite(np.asarray(out.mtp.logits)).all()
     i = 20  # MTP slot i reads tokens <= i + 1: changing token i + 2 must not move slots <= i
     changed = tokens.at[:, i + 2].set((tokens[:, i + 2] + 1) % cfg.vocab_size)
     out2 = fwd(variables, changed)
-    np.testing.assert_array_equal(np.asarray(out.mtp_logits[:, :, : i + 1]), np.asarray(out2.mtp_logits[:, :, : i + 1]))
-    assert np.abs(np.asarray(out.mtp_logits[:, :, i + 1] - out2.mtp_logits[:, :, i + 1])).max() > 0
+    np.testing.assert_array_equal(np.asarray(out.mtp.logits[:, :, : i + 1]), np.asarray(out2.mtp.logits[:, :, : i + 1]))
+    assert np.abs(np.asarray(out.mtp.logits[:, :, i + 1] - out2.mtp.logits[:, :, i + 1])).max() > 0
     assert set(variables["params"]["mtp_0"]) >= {"w_e", "w_h", "enorm", "hnorm", "norm", "hc_head", "block"}
 
 
 def test_bias_rows_skip_hash_layers(tiny):
     cfg, model, variables, _ = tiny
     rows = router_bias_rows(cfg)
-    assert [p for p, _ in rows] == [(f"layers_{i}", "block_0", "ffn", "bias") for i in (1, 2, 3)]
-    assert [r for _, r in rows] == [(1,), (2,), (3,)]
+    assert [r.path for r in rows] == [(f"layers_{i}", "block_0", "ffn", "bias") for i in (1, 2, 3)] + [
+        ("mtp_0", "block", "ffn", "bias")]
+    assert [(r.source, r.rows) for r in rows] == [("main", (1,)), ("main", (2,)), ("main", (3,)), ("mtp", 0)]
     assert "tid2eid" in variables["router"]["layers_0"]["block_0"]["ffn"]
     assert "bias" not in variables["router"]["layers_0"]["block_0"]["ffn"]
 

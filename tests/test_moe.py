@@ -1,5 +1,6 @@
-"""DeepSeekMoE: routing vs a numpy reference of HF's DeepseekV3TopkRouter, ragged vs dense experts,
-the Linen layer, and the tiny Transformer's MoE bookkeeping.
+"""DeepSeekMoE: routing vs a numpy reference of HF's DeepseekV3TopkRouter, the balance loss and
+bias update vs numpy, ragged vs dense experts, the Linen layer, and the tiny Transformer's MoE
+bookkeeping.
 
 Routing decisions are compared exactly, only on tokens whose top-k (and kept-group) margin is
 asserted to exceed 1e-3; local letters: P expert groups.
@@ -16,10 +17,11 @@ import pytest
 from utils import TOL, assert_close
 
 from deepseek_jax.config import MoEConfig, load_model_config
+from deepseek_jax.layers.moe.balance import sequence_balance_loss, update_router_bias
 from deepseek_jax.layers.moe.experts import expert_counts, experts_blocked, experts_dense, experts_ragged
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
 from deepseek_jax.layers.moe.router import route
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
 
 MIN_MARGIN = 1e-3
 TINY = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
@@ -140,6 +142,74 @@ def test_route_softmax(norm_topk_prob):
     check_route(logits, np.zeros(8, np.float32), kw)
     w, _ = route(logits, np.zeros(8, np.float32), **kw)
     assert np.all(np.asarray(w).sum(-1) < 1 + 1e-6)  # softmax weights of a subset: at most 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing statistics: V3's sequence-wise balance loss, the aux-loss-free bias update
+
+
+def numpy_balance(scores, experts, mask, A):
+    B, T, E = scores.shape
+    losses = []
+    for b in range(B):
+        keep = mask[b].astype(bool)
+        if not keep.any():
+            continue
+        s = scores[b, keep].astype(np.float64)
+        chosen = np.zeros_like(s)
+        for t, row in enumerate(experts[b, keep]):
+            chosen[t, row] = 1.0
+        f = E / (A * keep.sum()) * chosen.sum(0)
+        p = (s / s.sum(-1, keepdims=True)).mean(0)
+        losses.append((f * p).sum())
+    return np.mean(losses)
+
+
+def test_balance_loss_matches_numpy():
+    B, T, E, A = 3, 10, 8, 2
+    rng = np.random.default_rng(0)
+    scores = 1 / (1 + np.exp(-rng.normal(size=(B, T, E)))).astype(np.float32)
+    experts = np.argsort(-scores, axis=-1)[..., :A]
+    mask = rng.random((B, T)) < 0.7
+    mask[2] = False  # an all-padding sequence is left out of the mean
+    loss_and_grad = jax.jit(jax.value_and_grad(sequence_balance_loss), static_argnums=3)
+    got, grad = loss_and_grad(scores, experts, mask, A)
+    np.testing.assert_allclose(float(got), numpy_balance(scores, experts, mask, A), rtol=1e-5)
+    assert bool(jnp.isfinite(grad).all()) and float(jnp.abs(grad).sum()) > 0
+
+
+def test_balance_loss_uniform_is_one_and_collapse_is_e_over_a():
+    E, A, T = 8, 2, 4
+    experts_uniform = np.arange(T * A).reshape(1, T, A) % E  # every expert chosen exactly once
+    ones = np.ones((1, T, E), np.float32)
+    mask = np.ones((1, T), bool)
+    l_uniform = float(sequence_balance_loss(ones, experts_uniform, mask, A))
+    np.testing.assert_allclose(l_uniform, 1.0, rtol=1e-6)
+    # half collapsed: tokens share 4 experts, scores spread over them
+    half = np.tile(np.array([[0, 1], [2, 3]]), (T // 2, 1))[None]
+    scores_half = np.zeros((1, T, E), np.float32)
+    scores_half[..., :4] = 1.0
+    # all tokens on experts {0, 1}, all score mass there: f = E/A, P = 1/A, L = E/A
+    collapsed = np.zeros((1, T, A), np.int32) + np.arange(A)
+    scores_col = np.zeros((1, T, E), np.float32)
+    scores_col[..., :A] = 1.0
+    l_half = float(sequence_balance_loss(scores_half, half, mask, A))
+    l_col = float(sequence_balance_loss(scores_col, collapsed, mask, A))
+    np.testing.assert_allclose(l_half, E / 4, rtol=1e-6)
+    np.testing.assert_allclose(l_col, E / A, rtol=1e-6)
+    assert 1.0 < l_half < l_col
+
+
+def test_router_bias_update():
+    counts = jnp.array([10, 0, 5, 5])  # mean 5: expert 0 overloaded, expert 1 underloaded
+    new = update_router_bias(jnp.zeros(4), counts, 1e-3)
+    np.testing.assert_allclose(new, [-1e-3, 1e-3, 0.0, 0.0])
+    bias_LE = jnp.full((2, 4), 0.5, jnp.float32)
+    counts_LE = jnp.array([[10, 0, 5, 5], [1, 1, 1, 9]])  # layer means 5 and 3
+    new = update_router_bias(bias_LE, counts_LE, 0.01)
+    assert new.shape == (2, 4) and new.dtype == jnp.float32
+    want = 0.5 + 0.01 * np.array([[-1, 1, 0, 0], [1, 1, 1, -1]])
+    np.testing.assert_allclose(new, want, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +381,7 @@ def test_moe_layer_matches_numpy(moe_setup):
 
 
 def tiny_forward(cfg, B=2, T=8):
-    model = Transformer(cfg)
+    model = build_model(cfg)
     r = np.random.default_rng(6)
     tokens = r.integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
@@ -327,12 +397,12 @@ def test_tiny_transformer_outputs_and_expert_counts():
     assert out.logits.shape == (B, T, V) and out.logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(out.logits)).all()
     K = cfg.num_nextn_predict_layers
-    assert K >= 1 and out.mtp_logits.shape == (K, B, T, V)
-    assert np.isfinite(np.asarray(out.mtp_logits)).all()
-    assert out.expert_counts.shape == (cfg.n_moe_layers, E)
-    np.testing.assert_array_equal(np.asarray(out.expert_counts).sum(-1), B * T * A)
-    assert out.mtp_expert_counts.shape == (K, E)
-    np.testing.assert_array_equal(np.asarray(out.mtp_expert_counts).sum(-1), B * T * A)
+    assert K >= 1 and out.mtp.logits.shape == (K, B, T, V)
+    assert np.isfinite(np.asarray(out.mtp.logits)).all()
+    assert out.routing.counts.shape == (cfg.n_moe_layers, E)
+    np.testing.assert_array_equal(np.asarray(out.routing.counts).sum(-1), B * T * A)
+    assert out.mtp.routing.counts.shape == (K, E)
+    np.testing.assert_array_equal(np.asarray(out.mtp.routing.counts).sum(-1), B * T * A)
     assert out.cache is None
 
 
@@ -340,5 +410,5 @@ def test_tiny_transformer_outputs_and_expert_counts():
 def test_tiny_transformer_without_mtp():
     cfg = dataclasses.replace(load_model_config([TINY]), num_nextn_predict_layers=0)
     out = tiny_forward(cfg)
-    assert out.mtp_logits is None and out.mtp_expert_counts is None
+    assert out.mtp is None
     assert out.logits.shape == (2, 8, cfg.vocab_size) and np.isfinite(np.asarray(out.logits)).all()

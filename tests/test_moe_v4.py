@@ -5,7 +5,6 @@ the expert-parallel dispatch strategies on 8 fake devices.
 
 Learned routing decisions are compared exactly on tokens whose top-k margin exceeds 1e-3."""
 
-import contextlib
 import dataclasses
 from functools import partial
 from pathlib import Path
@@ -231,8 +230,8 @@ def test_v4_moe_matches_hf(hf_setup, kind, impl, before):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch strategies on 8 fake devices: a2a, ragged_a2a and dense carry the routing weight to the
-# expert shard when it is applied before the down projection
+# Dispatch strategies on 8 fake devices: a2a, ragged_a2a (emulated) and dense carry the routing
+# weight to the expert shard when it is applied before the down projection
 
 
 @pytest.mark.multidevice
@@ -247,10 +246,9 @@ def test_v4_dispatch_strategies_match_numpy():
                       *(w.astype(np.float64) for w in ws), LIMIT).reshape(x.shape)
     mcfg = load_config([ROOT / "configs/model/tiny.yaml", ROOT / "configs/mesh/fsdp_ep.yaml"]).mesh
     mesh, mesh_rules = make_mesh(mcfg), rules(mcfg)
-    for dispatch in ("a2a", "dense", "ragged_a2a"):  # ring runs the expert impls as tested above
+    for dispatch in ("a2a", "dense", "ragged_a2a_emulated"):  # ring runs the expert impls as tested above
         c = dataclasses.replace(V4, dispatch=dispatch)
-        emulate = dsp.emulate_ragged_all_to_all() if dispatch == "ragged_a2a" else contextlib.nullcontext()
-        with emulate, activate(mesh, mesh_rules):
+        with activate(mesh, mesh_rules):
             y, dropped = jax.jit(partial(dsp.dispatch_experts, c))(x, experts, weights, np.ones((Bm, Tm), bool), *ws)
         assert int(dropped) == 0
         assert_close(y, want, **TOL["layer_f32"], what=f"fsdp_ep/{dispatch} (clamp, weight before down) vs numpy")

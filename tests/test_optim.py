@@ -12,7 +12,7 @@ import pytest
 from optax.contrib import MuonDimensionNumbers as Dims
 
 from deepseek_jax.config import OptimConfig, load_model_config
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
 from deepseek_jax.optim import (
     MUON_MATRICES,
     decay_mask,
@@ -29,7 +29,7 @@ TINY = Path(__file__).parents[1] / "configs" / "model" / "tiny.yaml"
 def tiny_abstract():
     cfg = load_model_config([TINY])
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens))["params"]
+    return nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens))["params"]
 
 
 def flat(tree, is_leaf=None) -> dict:
@@ -64,11 +64,11 @@ def test_tiny_model_groups(tiny_abstract):
     for name, group in groups.items():
         leaf = name.rsplit("/", 1)[-1]
         assert group == ("muon" if leaf in MUON_MATRICES else "adamw"), name
-    for name in ("embedding", "w_head", "final_norm/scale", "moe_layers/ffn/w_router",
-                 "mtp_0/block/ffn/w_router", "moe_layers/attn/q_norm/scale"):
+    for name in ("embedding", "w_head", "final_norm/scale", "layers_1_3/block_0/ffn/w_router",
+                 "mtp_0/block/ffn/w_router", "layers_1_3/block_0/attn/q_norm/scale"):
         assert groups[name] == "adamw", name
-    for name in ("moe_layers/attn/w_uq", "dense_layers/ffn/w_gate", "moe_layers/ffn/w_down",
-                 "moe_layers/ffn/shared/w_up", "mtp_0/w_eh", "mtp_0/block/attn/w_o"):
+    for name in ("layers_1_3/block_0/attn/w_uq", "layers_0/block_0/ffn/w_gate", "layers_1_3/block_0/ffn/w_down",
+                 "layers_1_3/block_0/ffn/shared/w_up", "mtp_0/w_eh", "mtp_0/block/attn/w_o"):
         assert groups[name] == "muon", name
     # 6 MLA matrices per block (w_q absent with a query latent); dense: +3 FFN; MoE: +3 shared +3
     # routed; MTP: a MoE block + w_eh  ->  9 + 12 + 13
@@ -77,11 +77,11 @@ def test_tiny_model_groups(tiny_abstract):
 
 def test_tiny_model_dimension_numbers(tiny_abstract):
     dims = flat(muon_dimension_numbers(tiny_abstract), is_leaf=lambda x: isinstance(x, Dims))
-    assert dims["moe_layers/ffn/w_gate"] == Dims((2,), (3,))  # [L, E, D, F]
-    assert dims["moe_layers/ffn/w_down"] == Dims((2,), (3,))  # [L, E, F, D]
-    assert dims["moe_layers/ffn/shared/w_gate"] == Dims((1,), (2,))  # [L, D, F]
-    assert dims["dense_layers/attn/w_uq"] == Dims((1,), (2, 3))  # [L, Q, N, H+R]
-    assert dims["moe_layers/attn/w_o"] == Dims((1, 2), (3,))  # [L, N, O, D]
+    assert dims["layers_1_3/block_0/ffn/w_gate"] == Dims((2,), (3,))  # [L, E, D, F]
+    assert dims["layers_1_3/block_0/ffn/w_down"] == Dims((2,), (3,))  # [L, E, F, D]
+    assert dims["layers_1_3/block_0/ffn/shared/w_gate"] == Dims((1,), (2,))  # [L, D, F]
+    assert dims["layers_0/block_0/attn/w_uq"] == Dims((1,), (2, 3))  # [L, Q, N, H+R]
+    assert dims["layers_1_3/block_0/attn/w_o"] == Dims((1, 2), (3,))  # [L, N, O, D]
     assert dims["mtp_0/block/attn/w_o"] == Dims((0, 1), (2,))  # [N, O, D], no layer axis
     assert dims["mtp_0/block/ffn/w_up"] == Dims((1,), (2,))  # [E, D, F]
     assert dims["mtp_0/w_eh"] == Dims((0,), (1,))

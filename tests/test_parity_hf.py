@@ -16,7 +16,8 @@ from hf_reference import (
     RouterRecorder, build_hf_model, hf_forward, hf_state_dict, our_config, tiny_hf_config, torch,
 )
 from deepseek_jax.convert.hf import hf_to_variables, variables_to_hf
-from deepseek_jax.model import Transformer
+from deepseek_jax.models import build_model
+from tests.utils import per_layer
 
 pytestmark = pytest.mark.parity
 B, T = 2, 64
@@ -64,18 +65,18 @@ def test_logits_and_routing_match_hf(pair):
     hf_logits, hf_mtp = hf_forward(model, mtp, tokens)
     rec.close()
     with jax.default_matmul_precision("highest"):
-        apply = jax.jit(lambda v, t: Transformer(cfg).apply(v, t, mutable=["intermediates"]))
+        apply = jax.jit(lambda v, t: build_model(cfg).apply(v, t, mutable=["intermediates"]))
         out, inter = apply(variables, jnp.asarray(tokens))
     logits = np.asarray(out.logits)
-    mtp_logits = np.asarray(out.mtp_logits[0][:, :-1])
+    mtp_logits = np.asarray(out.mtp.logits[0][:, :-1])
     d_logit, d_mtp = np.abs(logits - hf_logits).max(), np.abs(mtp_logits - hf_mtp).max()
     kl_main, kl_mtp = kl(hf_logits, logits).max(), kl(hf_mtp, mtp_logits).max()
     print(f"\nmax|Δlogit| main {d_logit:.2e} mtp {d_mtp:.2e}; max KL(HF‖ours) main {kl_main:.2e} mtp {kl_mtp:.2e}")
     assert d_logit <= 1e-4 and d_mtp <= 1e-4
     assert kl_main <= 1e-6 and kl_mtp <= 1e-6
 
-    ours = np.asarray(inter["intermediates"]["moe_layers"]["ffn"]["experts_MA"][0])
-    assert len(rec.records) == cfg.n_moe_layers == ours.shape[0]
+    ours = [np.asarray(a) for a in per_layer(inter["intermediates"], cfg, "ffn", "experts_MA", 0)]
+    assert len(rec.records) == cfg.n_moe_layers == len(ours)
     m = cfg.moe
     margins, n_biased = [], 0
     for layer, (choice_ME, hf_experts) in enumerate(rec.records):
@@ -108,10 +109,10 @@ def _hf_loss_and_grads(model, mtp, tokens):
 
 
 def _our_loss(params, router, cfg, tokens):
-    out = Transformer(cfg).apply({"params": params, "router": router}, tokens)
+    out = build_model(cfg).apply({"params": params, "router": router}, tokens)
     lp = jax.nn.log_softmax(out.logits[:, :-1])
     loss = -jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
-    lp1 = jax.nn.log_softmax(out.mtp_logits[0][:, :-2])
+    lp1 = jax.nn.log_softmax(out.mtp.logits[0][:, :-2])
     return loss + 0.3 * -jnp.take_along_axis(lp1, tokens[:, 2:, None], -1).mean()
 
 

@@ -19,7 +19,8 @@ from hf_reference import (
     RouterRecorder, _fan_in_, hf_state_dict, our_config, tiny_hf_config, torch, transformers,
 )
 from deepseek_jax.convert.hf import hf_config_from_model, hf_to_variables, model_config_from_hf
-from deepseek_jax.model import Transformer, init_cache
+from deepseek_jax.models import build_cache, build_model
+from tests.utils import per_layer
 from test_parity_hf import kl, topk_margin
 
 pytestmark = pytest.mark.parity
@@ -117,7 +118,7 @@ def v32():
     variables = hf_to_variables(hf_state_dict(model, mtp), cfg)
     tokens = np.random.default_rng(4).integers(0, hf_cfg["vocab_size"], (B, T))  # margins >= 3e-4
     with jax.default_matmul_precision("highest"):  # our full forward, shared by both tests
-        apply = jax.jit(lambda v, t: Transformer(cfg).apply(v, t, mutable=["intermediates"]))
+        apply = jax.jit(lambda v, t: build_model(cfg).apply(v, t, mutable=["intermediates"]))
         ours = apply(variables, jnp.asarray(tokens))
     return model, mtp, cfg, variables, tokens, ours
 
@@ -141,9 +142,7 @@ def selection_sets(idx_BTU, scores_BTS) -> np.ndarray:
 
 def our_index_picks(inter, cfg) -> list[np.ndarray]:
     """Our per-layer top-k slots [B, T, U] in HF's call order: main layers, then the MTP block."""
-    picks = []
-    for stack in ("dense_layers", "moe_layers"):
-        picks += list(np.asarray(inter[stack]["attn"]["index_topk_BTU"][0]))
+    picks = [np.asarray(a) for a in per_layer(inter, cfg, "attn", "index_topk_BTU", 0)]
     return picks + [np.asarray(inter["mtp_0"]["block"]["attn"]["index_topk_BTU"][0])[:, :-1]]
 
 
@@ -151,7 +150,7 @@ def test_logits_routing_and_selection_match_hf(v32):
     model, mtp, cfg, variables, tokens, (out, inter) = v32
     hf_logits, hf_mtp, routers, indexers = hf_forward_v32(model, mtp, tokens)
     inter = inter["intermediates"]
-    logits, mtp_logits = np.asarray(out.logits), np.asarray(out.mtp_logits[0][:, :-1])
+    logits, mtp_logits = np.asarray(out.logits), np.asarray(out.mtp.logits[0][:, :-1])
     d_logit, d_mtp = np.abs(logits - hf_logits).max(), np.abs(mtp_logits - hf_mtp).max()
     kl_main, kl_mtp = kl(hf_logits, logits).max(), kl(hf_mtp, mtp_logits).max()
     print(f"\nV3.2 max|Δlogit| main {d_logit:.2e} mtp {d_mtp:.2e}; max KL(HF‖ours) main {kl_main:.2e} "
@@ -175,7 +174,7 @@ def test_logits_routing_and_selection_match_hf(v32):
 
     # routing: identical experts in every MoE layer, the MTP block's included
     m = cfg.moe
-    ours = list(np.asarray(inter["moe_layers"]["ffn"]["experts_MA"][0]))
+    ours = [np.asarray(a) for a in per_layer(inter, cfg, "ffn", "experts_MA", 0)]
     mtp_experts = np.asarray(inter["mtp_0"]["block"]["ffn"]["experts_MA"][0]).reshape(B, T, -1)
     ours.append(mtp_experts[:, :-1].reshape(-1, m.n_activated_experts))  # HF's MTP sees T - 1 tokens
     assert len(routers) == len(ours) == cfg.n_moe_layers + 1
@@ -199,15 +198,15 @@ def test_token_by_token_decoding_matches_full_forward(v32):
     """One token at a time from the first, past index_topk: the cache's indexer keys give the full
     forward's selections, so the logits agree (fp32, 1e-4). (Chunked prefill: tests/test_dsa.py.)"""
     _, _, cfg, variables, tokens, (out, _) = v32
-    model, full = Transformer(cfg), out.logits
+    model, full = build_model(cfg), out.logits
     with jax.default_matmul_precision("highest"):
-        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[0::4][:2])
-        cache, pieces = init_cache(cfg, B, max_len=T + 4), []
+        step = jax.jit(lambda v, t, c, i: model.apply(v, t, cache=c, cache_index=i)[0::2][:2])
+        cache, pieces = build_cache(cfg, B, max_len=T + 4), []
         for t in range(T):
             logits, cache = step(variables, tokens[:, t : t + 1], cache, jnp.int32(t))
             pieces.append(logits)
     decoded = jnp.concatenate(pieces, axis=1)
     err = float(jnp.abs(decoded - full).max())
     print(f"\nV3.2 decode vs full forward: max|Δlogit| = {err:.2e} over {T} positions (index_topk {TOPK})")
-    assert cache.keys() == {"dense_layers", "moe_layers"} and cache["moe_layers"].index_k.shape[-1] == 16
+    assert all(c.index_k.shape[-1] == 16 for seg in cache.values() for c in seg)  # DSA caches everywhere
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=1e-4, atol=1e-4)

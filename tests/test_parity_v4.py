@@ -3,7 +3,7 @@
 A tiny random HF model with every path present: sliding-window, CSA and HCA layers (HCA ratio 8, so
 HCA emits entries at T = 40), hash-routed (layers 0-1) and learned sqrt-softplus layers with the
 clamped SwiGLU, mHC streams, a sequence longer than the window (8) and more CSA entries (10) than
-index_topk (3). Its weights go through convert/hf_v4.py into our V4Transformer; logits, routed experts
+index_topk (3). Its weights go through convert/hf_v4.py into our decoder; logits, routed experts
 per layer and the CSA indexer's selections are compared (exactly for the discrete ones).
 """
 
@@ -18,7 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax.convert import hf_v4  # noqa: E402
-from deepseek_jax.model_v4 import V4Transformer, layer_kinds, layer_segments  # noqa: E402
+from deepseek_jax.models import build_model, layer_kinds, layer_segments  # noqa: E402
 
 pytestmark = pytest.mark.parity
 torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def setup():
     _randomise(hf, gen)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
     cfg = hf_v4.model_config_from_hf(config.to_dict(), dtype="float32", max_seq_len=128)
-    model = V4Transformer(cfg)
+    model = build_model(cfg)
     tokens = np.random.default_rng(0).integers(0, HF_CONFIG["vocab_size"], (B, T))
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     variables = hf_v4.hf_to_variables(state, cfg)

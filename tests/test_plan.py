@@ -1,4 +1,4 @@
-"""deepseek_jax/plan.py: the HLO collective parser, plan() on the tiny model, the plan CLI, and the
+"""deepseek_jax/plan/: the HLO collective parser, plan() on the tiny model, the plan CLI, and the
 sharding-ablation script's core function."""
 
 import importlib.util
@@ -22,11 +22,11 @@ from deepseek_jax.plan import (
     collectives,
     format_report,
     plan,
-    setup,
     shape_bytes,
     state_memory,
 )
-from deepseek_jax.sharding import abstract_mesh
+from deepseek_jax.program import build_program
+from deepseek_jax.sharding import abstract_mesh, rules
 
 ROOT = Path(__file__).parents[1]
 MODEL = ROOT / "configs" / "model"
@@ -136,7 +136,7 @@ def test_collectives_of_a_compiled_shard_map():
 def test_plan_tiny_fsdp_compiled():
     cfg = load_config([MODEL / "tiny.yaml", MESH / "fsdp.yaml"], SMALL)
     got = plan(cfg, 8, compile=True)
-    lowered = state_memory(setup(cfg, abstract_mesh(cfg.mesh, 8)))  # no devices, no lowering
+    lowered = state_memory(build_program(cfg, abstract_mesh(cfg.mesh, 8), rules(cfg.mesh)))  # no devices
     m = got.memory
     assert got.method == "compiled" and got.mesh_shape["fsdp"] == 8
     assert m["params"] * 8 == m["params_unsharded"] == 4 * got.params["total"]  # every f32 weight split 8 ways

@@ -27,21 +27,17 @@ from utils import TOL, assert_close
 
 from deepseek_jax import quant as Q
 from deepseek_jax.config import MoEConfig, RopeConfig, V4AttentionConfig, load_model_config
-from deepseek_jax.layers.dsa import index_scores, select_topk
+from deepseek_jax.layers.attention.compressor import Compressor
+from deepseek_jax.layers.attention.core import visible_entries
+from deepseek_jax.layers.attention.indexer import index_scores, select_topk
+from deepseek_jax.layers.attention.v4 import V4Attention, sink_attention, window_slots
 from deepseek_jax.layers.mlp import swiglu_act
 from deepseek_jax.layers.moe.experts import EXPERT_IMPLS
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
 from deepseek_jax.layers.moe.router import route
-from deepseek_jax.layers.norms import rms_norm
-from deepseek_jax.layers.rope import rope_cos_sin, yarn_inv_freq
-from deepseek_jax.layers.v4_attention import (
-    V4Attention,
-    rms_normalize,
-    sink_attention,
-    window_slots,
-)
-from deepseek_jax.layers.v4_compressor import Compressor, rope_tail, visible_entries
-from deepseek_jax.model import build_model
+from deepseek_jax.layers.norms import rms_norm, rms_normalize
+from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
+from deepseek_jax.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, D, EPS = 2, 24, 160, 1e-6
@@ -353,8 +349,8 @@ def test_tiny_v4_model_fp8_fp4_runs_close_to_float():
     variables = random_variables(model, tokens[:, :8])
     out = jax.jit(lambda v, t: model.apply(v, t))(variables, tokens)
     out_q = jax.jit(lambda v, t: model_q.apply(v, t))(variables, tokens)
-    assert np.all(np.isfinite(np.asarray(out_q.logits))) and np.all(np.isfinite(np.asarray(out_q.mtp_logits)))
-    diff, mtp_diff = rel_diff(out_q.logits, out.logits), rel_diff(out_q.mtp_logits, out.mtp_logits)
+    assert np.all(np.isfinite(np.asarray(out_q.logits))) and np.all(np.isfinite(np.asarray(out_q.mtp.logits)))
+    diff, mtp_diff = rel_diff(out_q.logits, out.logits), rel_diff(out_q.mtp.logits, out.mtp.logits)
     print(f"\ntiny V4 fp8_fp4 vs float: logits rel. diff {diff:.3e}, MTP logits rel. diff {mtp_diff:.3e}")
     # each layer moves by 7-17% (tests above), and in a random model the expert and indexer choices
     # have small margins: by the last layer 20-40% of them flip, so the logits move by ~0.3-0.5

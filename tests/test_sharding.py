@@ -18,7 +18,7 @@ import yaml
 
 from deepseek_jax.axes import LOGICAL_AXES
 from deepseek_jax.config import MESH_AXES, ConfigError, load_config
-from deepseek_jax.model import build_model
+from deepseek_jax.models import build_model
 from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, make_mesh, rules
 from deepseek_jax.train import loss_fn
 from tests.utils import TOL, assert_close, assert_close_to_scale
@@ -46,7 +46,10 @@ V4_SMALL = [
     "model.moe.n_routed_experts=8", "model.moe.n_activated_experts=2", "model.moe.moe_inter_dim=24",
 ]
 V4_MESHES = ("fsdp_ep", "fsdp_tp")
-SMALLS = {"tiny": SMALL, "tiny_v32": V32_SMALL, "tiny_v4": V4_SMALL}
+# the composed tiny model (MLA + DSA on mHC streams, V4-style MoE): one dense and one hash-routed
+# MoE layer (plus the learned-routing MTP block), T = 32 > index_topk = 8
+COMPOSED_SMALL = [*SMALL, "model.index.index_topk=8"]
+SMALLS = {"tiny": SMALL, "tiny_v32": V32_SMALL, "tiny_v4": V4_SMALL, "tiny_composed": COMPOSED_SMALL}
 # XLA:CPU spends most of a compile in LLVM's optimisation passes; without them the tiny models compile
 # ~3x faster and run about as fast (the HLO passes, SPMD partitioning included, are unchanged)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -62,11 +65,11 @@ def small_cfg(mesh: str, *overrides: str, model: str = "tiny"):
 
 def make_batch(cfg) -> dict:
     """Two packed documents per row, the last tokens padding; for V4 (whose attention takes the row's
-    positions, model_v4.V4Transformer.__call__) one document per row, then the padding."""
+    positions, `ModelConfig.row_positions`) one document per row, then the padding."""
     B, T = cfg.data.global_batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, cfg.model.vocab_size, (B, T)).astype(np.int32)
-    cut = T if cfg.model.v4 is not None else T // 2 + 3
+    cut = T if cfg.model.row_positions else T // 2 + 3
     segs = np.where(np.arange(T) < cut, 1, 2).astype(np.int32)[None].repeat(B, 0)
     segs[:, -4:] = 0
     positions = np.where(np.arange(T) < cut, np.arange(T), np.arange(T) - cut).astype(np.int32)[None].repeat(B, 0)
@@ -108,7 +111,7 @@ def init_variables(cfg):
 def grad_fn(model, cfg):
     def f(params, router, batch):
         (total, (terms, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, router, batch, model, cfg)
-        return {"total": total, **terms, "counts": counts[0], "mtp_counts": counts[1]}, grads
+        return {"total": total, **terms, "counts": counts["main"], "mtp_counts": counts["mtp"]}, grads
     return jax.jit(f)
 
 
@@ -129,6 +132,11 @@ def reference():
 @pytest.fixture(scope="module")
 def reference_v32():
     return single_device(small_cfg("single", model="tiny_v32"))
+
+
+@pytest.fixture(scope="module")
+def reference_composed():
+    return single_device(small_cfg("single", model="tiny_composed"))
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +289,15 @@ def test_only_sharding_names_mesh_axes():
         found += [f"{f.name}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
                   if isinstance(n, ast.Constant) and n.value in distinctive and id(n) not in allowed]
     assert not found, f"mesh axis names outside sharding.py: {found}"
+
+
+@pytest.mark.slow  # one grad compile of the composed model on 8 devices, plus the reference
+def test_layout_invariance_composed(reference_composed):
+    """MLA + DSA on mHC streams with V4-style MoE (hash + learned routing): fsdp_ep equals one device."""
+    v, batch, ref_out, ref_grads = reference_composed
+    cfg = small_cfg("fsdp_ep", model="tiny_composed")
+    m = cfg.model
+    assert m.mhc.hc_mult > 1 and m.index.index_topk < cfg.data.seq_len and m.moe.n_hash_layers == 1
+    assert float(ref_out["index"]) > 0
+    _, out, grads, _ = run_on_mesh(cfg, v, batch)
+    compare(out, grads, ref_out, ref_grads, "tiny_composed/fsdp_ep")

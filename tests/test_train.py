@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -28,16 +27,6 @@ SMALL_MODEL = {
     "moe": {"n_routed_experts": 8, "n_activated_experts": 2, "n_expert_groups": 2, "n_limited_groups": 1,
             "moe_inter_dim": 32, "route_scale": 2.5},
 }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A few hundred KB of real Python source as text files."""
-    root = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for i, f in enumerate(sorted(stdlib.glob("*.py"))[:60]):
-        (root / f"doc{i:03d}.txt").write_text(f.read_text(errors="ignore"))
-    return root
 
 
 def write_config(tmp_path: Path, corpus: Path, **train) -> Path:

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_v4  # noqa: E402
 
-from deepseek_jax.layers.v4_attention import V4Attention, init_v4_attention_cache  # noqa: E402
+from deepseek_jax.layers.attention import V4Attention, init_v4_attention_cache  # noqa: E402
 
 torch.set_num_threads(1)  # bit-stable torch reference
 B, T, D = 2, 37, 64

@@ -37,3 +37,20 @@ def assert_close_to_scale(got, want, rtol: float, what: str = "value") -> None:
     scale = scale or 1.0
     assert_close(np.asarray(got, dtype=np.float64) / scale, want / scale, rtol=rtol, atol=rtol,
                  what=f"{what} / max|{what.split(':')[-1].strip()}|")
+
+
+def per_layer(tree, cfg, *path) -> list:
+    """The value at `path` in every main-model layer, in layer order, from a scanned variable or
+    intermediates tree (segments `layers_a_b`, slots `block_k`, leading [repeats] axis); layers that
+    lack the path are skipped. A sown intermediate is a 1-tuple: end the path with 0."""
+    from deepseek_jax.models import layer_kinds, layer_segments
+
+    found = {}
+    for seg in layer_segments(layer_kinds(cfg)):
+        for k in range(len(seg.kinds)):
+            node = tree.get(seg.name, {}).get(f"block_{k}")
+            for key in path:
+                node = None if node is None or (isinstance(node, dict) and key not in node) else node[key]
+            if node is not None:
+                found.update({layer: node[r] for r, layer in enumerate(seg.layers(k))})
+    return [found[layer] for layer in sorted(found)]

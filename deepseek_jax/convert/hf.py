@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepseek_jax.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from deepseek_jax.models.common import layer_kinds, layer_segments
 
 Arrays = tuple[np.ndarray, ...]
 
@@ -248,14 +249,16 @@ def unfuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _scopes(cfg: ModelConfig):
-    """(our scope path, HF prefix, rules, layer index within the stack or None)."""
-    for i in range(cfg.n_layers):
-        dense = i < cfg.n_dense_layers
-        stack, j = ("dense_layers", i) if dense else ("moe_layers", i - cfg.n_dense_layers)
-        yield stack, f"model.layers.{i}.", DENSE_RULES if dense else MOE_RULES, j
+    """(our scope keys, HF prefix, rules, repeat index within the scan segment or None), per layer
+    in the decoder's plan (models/common.py: segments of pattern slots), then MTP and the globals."""
+    for seg in layer_segments(layer_kinds(cfg)):
+        for k, kind in enumerate(seg.kinds):
+            for r, layer in enumerate(seg.layers(k)):
+                rules = DENSE_RULES if kind.ffn == "dense" else MOE_RULES
+                yield [seg.name, f"block_{k}"], f"model.layers.{layer}.", rules, r
     for k in range(cfg.num_nextn_predict_layers):
-        yield f"mtp_{k}", f"model.layers.{cfg.n_layers + k}.", MTP_RULES, None
-    yield "", "", GLOBAL_RULES, None
+        yield [f"mtp_{k}"], f"model.layers.{cfg.n_layers + k}.", MTP_RULES, None
+    yield [], "", GLOBAL_RULES, None
 
 
 def _split(path: str) -> tuple[str, list[str]]:
@@ -293,7 +296,7 @@ def hf_to_variables(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             used.add(name)
             for path, value in zip(rule.ours, rule.to_ours(arr.astype(np.float32), cfg)):
                 col, keys = _split(path)
-                key = (col, scope, *keys)
+                key = (col, *scope, *keys)
                 if j is None:
                     stacks[key] = value
                 else:
@@ -306,10 +309,10 @@ def hf_to_variables(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
             f" ({len(unexpected)})"
         )
     variables: dict = {}
-    for (col, scope, *keys), value in stacks.items():
+    for (col, *keys), value in stacks.items():
         if isinstance(value, dict):
             value = np.stack([value[i] for i in range(len(value))])
-        _set(variables, [col] + ([scope] if scope else []) + keys, np.ascontiguousarray(value))
+        _set(variables, [col, *keys], np.ascontiguousarray(value))
     return variables
 
 
@@ -321,7 +324,7 @@ def variables_to_hf(variables: Mapping, cfg: ModelConfig, per_expert: bool = Fal
             arrays = []
             for path in rule.ours:
                 col, keys = _split(path)
-                full = [col] + ([scope] if scope else []) + keys
+                full = [col, *scope, *keys]
                 arr = np.asarray(_get(variables, full, "/".join(full)))
                 arrays.append(arr if j is None else arr[j])
             out[prefix + rule.hf] = np.ascontiguousarray(rule.to_hf(*arrays, cfg))

@@ -1,7 +1,7 @@
 """The name table between our DeepSeek-V4 variables and HF transformers' DeepseekV4 state dict, both ways.
 
 HF names are per layer (`model.layers.{l}.self_attn.q_a_proj.weight`, ...); ours are per segment of
-model_v4.py (`params/layers_3_42/block_1/attn/w_dq`, stacked over repeats: layer l = start +
+the decoder's plan (models/common.py: `params/layers_3_42/block_1/attn/w_dq`, stacked over repeats: layer l = start +
 repeat * period + slot). Layer kinds decide which rules apply: a compressor for ratio > 0, the
 indexer for CSA (ratio 4), `tid2eid` for hash-routed layers and the selection bias otherwise.
 
@@ -25,7 +25,7 @@ from deepseek_jax.convert.hf import (
     ConversionError, _down, _down_back, _gate_up, _gate_up_back, _get, _same, _same_back, _set, _split, _t,
     _t_back, fuse_experts, unfuse_experts,
 )
-from deepseek_jax.model_v4 import layer_kinds, layer_segments
+from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments, mtp_kind
 
 CSA_RATIO = 4
 
@@ -70,9 +70,9 @@ def _tid2eid_back(w, c):
 
 LIN, VEC = (_t, _t_back), (_same, _same_back)
 ALWAYS = lambda kind: True  # noqa: E731
-COMPRESSED = lambda kind: kind[0] > 0  # noqa: E731
-CSA = lambda kind: kind[0] == CSA_RATIO  # noqa: E731
-# (our path, HF name, (to ours, to HF), when(kind)); kind = (compress ratio, hash routing)
+COMPRESSED = lambda kind: kind.ratio > 0  # noqa: E731
+CSA = lambda kind: kind.ratio == CSA_RATIO  # noqa: E731
+# (our path, HF name, (to ours, to HF), when(kind)); kind = the layer's models.LayerKind
 ATTN = (
     ("attn/w_dq", "self_attn.q_a_proj.weight", LIN, ALWAYS),
     ("attn/q_norm/scale", "self_attn.q_a_norm.weight", VEC, ALWAYS),
@@ -100,8 +100,8 @@ BLOCK = ATTN + (
     *((f"{site}_hc/fn", f"{site}_hc.fn", (_hc_fn, _hc_fn_back), ALWAYS) for site in ("attn", "ffn")),
     *((f"{site}_hc/{p}", f"{site}_hc.{p}", VEC, ALWAYS) for site in ("attn", "ffn") for p in ("base", "scale")),
     ("ffn/w_router", "mlp.gate.weight", LIN, ALWAYS),
-    ("router:ffn/bias", "mlp.gate.e_score_correction_bias", VEC, lambda kind: not kind[1]),
-    ("router:ffn/tid2eid", "mlp.gate.tid2eid", (_tid2eid, _tid2eid_back), lambda kind: kind[1]),
+    ("router:ffn/bias", "mlp.gate.e_score_correction_bias", VEC, lambda kind: kind.ffn == "moe"),
+    ("router:ffn/tid2eid", "mlp.gate.tid2eid", (_tid2eid, _tid2eid_back), lambda kind: kind.ffn == "hash"),
     (("ffn/w_gate", "ffn/w_up"), "mlp.experts.gate_up_proj", (_gate_up, _gate_up_back), ALWAYS),
     ("ffn/w_down", "mlp.experts.down_proj", (_down, _down_back), ALWAYS),
     *((f"ffn/shared/w_{p}", f"mlp.shared_experts.{p}_proj.weight", LIN, ALWAYS) for p in ("gate", "up", "down")),
@@ -139,8 +139,8 @@ def _scopes(cfg: ModelConfig):
                 layer = seg.start + r * len(seg.kinds) + k
                 yield [seg.name, f"block_{k}"], r, f"model.layers.{layer}.", BLOCK, kind
     for k in range(cfg.num_nextn_predict_layers):
-        yield [f"mtp_{k}"], None, f"mtp.{k}.", MTP, (cfg.compress_ratios[cfg.n_layers + k], False)
-    yield [], None, "", GLOBAL, (0, False)
+        yield [f"mtp_{k}"], None, f"mtp.{k}.", MTP, mtp_kind(cfg, k)
+    yield [], None, "", GLOBAL, LayerKind("v4", 0, "moe")
 
 
 def _paths(path) -> tuple[str, ...]:

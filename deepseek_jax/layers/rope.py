@@ -6,6 +6,10 @@ interpolated and original frequencies with a linear ramp between the dims that c
 `beta_fast` and `beta_slow` rotations over `original_seq_len`, and tempers attention by
 mscale = 0.1 * m * ln(s) + 1. No table sized by the maximum position is built: angles are
 positions x inverse frequencies, so any position works.
+
+Layout variants: `apply_rope` (interleaved, all R dims; MLA), `rope_tail` (interleaved, last R dims;
+V4), `apply_rope_half` / `rope_leading` (half-split, first R dims; the V3.2 indexer after DeepSeek's
+2025-11-17 fix). Letters: R rotated dims, X a vector's full width.
 """
 
 import math
@@ -59,3 +63,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x_even, x_odd = x32[..., 0::2], x32[..., 1::2]
     out = jnp.stack([x_even * cos - x_odd * sin, x_odd * cos + x_even * sin], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Non-interleaved RoPE on x [..., R]: halves (a, b) -> (a cos − b sin, b cos + a sin);
+    cos/sin broadcast to [..., R/2] (HF `rotate_half` with cos = cat(cos, cos))."""
+    x32 = x.astype(jnp.float32)
+    a, b = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x.dtype)
+
+
+def rope_leading(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Non-interleaved RoPE on the first R = 2·cos.shape[-1] dims of x [..., X] (layout
+    [rope | nope]; the V3.2 indexer's)."""
+    R = 2 * cos.shape[-1]
+    return jnp.concatenate([apply_rope_half(x[..., :R], cos, sin), x[..., R:]], axis=-1)
+
+
+def rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Interleaved RoPE on the last R = 2·cos.shape[-1] dims of x [..., X] (layout [nope | rope];
+    V4's)."""
+    R = 2 * cos.shape[-1]
+    return jnp.concatenate([x[..., : x.shape[-1] - R], apply_rope(x[..., -R:], cos, sin)], axis=-1)

@@ -19,14 +19,14 @@ import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "shardings"
-MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4")}
+MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4", "tiny_composed")}
 N_DEVICES = 8
 
 
 @functools.cache
 def boxed_variables(model_cfg):
     """The abstract boxed variables (shapes + logical axes): mesh-independent, so traced once."""
-    from deepseek_jax.model import build_model
+    from deepseek_jax.models import build_model
 
     return jax.eval_shape(partial(build_model(model_cfg).init, mutable=["params", "router"]),
                           jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

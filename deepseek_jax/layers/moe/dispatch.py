@@ -12,6 +12,8 @@ expert shards, shard r holds experts [r·E_l, (r+1)·E_l), E_l = E / ep. Strateg
               a destination's C are dropped (they add nothing) and counted.
   ragged_a2a  dropless `jax.lax.ragged_all_to_all` of exactly the routed rows, with offsets from an
               all-gathered [ep, ep] size matrix (accelerators; XLA:CPU does not implement it).
+              `ragged_a2a_emulated` runs the same offsets logic with the collective built from
+              all-gathers (ep x the traffic): for tests and CPU debugging only.
   dense       GShard: one-hot [M, E, C] dispatch/combine einsums with per-expert capacity
               C = ⌈cf · M_l·A / E⌉ (0 = M_l, dropless) and an all_to_all of the [E, C, D] buffer.
 
@@ -23,12 +25,11 @@ shard already holds every token: each runs its local experts and the partial out
 Without a mesh the same per-shard code runs once with ep = 1 (no collectives).
 
 With `moe.weight_before_down` (V4) the routing weight scales the expert's hidden activation, so
-a2a, ragged_a2a and dense also send each row's weight to the expert shard (one float per row);
+a2a, ragged_a2a(_emulated) and dense also send each row's weight to the expert shard (one float per row);
 ring and the replicated path hold the weights there already. `moe.swiglu_limit` reaches the experts,
 and `quant_sim` (experts.py) the FP8 simulation of W_down's input on the expert shard.
 """
 
-import contextlib
 import math
 from functools import partial
 from typing import NamedTuple
@@ -43,8 +44,6 @@ from deepseek_jax.layers.moe.experts import EXPERT_IMPLS
 from deepseek_jax.quant import sim_act
 from deepseek_jax.sharding import MoEAxes, moe_axes
 
-DISPATCHES = ("ring", "a2a", "ragged_a2a", "dense")
-
 
 class _Shards(NamedTuple):
     """The dispatch's mesh axes (looked up through the rules) and the shard count along experts."""
@@ -55,32 +54,19 @@ class _Shards(NamedTuple):
     ep: int  # expert shards
     replicated_tokens: bool  # experts split over axes the tokens are not: local experts + psum
     quant_sim: str = "none"  # FP8 simulation of W_down's input (experts.py), static per call
-_EMULATE_RAGGED = [False]
 
 
 class DispatchError(ConfigError):
     """The configured dispatch cannot run on this backend or mesh; the message names alternatives."""
 
 
-@contextlib.contextmanager
-def emulate_ragged_all_to_all():
-    """Runs `ragged_a2a` with an all-gather emulation of `ragged_all_to_all` (same semantics).
-
-    For tests and CPU debugging of the offsets logic only: it moves ep x the data.
-    """
-    _EMULATE_RAGGED[0] = True
-    try:
-        yield
-    finally:
-        _EMULATE_RAGGED[0] = False
-
-
 def check_backend(dispatch: str, platform: str) -> None:
     """Fails early where a strategy cannot run (ragged_a2a on XLA:CPU)."""
-    if dispatch == "ragged_a2a" and platform == "cpu" and not _EMULATE_RAGGED[0]:
+    if dispatch == "ragged_a2a" and platform == "cpu":
         raise DispatchError(
             "moe.dispatch=ragged_a2a needs jax.lax.ragged_all_to_all, which XLA:CPU does not implement; "
-            "on CPU use moe.dispatch=ring (dropless), a2a (capacity_factor=0 is dropless) or dense"
+            "on CPU use moe.dispatch=ring (dropless), a2a (capacity_factor=0 is dropless) or dense "
+            "(ragged_a2a_emulated runs its offsets logic through all-gathers, for tests)"
         )
 
 
@@ -121,8 +107,6 @@ def _ragged_all_to_all_reference(operand, output, in_off, send, out_off, recv, a
 
 
 def _ragged_all_to_all(operand, output, in_off, send, out_off, recv, axes):
-    if _EMULATE_RAGGED[0]:
-        return _ragged_all_to_all_reference(operand, output, in_off, send, out_off, recv, axes)
     return jax.lax.ragged_all_to_all(operand, output, in_off, send, out_off, recv, axis_name=_axis(axes))
 
 
@@ -183,6 +167,7 @@ def _a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
 
 
 def _ragged_a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
+    ragged = _ragged_all_to_all_reference if c.dispatch == "ragged_a2a_emulated" else _ragged_all_to_all
     ep_axes, E_l, (M, A) = ax.experts, w[0].shape[0], experts_MA.shape
     ep, X, D, me = ax.ep, M * A, x_MD.shape[1], _rank(ep_axes)
     flat_X = experts_MA.reshape(-1)
@@ -197,8 +182,7 @@ def _ragged_a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     recv_off_S = jnp.cumsum(recv_S) - recv_S
     rows = ep * X  # worst case: every pair of every shard routes here
     x_XD = jnp.take(x_MD, token_X, axis=0)
-    recv_x = _ragged_all_to_all(x_XD, jnp.zeros((rows, D), x_MD.dtype), in_off_D, send_D, out_off_D,
-                                recv_S, ep_axes)
+    recv_x = ragged(x_XD, jnp.zeros((rows, D), x_MD.dtype), in_off_D, send_D, out_off_D, recv_S, ep_axes)
     # received rows: source-major, sorted by local expert within each source's chunk
     local_count_SE = jax.lax.dynamic_slice_in_dim(all_count_SE, me * E_l, E_l, axis=1)
     ends = jnp.cumsum(local_count_SE.reshape(-1))  # [ep·E_l] chunk ends in source-major order
@@ -206,14 +190,14 @@ def _ragged_a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     recv_id = jnp.where(chunk < ep * E_l, chunk % E_l, -1).reshape(rows, 1)
     g_X = weights_MA.reshape(-1)[order_X].astype(jnp.float32)
     if c.weight_before_down:  # the weight travels with its row and is applied on the expert shard
-        recv_g = _ragged_all_to_all(g_X[:, None], jnp.zeros((rows, 1), jnp.float32), in_off_D, send_D,
-                                    out_off_D, recv_S, ep_axes)
+        recv_g = ragged(g_X[:, None], jnp.zeros((rows, 1), jnp.float32), in_off_D, send_D, out_off_D,
+                        recv_S, ep_axes)
         g_X = jnp.ones_like(g_X)
     else:
         recv_g = jnp.ones((rows, 1), jnp.float32)
     y_RD = _psum(_experts(c, recv_x, recv_id, recv_g, w, ax.quant_sim), ax.hidden)
-    back_XD = _ragged_all_to_all(y_RD, jnp.zeros((X, D), jnp.float32), recv_off_S, recv_S,
-                                 (jnp.cumsum(size_SD, axis=1) - size_SD)[:, me], send_D, ep_axes)
+    back_XD = ragged(y_RD, jnp.zeros((X, D), jnp.float32), recv_off_S, recv_S,
+                     (jnp.cumsum(size_SD, axis=1) - size_SD)[:, me], send_D, ep_axes)
     return jnp.zeros((M, D), jnp.float32).at[token_X].add(back_XD * g_X[:, None]), jnp.int32(0)
 
 
@@ -246,7 +230,8 @@ def _gshard(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
     return y_MD, dropped
 
 
-STRATEGIES = {"ring": _ring, "a2a": _a2a, "ragged_a2a": _ragged_a2a, "dense": _gshard}
+STRATEGIES = {"ring": _ring, "a2a": _a2a, "ragged_a2a": _ragged_a2a, "ragged_a2a_emulated": _ragged_a2a,
+              "dense": _gshard}
 
 
 def _per_shard(c: MoEConfig, ax: "_Shards", x_BTD, experts_BTA, weights_BTA, mask_BT, *w):

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import ConfigError, MoEConfig
 from deepseek_jax.layers.mlp import MLP
+from deepseek_jax.layers.moe.balance import sequence_balance_loss
 from deepseek_jax.layers.moe.dispatch import dispatch_experts
 from deepseek_jax.layers.moe.router import hash_route, random_hash_table, route, router_scores
-from deepseek_jax.losses import sequence_balance_loss
 from deepseek_jax.quant import sim_act, sim_expert_weight
 
 ROUTER_COLLECTION = "router"

@@ -17,8 +17,6 @@ Reference: DeepSeek-V3/V4 inference/model.py `Gate`; transformers `DeepseekV3Top
 import jax
 import jax.numpy as jnp
 
-SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
-
 
 def router_scores(logits_ME: jax.Array, score_func: str) -> jax.Array:
     """Affinities s = sigmoid(u·e) (V3), softmax over experts (V2) or sqrt(softplus(u·e)) (V4), float32."""

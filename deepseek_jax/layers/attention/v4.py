@@ -11,9 +11,9 @@
 
 RoPE is interleaved on the last R dims. The caller picks the RopeConfig per layer type: θ =
 rope_theta without YaRN for ratio 0, θ = compress_rope_theta with YaRN otherwise; no mscale.
-The compressors and the indexer are in v4_compressor.py. Attention gathers each query's key
-slots (window + compressed) from one key source, as the official `sparse_attn` does: memory
-O(T·U·X), bounded by `q_block` queries at a time, as is the CSA indexer's scoring and top-k
+The compressors are in compressor.py, the CSA indexer in indexer.py. Attention gathers each
+query's key slots (window + compressed) from one key source, as the official `sparse_attn` does:
+memory O(T·U·X), bounded by `q_block` queries at a time, as is the CSA indexer's scoring and top-k
 (its [b, P, Z] f32 products, b = q_block, each block under remat). Scores and softmax are f32.
 
 Decoding: `init_v4_attention_cache` holds a ring buffer of the last w rotated kv (slot = position
@@ -51,7 +51,8 @@ reference notes §1.4-1.7, §1.12.
 
 Local letters: X head dim (H + R, the shared K=V width), Z compressed entries, U key slots a
 query gathers (window + compressed), W output groups (o_groups), P heads per group, Y per-group
-output rank (o_lora_rank).
+output rank (o_lora_rank). The CSA indexer's tensors (iq_BTPY, ik_BZY, iw_BTP) keep indexer.py's
+letters: P indexer heads, Y indexer head dim.
 """
 
 from typing import NamedTuple
@@ -62,20 +63,22 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import RopeConfig, V4AttentionConfig
-from deepseek_jax.layers.dsa import gather_keys, index_scores, over_query_blocks, select_topk
-from deepseek_jax.layers.mla import NEG_INF
-from deepseek_jax.layers.norms import RMSNorm
-from deepseek_jax.layers.rope import rope_cos_sin, yarn_inv_freq
-from deepseek_jax.layers.v4_compressor import (
+from deepseek_jax.layers.attention.compressor import (
     CSA_RATIO,
     Compressor,
     CompressorState,
-    Indexer,
     empty_state,
-    rope_tail,
-    visible_entries,
     write_entries,
 )
+from deepseek_jax.layers.attention.core import (
+    NEG_INF,
+    gather_keys,
+    over_query_blocks,
+    visible_entries,
+)
+from deepseek_jax.layers.attention.indexer import CSAIndexer, select_entries
+from deepseek_jax.layers.norms import RMSNorm, rms_normalize
+from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
 from deepseek_jax.quant import V4_KV_BLOCK, sim_act, sim_indexer, sim_kv, sim_weight
 
 
@@ -87,9 +90,8 @@ class SWACache(NamedTuple):
 
 class HCACache(NamedTuple):
     window: jax.Array  # [B, w, X]
-    entries: (
-        jax.Array
-    )  # [B, max_len // m, X] compressed entries (normed, rotated), entry z = block z
+    # [B, max_len // m, X] compressed entries (normed, rotated), entry z = block z
+    entries: jax.Array
     state: CompressorState  # the partial block
 
 
@@ -124,12 +126,6 @@ def init_v4_attention_cache(
 # Pure functions
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-    """x / sqrt(mean(x²) + eps) over the last axis, no weight; statistics in f32."""
-    x32 = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps).astype(x.dtype)
-
-
 def window_slots(T: int, w: int, start, ring: int) -> jax.Array:
     """[T, w] key-source slots of each query's window (−1 before position 0). The source is `ring`
     (0, or w) ring-buffer slots holding positions < start at slot q mod w, then the T new tokens."""
@@ -161,15 +157,6 @@ def sink_attention(q_BTNX, kv_BSX, idx_BTU, sink_N, scale) -> jax.Array:
     return jnp.einsum("BTNU,BTUX->BTNX", probs_BTNU.astype(kv_BTUX.dtype), kv_BTUX)
 
 
-def select_entries(iq_BTPY, ik_BZY, iw_BTP, positions_BT, m: int, topk: int) -> jax.Array:
-    """The lightning indexer's top-k entries [B, T, U] per query (−1 = none): dsa.py's scores
-    I[t, z] and top-k over the entries visible to t. Row-local in T (run q_block queries a time)."""
-    visible_BTZ = visible_entries(positions_BT, ik_BZY.shape[1], m)
-    scores_BTZ = index_scores(iq_BTPY, ik_BZY, iw_BTP, visible_BTZ)
-    idx_BTU, valid_BTU = select_topk(scores_BTZ, visible_BTZ, topk)
-    return jnp.where(valid_BTU, idx_BTU, -1)
-
-
 def sim_wo_a(w_oa_WPXY: jax.Array, mode: str) -> jax.Array:
     """W_oa's FP8 simulation in the checkpoint's layout: 128×128 tiles of its [W·Y, P·X] matrix."""
     if mode == "none":
@@ -182,7 +169,7 @@ def sim_wo_a(w_oa_WPXY: jax.Array, mode: str) -> jax.Array:
 def grouped_output(o_BTNX, w_oa_WPXY, w_ob_WYD, act=lambda u: u) -> jax.Array:
     """Group g (heads g·P … g·P + P − 1) goes through its own rank-Y map, then W_ob mixes the groups
     (`act`: the hook on W_ob's input)."""
-    B, T, N, X = o_BTNX.shape
+    B, T, _, X = o_BTNX.shape
     W, P = w_oa_WPXY.shape[:2]
     u_BTWY = jnp.einsum("BTWPX,WPXY->BTWY", o_BTNX.reshape(B, T, W, P, X), w_oa_WPXY)
     return jnp.einsum("BTWY,WYD->BTD", act(u_BTWY), w_ob_WYD)
@@ -213,7 +200,7 @@ class V4Attention(nn.Module):
         raise ValueError(f"V4Attention.sim: unknown site {site!r}")
 
     def weight(self, w: jax.Array, n_in: int = 1) -> jax.Array:
-        """An FP8-stored projection [in..., out...] (n_in input axes), simulated, in the compute dtype."""
+        """An FP8-stored projection [in..., out...] (n_in input axes), simulated, compute dtype."""
         return sim_weight(w, self.quant_sim, n_in=n_in).astype(self.dtype)
 
     def query(self, x_BTD, cos_BTr, sin_BTr):
@@ -258,7 +245,7 @@ class V4Attention(nn.Module):
             slots_BTZ = jnp.where(visible_BTZ, offset + jnp.arange(Z), -1)
             return entries_BZX, slots_BTZ, (entries_BZX, state)
 
-        indexer = Indexer(
+        indexer = CSAIndexer(
             self.cfg, self.dim, self.norm_eps, self.dtype, self.quant_sim, name="indexer"
         )
         iq_BTPY, iw_BTP, ik_BZY, i_done, i_state = indexer(

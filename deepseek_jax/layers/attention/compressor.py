@@ -1,4 +1,4 @@
-"""DeepSeek-V4 KV compression (CSA and HCA) and the V4 lightning indexer's projections.
+"""DeepSeek-V4 KV compression (CSA and HCA): gated pooling of every m tokens into one entry.
 
 Compressor (gated per-channel softmax pooling; V4 report §2.3, reference notes §1.5). Each token t
 projects c_t = x_t W_kv and z_t = x_t W_gate, U = c·X channels each (c = 2 for CSA, 1 for HCA).
@@ -10,10 +10,8 @@ Block j holds tokens j·m … j·m + m − 1 (m = compress ratio, i = slot in th
     e_j ← RoPE_{j·m}(RMSNorm(e_j))   RoPE on the last R dims at the block's first position
 
 Entry j exists once token j·m + m − 1 has been seen and is visible to query t iff (j+1)·m ≤ t + 1.
-The indexer (CSA layers only, §1.6) owns a second compressor at width Y (`index_head_dim`), over
-the same blocks, and the query side q^I = RoPE_t(c_q W^I_uq) [P × Y], w = x W^I_w · (P·Y)^-½;
-scoring and top-k are dsa.py's `index_scores` / `select_topk` (v4_attention.py's `select_entries`
-calls them, q_block queries at a time).
+The CSA indexer (indexer.py, `CSAIndexer`) owns a second compressor at width Y (`index_head_dim`)
+over the same blocks.
 
 One code path for the full forward and for decoding with a cache: the new tokens are written after
 the r0 = start mod m tokens of the partial block the state holds, into a block-aligned buffer of
@@ -22,17 +20,16 @@ complete and become entries start//m + j, and the first incomplete block (plus, 
 overlap half of the last complete one) becomes the new state. The rest is padding the caller never
 reads: visibility only reaches complete entries. As in the official code the projections, pooling
 and state are f32 (`Compressor.forward` casts x to fp32); the entry is cast to the compute dtype
-before its norm. The official code's quantisation points: see v4_attention.py (the compressors'
-weights are bf16, never simulated; the Indexer's `quant_sim` covers its FP8 W^I_uq and its input,
-the caller the Hadamard + FP4 cast of q^I and the keys).
+before its norm. The official code's quantisation points: see v4.py (the compressors' weights are
+bf16, never simulated; the CSA indexer's `quant_sim` covers its FP8 W^I_uq and its input, the
+caller the Hadamard + FP4 cast of q^I and the keys).
 
 References: HF transformers 5.24 models/deepseek_v4/modeling_deepseek_v4.py
-(`DeepseekV4HCACompressor`, `DeepseekV4CSACompressor`, `DeepseekV4Indexer`); DeepSeek-V4-Flash
-inference/model.py (`Compressor`, `Indexer`).
+(`DeepseekV4HCACompressor`, `DeepseekV4CSACompressor`); DeepSeek-V4-Flash inference/model.py
+(`Compressor`).
 
 Local letters: X entry width (head_dim; index_head_dim for the indexer's compressor), Z blocks
-(= compressed entries), W token slots of a block (= m), U projected channels per token (c·X),
-P indexer heads, Y indexer head dim.
+(= compressed entries), W token slots of a block (= m), U projected channels per token (c·X).
 """
 
 from typing import NamedTuple
@@ -43,11 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.axes import dense_init, param
-from deepseek_jax.config import V4AttentionConfig
-from deepseek_jax.layers.mla import NEG_INF
+from deepseek_jax.layers.attention.core import NEG_INF
 from deepseek_jax.layers.norms import RMSNorm
-from deepseek_jax.layers.rope import apply_rope, rope_cos_sin
-from deepseek_jax.quant import sim_act, sim_weight
+from deepseek_jax.layers.rope import rope_cos_sin, rope_tail
 
 CSA_RATIO = 4  # the ratio that means CSA (overlapping blocks + indexer), as `overlap = ratio == 4`
 # in the official Compressor; any other positive ratio is HCA (V4: 128; tests use a small one)
@@ -71,15 +66,9 @@ def empty_state(B: int, m: int, X: int, overlap: bool) -> CompressorState:
     return CompressorState(zeros, zeros, prev, jnp.full((B, m, X), NEG_INF, jnp.float32))
 
 
-def rope_tail(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Interleaved RoPE on the last R = 2·cos.shape[-1] dims of x [..., X] (layout [nope|rope])."""
-    R = 2 * cos.shape[-1]
-    return jnp.concatenate([x[..., : x.shape[-1] - R], apply_rope(x[..., -R:], cos, sin)], axis=-1)
-
-
 def block_align(new_BTU: jax.Array, buf_BWU: jax.Array, r0, Z: int) -> jax.Array:
     """[B, Z, W, U]: the partial block's r0 buffered tokens, then the T new ones, block-aligned."""
-    B, T, U = new_BTU.shape
+    B, _, U = new_BTU.shape
     m = buf_BWU.shape[1]
     ext_BSU = jnp.zeros((B, Z * m, U), jnp.float32).at[:, :m].set(buf_BWU)
     ext_BSU = jax.lax.dynamic_update_slice_in_dim(ext_BSU, new_BTU.astype(jnp.float32), r0, axis=1)
@@ -131,11 +120,6 @@ def write_entries(entries_BZX: jax.Array, new_BZX: jax.Array, first, n_done) -> 
     return entries_BZX.at[:, slot_Z].set(new_BZX.astype(entries_BZX.dtype), mode="drop")
 
 
-def visible_entries(positions_BT: jax.Array, Z: int, m: int) -> jax.Array:
-    """[B, T, Z]: entry z is visible to the query at position t iff (z+1)·m ≤ t+1 (block ended)."""
-    return jnp.arange(Z)[None, None, :] < ((positions_BT + 1) // m)[:, :, None]
-
-
 class Compressor(nn.Module):
     """Gated pooling of every m tokens into one normed, rotated entry of width X."""
 
@@ -166,33 +150,3 @@ class Compressor(nn.Module):
         )
         cos_Zr, sin_Zr = rope_cos_sin((start // m + jnp.arange(pooled_BZX.shape[1])) * m, inv_freq)
         return rope_tail(entries_BZX, cos_Zr, sin_Zr), n_done, state
-
-
-class Indexer(nn.Module):
-    """The V4 lightning indexer's queries, head weights and compressed keys (CSA layers)."""
-
-    cfg: V4AttentionConfig
-    dim: int  # D
-    norm_eps: float = 1e-6
-    dtype: jnp.dtype = jnp.bfloat16
-    quant_sim: str = "none"  # FP8 simulation of W^I_uq and its input c_q (quant.py)
-
-    @nn.compact
-    def __call__(self, x_BTD, c_q_BTQ, cos_BTr, sin_BTr, state, start, inv_freq):
-        """q [B, T, P, Y] (rotated at t), w [B, T, P] f32 with (P·Y)^-½ folded in, and the
-        compressor's (keys [B, Z, Y], n_done, state)."""
-        c, D = self.cfg, self.dim
-        P, Y, Q = c.index_n_heads, c.index_head_dim, c.q_lora_rank
-        w_uq_QPY = param(
-            self, "w_uq", ("q_latent", "heads", "head_dim"), (Q, P, Y), dense_init([0], [1, 2])
-        )
-        w_weights_DP = param(self, "w_weights", ("embed", "heads"), (D, P), dense_init([0], [1]))
-        w_uq_QPY = sim_weight(w_uq_QPY, self.quant_sim).astype(self.dtype)
-        q_BTPY = jnp.einsum("BTQ,QPY->BTPY", sim_act(c_q_BTQ, self.quant_sim), w_uq_QPY)
-        q_BTPY = rope_tail(q_BTPY, cos_BTr[:, :, None], sin_BTr[:, :, None])
-        # ReLU(a)·Y^-½ = ReLU(a·Y^-½): HF's scale on the dot product moves into w (as official)
-        w_BTP = jnp.einsum("BTD,DP->BTP", x_BTD.astype(jnp.float32), w_weights_DP) * (P * Y) ** -0.5
-        keys = Compressor(CSA_RATIO, Y, D, self.norm_eps, self.dtype, name="compressor")(
-            x_BTD, state, start, inv_freq
-        )
-        return q_BTPY, w_BTP, *keys

@@ -1,0 +1,121 @@
+"""Run schemas: the mesh and its rules, the data stream, the optimizer, the loop, and `Config`, the
+whole run (model + mesh + data + optim + train) that one YAML file set resolves to."""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from deepseek_jax.axes import LOGICAL_AXES
+from deepseek_jax.config.errors import require as _check
+from deepseek_jax.config.model import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    axes: tuple[str, ...] = MESH_AXES  # always (data, fsdp, context, expert, tensor)
+    shape: tuple[int, ...] = (1, -1, 1, 1, 1)  # devices per axis; one -1 takes the rest
+    rules: tuple[tuple[str, Any], ...] = ()  # ordered (logical name, mesh axis | [axes] | null)
+
+    def __post_init__(self):
+        _check(self.axes == MESH_AXES, f"mesh.axes must be {list(MESH_AXES)}, got {list(self.axes)}")
+        _check(len(self.shape) == len(MESH_AXES), f"mesh.shape needs {len(MESH_AXES)} sizes")
+        _check(sum(s == -1 for s in self.shape) <= 1, "mesh.shape may hold at most one -1")
+        _check(all(s == -1 or s > 0 for s in self.shape), "mesh.shape sizes must be > 0 or -1")
+        for rule in self.rules:
+            _check(len(rule) == 2, f"mesh.rules entries are [logical_name, mesh_axes], got {rule}")
+            name, target = rule
+            _check(name in LOGICAL_AXES, f"mesh.rules: unknown logical axis {name!r}")
+            targets = target if isinstance(target, (list, tuple)) else [target]
+            for t in targets:
+                _check(t is None or t in MESH_AXES, f"mesh.rules[{name}]: unknown mesh axis {t!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (this Python's own library sources) or files: path, dir or glob
+    format: Literal["auto", "text", "jsonl", "array_record"] = "auto"  # auto: by file extension
+    jsonl_field: str = "text"  # the JSONL field holding a document
+    val_fraction: float = 0.05  # share of documents held out, chosen by a hash of their path / index
+    tokenizer: str = ""  # a tokenizer.json; "" trains a byte-level BPE on the training split
+    tokenizer_vocab_size: int = 4096  # vocabulary of the trained BPE (must be <= model.vocab_size)
+    seq_len: int = 256  # T, tokens per packed sequence
+    global_batch_size: int = 8  # B, sequences per step across all processes
+    seed: int = 0  # shuffling seed, in [0, 2**32)
+    shuffle_window: int = 1024  # packed rows shuffled together (long documents span many rows); 0 = off
+    worker_count: int = 0  # Grain worker processes; 0 = in the main process
+    max_documents: int = 0  # cap on documents read (0 = all), for quick runs
+
+    def __post_init__(self):
+        _check(self.seq_len > 0 and self.global_batch_size > 0, "data sizes must be > 0")
+        _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(self.tokenizer_vocab_size >= 259, "data.tokenizer_vocab_size must be >= 259 (bytes + specials)")
+        _check(self.worker_count >= 0 and self.max_documents >= 0, "data counts must be >= 0")
+        _check(0 <= self.seed < 2**32 and self.shuffle_window >= 0, "data.seed must be in [0, 2**32)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: Literal["adamw", "muon"] = "adamw"  # muon: weight matrices by Muon, the rest by AdamW
+    lr: float = 3e-4  # peak learning rate (AdamW, and Muon's when muon_lr is 0)
+    muon_lr: float = 0.0  # peak learning rate of the Muon group; 0 = lr (RMS-matched updates)
+    warmup_steps: int = 100  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    weight_decay: float = 0.1  # decoupled; not on norms, biases or the input embedding
+    b1: float = 0.9  # Adam β1 (Muon uses its own momentum, optim.MUON_MOMENTUM)
+    b2: float = 0.95  # Adam β2
+    eps: float = 1e-8  # Adam ε (also Muon's)
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.muon_lr >= 0, f"optim.muon_lr must be >= 0, got {self.muon_lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _check(self.warmup_steps >= 0 and self.clip_norm >= 0, "optim warmup/clip must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps (the LR schedule's length)
+    stop_at: int = 0  # end this invocation after this step (and save), schedule unchanged; 0 = steps
+    seed: int = 0  # parameter-init seed
+    run_dir: str = "runs/default"  # checkpoints, logs, resolved config
+    log_every: int = 10  # steps between host syncs for metrics
+    eval_every: int = 200  # steps; 0 = only at the end
+    eval_batches: int = 8  # validation batches per evaluation
+    ckpt_every: int = 200  # steps; 0 = only at the end
+    keep_checkpoints: int = 3  # most recent checkpoints kept
+    async_checkpoints: bool = True  # save in the background while training continues
+    mtp_loss_weight: float = 0.3  # λ of the MTP loss (V3: 0.3, later 0.1)
+    # weight of the V3.2 indexer KL, summed over layers (each indexer learns only from its own KL,
+    # so this scales the indexers' gradients alone); unused without model.index
+    index_loss_weight: float = 1.0
+    balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
+    bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off
+    loss_chunk_tokens: int = 4096  # tokens per device per cross-entropy chunk (memory ~ chunk x V)
+    skip_nonfinite_steps: bool = False  # skip a step whose loss/grads are NaN/Inf instead of stopping
+    peak_flops: float = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
+    sample_prompts: tuple[str, ...] = ("def fibonacci(n):", "import os\n")  # completions at the end
+    sample_tokens: int = 48  # tokens generated per prompt
+
+    def __post_init__(self):
+        _check(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
+        _check(self.stop_at >= 0, f"train.stop_at must be >= 0, got {self.stop_at}")
+        _check(self.log_every > 0, "train.log_every must be > 0")
+        _check(self.eval_every >= 0 and self.ckpt_every >= 0, "train intervals must be >= 0")
+        _check(self.keep_checkpoints > 0 and self.eval_batches > 0, "train counts must be > 0")
+        _check(self.loss_chunk_tokens > 0, "train.loss_chunk_tokens must be > 0")
+        for name in ("mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops", "index_loss_weight"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run. Each section checks itself; invariants across sections (data.seq_len <=
+    model.max_seq_len, ...) live in config/checks.py, which the loader runs on every Config it builds."""
+
+    model: ModelConfig  # the network (config/model.py)
+    mesh: MeshConfig = field(default_factory=MeshConfig)  # device mesh and logical-axis rules
+    data: DataConfig = field(default_factory=DataConfig)  # corpus, tokenizer, packing, batch
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and LR schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop length, intervals, loss weights

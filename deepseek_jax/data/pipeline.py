@@ -1,0 +1,201 @@
+"""The Grain pipeline: documents -> tokenize -> pack -> batch, and its exact-resume iterator.
+
+Stages (`build_dataset`), on the grain 0.2.18 dataset API:
+  MapDataset.source(Documents)        lazy, random access: one element = one document's text
+  .shuffle(seed) .repeat()            train only; shuffle before repeat reshuffles every epoch
+  [process_index::process_count]      this host's documents (disjoint shares of every epoch)
+  .map(Tokenize)                      ids + [eos] as int32
+  .to_iter_dataset()
+  ConcatThenSplitIterDataset          concatenates documents and cuts rows of exactly T tokens
+  .batch(B_local, batch_fn=Collate)   pads the tail, adds loss_mask
+  .mp_prefetch(worker_count)          optional worker processes (each packs its own slice)
+
+Packing: a document longer than the room left in a row is split; the rest continues in the next row
+as a new segment whose positions restart at 0 (ConcatThenSplit's behaviour). No target crosses a
+row or a document boundary, so the one target per cut is lost. Only a stream's last row has padding.
+
+Batch (per process, B = global_batch_size // process_count, T = seq_len):
+  tokens [B, T] int32, positions [B, T] int32, segment_ids [B, T] int32 (1, 2, ... ; 0 = padding),
+  loss_mask [B, T] float32: 1 where token t+1 is in the same row and segment (targets = tokens[:, 1:]).
+
+The iterator's state (Grain's, as JSON) is saved with the model state, tied to a fingerprint of the
+data config and process layout, so a resume continues at the next batch or raises naming what changed.
+"""
+
+import dataclasses
+import gc
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
+
+from deepseek_jax.config import DataConfig
+from deepseek_jax.data.sources import list_documents
+from deepseek_jax.tokenizer import DataError, Tokenize, Tokenizer
+
+
+class Collate:
+    """Packed rows -> one fixed-shape batch; missing tail rows are padding (segment 0)."""
+
+    def __init__(self, batch_size: int, pad_id: int):
+        self.batch_size, self.pad_id = batch_size, pad_id
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+        n, T = len(rows), rows[0]["tokens"].shape[0]
+        out = {
+            k: np.zeros((self.batch_size, T), np.int32)
+            for k in ("tokens", "positions", "segment_ids")
+        }
+        out["tokens"][:n] = [r["tokens"] for r in rows]
+        out["positions"][:n] = [r["tokens_positions"] for r in rows]
+        out["segment_ids"][:n] = [r["tokens_segment_ids"] for r in rows]
+        seg = out["segment_ids"]
+        out["tokens"][seg == 0] = self.pad_id
+        out["positions"][seg == 0] = 0
+        next_same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+        out["loss_mask"] = np.pad(next_same, ((0, 0), (0, 1))).astype(np.float32)
+        return out
+
+
+def padding_batch(cfg: DataConfig, process_count: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of this process's shape that is all padding: no token is a target (see Collate)."""
+    shape = (cfg.global_batch_size // process_count, cfg.seq_len)
+    zeros = np.zeros(shape, np.int32)
+    return {
+        "tokens": np.full(shape, pad_id, np.int32),
+        "positions": zeros,
+        "segment_ids": zeros,
+        "loss_mask": np.zeros(shape, np.float32),
+    }
+
+
+def build_dataset(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    shuffle: bool = True,
+) -> grain.IterDataset:
+    """The named Grain stages of the module docstring; validation never shuffles nor repeats."""
+    if cfg.global_batch_size % process_count or not 0 <= process_index < process_count:
+        raise DataError(
+            f"data.global_batch_size={cfg.global_batch_size} must split evenly over "
+            f"{process_count} processes (process_index={process_index})"
+        )
+    docs = list_documents(cfg, split)
+    if split == "validation":
+        repeat = shuffle = False
+    if not repeat and len(docs) < process_count:
+        raise DataError(
+            f"the {split} split has {len(docs)} documents, fewer than {process_count} processes"
+        )
+    ds = grain.MapDataset.source(docs)
+    if shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.map(Tokenize(tokenizer))
+    # Two reader threads keep tokenizing ahead of the packer; a small buffer bounds the work wasted
+    # (and memory held) when a run stops.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"tokens": cfg.seq_len})
+    if shuffle and cfg.shuffle_window > 1:  # consecutive rows come from one long document: mix them
+        ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
+    B = cfg.global_batch_size // process_count
+    ds = ds.batch(B, batch_fn=Collate(B, tokenizer.pad_id))
+    if cfg.worker_count:
+        from absl import flags  # Grain reads its absl flags when starting workers
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(
+            grain.multiprocessing.MultiprocessingOptions(
+                num_workers=cfg.worker_count, per_worker_buffer_size=2
+            )
+        )
+    return ds
+
+
+class DataIterator:
+    """Batches for this process; `get_state()` after n batches resumes exactly at batch n + 1."""
+
+    def __init__(self, ds: grain.IterDataset, fingerprint: dict):
+        self._it = iter(ds)
+        self._fingerprint = fingerprint
+
+    def __iter__(self) -> "DataIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        # Worker outputs live in shared memory; copying (~40 KB) frees it now, not at exit.
+        return {k: np.array(v) for k, v in next(self._it).items()}
+
+    def get_state(self) -> dict:
+        return {"fingerprint": self._fingerprint, "grain": _to_json(self._it.get_state())}
+
+    def set_state(self, state: dict) -> None:
+        old = state.get("fingerprint", {})
+        diff = sorted(k for k in self._fingerprint if old.get(k) != self._fingerprint[k])
+        if diff:
+            raise DataError(
+                "data state was saved by a different pipeline; changed: "
+                + ", ".join(f"{k} {old.get(k)!r} -> {self._fingerprint[k]!r}" for k in diff)
+            )
+        self._it.set_state(_from_json(state["grain"]))
+
+    def close(self) -> None:
+        """Stops Grain's threads and worker processes; the iterator is unusable afterwards."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+            gc.collect()  # finalize Grain's iterators now: at interpreter exit their __del__ fails
+
+
+def make_iterator(
+    cfg: DataConfig,
+    split: str,
+    tokenizer: Tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    shuffle: bool = True,
+) -> DataIterator:
+    """This process's batches of `split`; validation ignores shuffle/repeat (one fixed pass).
+
+    With `worker_count > 0`, Grain spawns worker processes, so the calling script needs an
+    `if __name__ == "__main__":` guard; call `close()` to stop them. The state is tied to the data
+    config and process layout: `set_state` raises DataError naming what changed.
+    """
+    kw = {"process_index": process_index, "process_count": process_count, "repeat": repeat}
+    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, **kw)
+    fingerprint = {"split": split, "shuffle": shuffle, **kw, **dataclasses.asdict(cfg)}
+    return DataIterator(ds, fingerprint)
+
+
+def _to_json(x):
+    """Grain state -> JSON, keeping tuples and non-string keys (json would turn them into lists/str)."""
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x):
+            return {k: _to_json(v) for k, v in x.items()}
+        return {"__items__": [[_to_json(k), _to_json(v)] for k, v in x.items()]}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_to_json(v) for v in x]}
+    if isinstance(x, list):
+        return [_to_json(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _from_json(x):
+    if isinstance(x, dict):
+        if "__tuple__" in x:
+            return tuple(_from_json(v) for v in x["__tuple__"])
+        if "__items__" in x:
+            return {_from_json(k): _from_json(v) for k, v in x["__items__"]}
+        return {k: _from_json(v) for k, v in x.items()}
+    return [_from_json(v) for v in x] if isinstance(x, list) else x

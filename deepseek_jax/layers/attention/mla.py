@@ -1,0 +1,333 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1), naive, absorbed and, with the V3.2
+lightning indexer (DSA), sparse.
+
+    c_q = RMSNorm(x W_dq)            [q_nope; q_rope] = c_q W_uq      (or x W_q when Q = 0)
+    [c_kv; k_rope] = x W_dkv          c_kv <- RMSNorm(c_kv)
+    k_nope = c_kv W_uk   v = c_kv W_uv   (per head)      k_rope = RoPE(k_rope), shared by all heads
+    out = softmax((q_nope·k_nope + q_rope·k_rope) * scale) v W_o
+
+The naive path builds per-head keys and values (training). The absorbed path folds W_uk into the
+query and W_uv after the softmax, so attention runs in the latent space and a decode cache holds
+only c_kv and k_rope per token: C + R numbers instead of N(H + R + O).
+
+DSA (V3.2-Exp; indexer.py has the indexer's equations): with `index` set, an indexer submodule
+scores every visible key and each query attends in latent space to its top-U only (MLA's MQA
+mode, as the paper instantiates DSA): it gathers its U latent keys (C + R numbers each), so no
+[T, S] logits or probabilities exist beyond the indexer's; the gathered keys cost O(B·T·U·(C+R)).
+`index_q_block` = b runs b queries at a time under remat (O(B·b·S·P) + O(B·b·U·(C+R)) live); only
+the boolean [B, T, S] visibility mask stays whole. The decode cache also holds the indexer keys.
+Training (DSA paper §2.1): dense warm-up, attention stays dense (naive) and the indexer learns
+the KL to it over all visible keys; sparse stage, both are restricted to S_t and the indexer's
+inputs are detached, so it learns only from its KL and the main model only from the LM loss.
+
+References: deepseek-ai/DeepSeek-V3 inference/model.py `MLA` (`attn_impl` naive | absorb);
+DeepSeek_V3_2.pdf §2; HF transformers 5.24 models/deepseek_v32/modeling_deepseek_v32.py
+(`DeepseekV32Attention`).
+
+Letters: N heads, H q/k head dim without rope, R rope dim, O value head dim, Q query latent,
+C KV latent, S key slots, U keys selected per query (min(`index_topk`, S)), P indexer heads,
+Y indexer head dim; r = R/2 (cos/sin).
+"""
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.axes import constrain, dense_init, param
+from deepseek_jax.config import IndexerConfig, MLAConfig, RopeConfig
+from deepseek_jax.layers.attention.core import (
+    cache_mask,
+    cache_write,
+    causal_mask,
+    gather_keys,
+    masked_softmax,
+    over_query_blocks,
+)
+from deepseek_jax.layers.attention.indexer import (
+    DSAIndexer,
+    index_scores,
+    indexer_loss_dense,
+    indexer_loss_sparse,
+    mean_over_tokens,
+    select_topk,
+)
+from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, yarn_inv_freq, yarn_mscale
+
+
+class LatentCache(NamedTuple):
+    """Per-layer decode cache: what the absorbed (or sparse) path needs of every past token."""
+
+    kv_latent: jax.Array  # [B, S, C], normed c_kv
+    k_rope: jax.Array  # [B, S, R], rotated
+    index_k: jax.Array | None = None  # [B, S, Y] normed, rotated indexer keys (DSA only)
+
+
+def init_mla_cache(
+    cfg: MLAConfig, index: IndexerConfig | None, batch: int, max_len: int, dtype
+) -> LatentCache:
+    """An empty decode cache for one layer, up to max_len tokens."""
+    zeros = lambda width: jnp.zeros((batch, max_len, width), dtype)  # noqa: E731
+    index_k = None if index is None else zeros(index.index_head_dim)
+    return LatentCache(zeros(cfg.kv_lora_rank), zeros(cfg.qk_rope_head_dim), index_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def mla_naive(
+    q_nope_BTNH, q_rope_BTNR, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale
+):
+    """Attention with materialised per-head keys and values; returns [B, T, N, O]. Kept apart
+    from `latent_logits`: contracting with per-head keys rounds differently from the latent path,
+    and training (and the HF parity tests) use these numerics."""
+    k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", kv_latent_BSC, w_uk_CNH)
+    v_BSNO = jnp.einsum("BSC,CNO->BSNO", kv_latent_BSC, w_uv_CNO)
+    f32 = jnp.float32
+    logits_BTNS = jnp.einsum(
+        "BTNH,BSNH->BTNS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32
+    )
+    logits_BTNS += jnp.einsum("BTNR,BSR->BTNS", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32)
+    probs_BTNS = masked_softmax(logits_BTNS * scale, mask_BTS).astype(v_BSNO.dtype)
+    return jnp.einsum("BTNS,BSNO->BTNO", probs_BTNS, v_BSNO)
+
+
+def _key_axes(kv_latent: jax.Array) -> tuple[str, str]:
+    """Einsum letters of the keys' leading axes and of the key axis: shared keys [B, S, ...] or
+    keys gathered per query [B, T, U, ...]."""
+    return ("BS", "S") if kv_latent.ndim == 3 else ("BTU", "U")
+
+
+def latent_logits(q_nope_BTNH, q_rope_BTNR, w_uk_CNH, kv_latent, k_rope, scale) -> jax.Array:
+    """q·k = (W_ukᵀ q_nope)·c + q_rope·k_rope, times scale, in f32; per-head keys are never built.
+    Keys kv_latent [B, S, C], k_rope [B, S, R] give [B, T, N, S]; keys gathered per query,
+    [B, T, U, C] and [B, T, U, R], give [B, T, N, U]."""
+    keys, k = _key_axes(kv_latent)
+    f32 = jnp.float32
+    q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
+    logits = jnp.einsum(
+        f"BTNC,{keys}C->BTN{k}", q_latent_BTNC, kv_latent, preferred_element_type=f32
+    )
+    logits += jnp.einsum(f"BTNR,{keys}R->BTN{k}", q_rope_BTNR, k_rope, preferred_element_type=f32)
+    return logits * scale
+
+
+def latent_attention(q_nope_BTNH, q_rope_BTNR, kv_latent, k_rope, w_uk_CNH, w_uv_CNO, mask, scale):
+    """MLA in latent space over shared or gathered keys (see `latent_logits`; mask [B, T, S or U]):
+    (out [B, T, N, O], probs [B, T, N, S or U] in f32). W_uv is applied after the softmax."""
+    keys, k = _key_axes(kv_latent)
+    probs = masked_softmax(
+        latent_logits(q_nope_BTNH, q_rope_BTNR, w_uk_CNH, kv_latent, k_rope, scale), mask
+    )
+    ctx_BTNC = jnp.einsum(f"BTN{k},{keys}C->BTNC", probs.astype(kv_latent.dtype), kv_latent)
+    return jnp.einsum("BTNC,CNO->BTNO", ctx_BTNC, w_uv_CNO), probs
+
+
+def mla_absorbed(
+    q_nope_BTNH, q_rope_BTNR, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale
+):
+    """The naive path's attention computed in latent space, over all visible keys: [B, T, N, O]."""
+    args = (kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale)
+    return latent_attention(q_nope_BTNH, q_rope_BTNR, *args)[0]
+
+
+def mla_sparse(
+    q_nope_BTNH,
+    q_rope_BTNR,
+    kv_latent_BSC,
+    k_rope_BSR,
+    w_uk_CNH,
+    w_uv_CNO,
+    idx_BTU,
+    valid_BTU,
+    scale,
+) -> tuple[jax.Array, jax.Array]:
+    """MLA in latent space over each query's selected keys only: (out [B, T, N, O], probs
+    [B, T, N, U] f32). The absorbed path's math with the [B, S] keys replaced by gathered ones."""
+    kv_latent_BTUC = gather_keys(kv_latent_BSC, idx_BTU)
+    k_rope_BTUR = gather_keys(k_rope_BSR, idx_BTU)
+    args = (kv_latent_BTUC, k_rope_BTUR, w_uk_CNH, w_uv_CNO, valid_BTU, scale)
+    return latent_attention(q_nope_BTNH, q_rope_BTNR, *args)
+
+
+def dsa_attention(queries, keys, index_qw, w_ukv, mask_BTS, scale, *, topk, dense, with_loss):
+    """Indexer scores, then top-k sparse (or, in the dense warm-up, dense) MLA attention.
+
+    queries = (q_nope [B,T,N,H], q_rope [B,T,N,R]), keys = (kv_latent [B,S,C], k_rope [B,S,R],
+    index_k [B,S,Y]), index_qw = (index_q [B,T,P,Y], index_w [B,T,P]), w_ukv = (w_uk, w_uv).
+    Returns out [B, T, N, O], the selected slots [B, T, U] (-1 = none; None when dense) and the
+    per-query indexer KL [B, T] (None unless with_loss). Row-local in T: see over_query_blocks.
+    """
+    (kv_latent_BSC, k_rope_BSR, ik_BSY), (iq_BTPY, iw_BTP) = keys, index_qw
+    w_uk_CNH, w_uv_CNO = w_ukv
+    with jax.named_scope("indexer"):
+        scores_BTS = index_scores(iq_BTPY, ik_BSY, iw_BTP, mask_BTS)
+    if dense:
+        out_BTNO = mla_naive(*queries, kv_latent_BSC, k_rope_BSR, *w_ukv, mask_BTS, scale)
+        if not with_loss:
+            return out_BTNO, None, None
+        logits_BTNS = latent_logits(*queries, w_uk_CNH, kv_latent_BSC, k_rope_BSR, scale)
+        kl_BT = indexer_loss_dense(masked_softmax(logits_BTNS, mask_BTS), scores_BTS, mask_BTS)
+        return out_BTNO, None, kl_BT
+    idx_BTU, valid_BTU = select_topk(scores_BTS, mask_BTS, topk)
+    with jax.named_scope("sparse_attention"):
+        out_BTNO, probs_BTNU = mla_sparse(
+            *queries, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, idx_BTU, valid_BTU, scale
+        )
+    kl_BT = indexer_loss_sparse(probs_BTNU, scores_BTS, idx_BTU, valid_BTU) if with_loss else None
+    return out_BTNO, jnp.where(valid_BTU, idx_BTU, -1), kl_BT
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
+class MLA(nn.Module):
+    """MLA; with `index`, DSA: the lightning indexer is a submodule (`indexer/*`) and attention is
+    top-k sparse. Parameters are created in one fixed order (query, kv, [indexer], heads): Flax
+    derives init values from it, and converters and golden sharding specs from the names."""
+
+    cfg: MLAConfig
+    rope: RopeConfig
+    dim: int  # D
+    norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.bfloat16
+    index: IndexerConfig | None = None  # the DSA lightning indexer (V3.2), or None
+
+    def setup_rope(self):
+        rope, R = self.rope, self.cfg.qk_rope_head_dim
+        inv_freq = yarn_inv_freq(
+            R,
+            rope.rope_theta,
+            rope.rope_factor,
+            rope.original_seq_len,
+            rope.beta_fast,
+            rope.beta_slow,
+        )
+        # HF folds mscale/mscale_all_dim into cos/sin and mscale_all_dim^2 into the softmax scale;
+        # the official code uses mscale for both, which is the same when the two are equal.
+        cos_scale = yarn_mscale(rope.rope_factor, rope.mscale) / yarn_mscale(
+            rope.rope_factor, rope.mscale_all_dim
+        )
+        softmax_scale = (
+            self.cfg.qk_head_dim**-0.5 * yarn_mscale(rope.rope_factor, rope.mscale_all_dim) ** 2
+        )
+        return inv_freq, cos_scale, softmax_scale
+
+    def query(self, x_BTD, cos_BTr, sin_BTr):
+        """c_q [B, T, Q] (None when Q = 0), q_nope [B, T, N, H], q_rope [B, T, N, R] (rotated)."""
+        c, D, N, K = self.cfg, self.dim, self.cfg.n_heads, self.cfg.qk_head_dim
+        head_init, c_q_BTQ = dense_init([0], [1, 2]), None
+        if c.q_lora_rank > 0:
+            Q = c.q_lora_rank
+            w_dq_DQ = param(self, "w_dq", ("embed", "q_latent"), (D, Q), dense_init([0], [1]))
+            w_uq_QNK = param(self, "w_uq", ("q_latent", "heads", "head_dim"), (Q, N, K), head_init)
+            c_q_BTQ = jnp.einsum("BTD,DQ->BTQ", x_BTD, w_dq_DQ.astype(self.dtype))
+            c_q_BTQ = RMSNorm(Q, self.norm_eps, "q_latent", self.dtype, name="q_norm")(c_q_BTQ)
+            q_BTNK = jnp.einsum("BTQ,QNK->BTNK", c_q_BTQ, w_uq_QNK.astype(self.dtype))
+        else:
+            w_q_DNK = param(self, "w_q", ("embed", "heads", "head_dim"), (D, N, K), head_init)
+            q_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, w_q_DNK.astype(self.dtype))
+        q_rope_BTNR = apply_rope(
+            q_BTNK[..., c.qk_nope_head_dim :], cos_BTr[:, :, None], sin_BTr[:, :, None]
+        )
+        return c_q_BTQ, q_BTNK[..., : c.qk_nope_head_dim], q_rope_BTNR
+
+    def key_value(self, x_BTD, cos_BTr, sin_BTr):
+        """kv_latent [B, T, C] (normed) and k_rope [B, T, R] (rotated): what the cache holds."""
+        D, C, R = self.dim, self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim
+        w_dkv_DC = param(self, "w_dkv", ("embed", "kv_latent"), (D, C + R), dense_init([0], [1]))
+        kv_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, w_dkv_DC.astype(self.dtype))
+        kv_latent_BTC = RMSNorm(C, self.norm_eps, "kv_latent", self.dtype, name="kv_norm")(
+            kv_BTC[..., :C]
+        )
+        return kv_latent_BTC, apply_rope(kv_BTC[..., C:], cos_BTr, sin_BTr)
+
+    def head_weights(self):
+        """w_uk [C, N, H], w_uv [C, N, O] (compute dtype) and w_o [N, O, D] (f32)."""
+        c, N, C = self.cfg, self.cfg.n_heads, self.cfg.kv_lora_rank
+        H, O, head_init = c.qk_nope_head_dim, c.v_head_dim, dense_init([0], [1, 2])
+        w_uk_CNH = param(self, "w_uk", ("kv_latent", "heads", "head_dim"), (C, N, H), head_init)
+        w_uv_CNO = param(self, "w_uv", ("kv_latent", "heads", "head_dim"), (C, N, O), head_init)
+        w_o_NOD = param(
+            self, "w_o", ("heads", "head_dim", "embed"), (N, O, self.dim), dense_init([0, 1], [2])
+        )
+        return w_uk_CNH.astype(self.dtype), w_uv_CNO.astype(self.dtype), w_o_NOD
+
+    def indexer(self, x_BTD, c_q_BTQ, cos_BTr, sin_BTr):
+        """The DSA indexer's q [B, T, P, Y], k [B, T, Y], w [B, T, P] (MLA's RoPE, as in HF).
+        Sparse stage: the indexer learns only from its KL (paper §2.1): its inputs are detached."""
+        c, ic = self.cfg, self.index
+        detach = (lambda a: a) if ic.index_dense_warmup else jax.lax.stop_gradient
+        indexer = DSAIndexer(ic, self.dim, c.q_lora_rank, self.dtype, name="indexer")
+        return indexer(detach(x_BTD), detach(c_q_BTQ), cos_BTr, sin_BTr)
+
+    def attend(
+        self, queries, keys: LatentCache, index_qw, w_ukv, mask_BTS, scale, cached, index_loss
+    ):
+        """out [B, T, N, O] and the per-query indexer KL [B, T] (or None). Without the indexer:
+        naive attention for a full forward, absorbed when decoding from the latent cache."""
+        ic = self.index
+        if ic is None:
+            attention = mla_absorbed if cached else mla_naive
+            return attention(*queries, keys.kv_latent, keys.k_rope, *w_ukv, mask_BTS, scale), None
+        core = functools.partial(
+            dsa_attention, keys=tuple(keys), w_ukv=w_ukv, scale=scale, topk=ic.index_topk,
+            dense=ic.index_dense_warmup, with_loss=index_loss,
+        )  # fmt: skip
+        out_BTNO, idx_BTU, kl_BT = over_query_blocks(
+            lambda qn, qr, iq, iw, m: core((qn, qr), index_qw=(iq, iw), mask_BTS=m),
+            ic.index_q_block, *queries, *index_qw, mask_BTS,
+        )  # fmt: skip
+        if idx_BTU is not None:
+            self.sow("intermediates", "index_topk_BTU", idx_BTU)
+        return out_BTNO, kl_BT
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        segment_ids_BT: jax.Array | None = None,
+        cache: LatentCache | None = None,
+        cache_index: jax.Array | int = 0,
+        cache_start_B: jax.Array | None = None,
+        index_loss: bool = False,
+    ) -> tuple[jax.Array, LatentCache | None, jax.Array | None]:
+        """(out [B, T, D], the updated cache or None, the layer's mean per-token indexer KL when
+        index_loss, else None). With a cache, the T new tokens are written at cache_index."""
+        c, ic = self.cfg, self.index
+        if ic is None and index_loss:
+            raise ValueError("MLA: index_loss=True needs the DSA indexer (index=IndexerConfig)")
+        if ic is not None:
+            ic.check_against(c.q_lora_rank, c.qk_rope_head_dim)
+        B, T, _ = x_BTD.shape
+        x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
+        inv_freq, cos_scale, scale = self.setup_rope()
+        cos_BTr, sin_BTr = rope_cos_sin(positions_BT, inv_freq, cos_scale)  # the indexer's too
+        c_q_BTQ, q_nope_BTNH, q_rope_BTNR = self.query(x_BTD, cos_BTr, sin_BTr)
+        kv_latent_BTC, k_rope_BTR = self.key_value(x_BTD, cos_BTr, sin_BTr)
+        iq_BTPY = ik_BTY = iw_BTP = None
+        if ic is not None:
+            iq_BTPY, ik_BTY, iw_BTP = self.indexer(x_BTD, c_q_BTQ, cos_BTr, sin_BTr)
+        w_uk_CNH, w_uv_CNO, w_o_NOD = self.head_weights()
+
+        keys = LatentCache(kv_latent_BTC, k_rope_BTR, ik_BTY)
+        if cache is None:  # training / full forward
+            mask_BTS = causal_mask(segment_ids_BT, B, T)
+        else:  # decoding: append to the cache, attend over its slots
+            cache = cache_write(cache, keys, cache_index)
+            mask_BTS = cache_mask(B, T, cache.kv_latent.shape[1], cache_index, cache_start_B)
+            keys = LatentCache(*(None if a is None else a.astype(self.dtype) for a in cache))
+        out_BTNO, kl_BT = self.attend(
+            (q_nope_BTNH, q_rope_BTNR), keys, (iq_BTPY, iw_BTP), (w_uk_CNH, w_uv_CNO), mask_BTS,
+            scale, cache is not None, index_loss,
+        )  # fmt: skip
+        real_BT = None if segment_ids_BT is None else segment_ids_BT > 0  # segment 0 = padding
+        kl = None if kl_BT is None else mean_over_tokens(kl_BT, real_BT)
+        out_BTNO = constrain(out_BTNO, ("act_batch", "act_seq", "act_heads", None))
+        return jnp.einsum("BTNO,NOD->BTD", out_BTNO, w_o_NOD.astype(self.dtype)), cache, kl

@@ -1,0 +1,95 @@
+"""The one registry of model variants, keyed by the config: nothing else asks which family it has.
+
+`build_model(cfg)` is the decoder (every variant is a config of it), `build_cache` its empty decode
+cache, `router_bias_rows` where each selection bias sits and which rows of the routing counts
+update it, `converter(cfg)` the HF name table for the layout (V3 / V3.2 or V4) the config has.
+"""
+
+from types import ModuleType
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import ConfigError, ModelConfig
+from deepseek_jax.layers.attention import init_mla_cache, init_v4_attention_cache
+from deepseek_jax.models.common import (
+    LayerKind,
+    ModelOutput,
+    MTPOutput,
+    check_remat_backend,
+    layer_kinds,
+    layer_segments,
+    mtp_kind,
+)
+from deepseek_jax.models.decoder import Decoder
+
+__all__ = [
+    "BiasRows", "Decoder", "LayerKind", "MTPOutput", "ModelOutput", "build_cache", "build_model",
+    "check_remat_backend", "converter", "layer_kinds", "layer_segments", "mtp_kind", "router_bias_rows",
+]
+
+
+def build_model(cfg: ModelConfig) -> Decoder:
+    return Decoder(cfg)
+
+
+def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dtype):
+    if kind.attention == "v4":
+        return init_v4_attention_cache(cfg.v4, kind.ratio, batch, max_len, dtype)
+    return init_mla_cache(cfg.mla, cfg.index if kind.attention == "dsa" else None, batch, max_len, dtype)
+
+
+def build_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty decode cache: per segment, a tuple over its pattern slots of per-layer caches
+    stacked [repeats, ...] (MLA: latents and rope keys, + indexer keys for DSA; V4: window ring,
+    compressed entries, compressor and indexer state)."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    cache = {}
+    for seg in layer_segments(layer_kinds(cfg)):
+        slots = []
+        for kind in seg.kinds:
+            one = _layer_cache(cfg, kind, batch, max_len, dtype)
+            slots.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (seg.repeats, *a.shape)), one))
+        cache[seg.name] = tuple(slots)
+    return cache
+
+
+class BiasRows(NamedTuple):
+    """A selection bias in the `router` collection and the routing counts that update it."""
+
+    path: tuple[str, ...]  # e.g. ("layers_3_42", "block_1", "ffn", "bias"), stacked [R, E]
+    source: str  # "main": ModelOutput.routing.counts; "mtp": ModelOutput.mtp.routing.counts
+    rows: tuple[int, ...] | int  # the counts' rows, in the bias's order (an int: an unstacked [E])
+
+
+def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
+    """Every learned-routing MoE layer's bias, MTP included (hash-routed and dense layers have none)."""
+    kinds = layer_kinds(cfg)
+    moe_row = np.cumsum([k.ffn != "dense" for k in kinds]) - 1  # layer -> row of routing.counts
+    rows = []
+    for seg in layer_segments(kinds):
+        for k, kind in enumerate(seg.kinds):
+            if kind.ffn == "moe":
+                rows.append(BiasRows((seg.name, f"block_{k}", "ffn", "bias"), "main",
+                                     tuple(int(moe_row[layer]) for layer in seg.layers(k))))
+    for k in range(cfg.num_nextn_predict_layers):
+        rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
+    return rows
+
+
+def converter(cfg: ModelConfig) -> ModuleType:
+    """The HF checkpoint layout of this composition: `convert.hf` (DeepseekV3 / V32: MLA blocks on a
+    plain residual) or `convert.hf_v4` (DeepseekV4: V4 attention on mHC streams)."""
+    from deepseek_jax.convert import hf, hf_v4  # the converters read the registry's layer plan
+
+    attention = {k.attention for k in layer_kinds(cfg)}
+    if attention <= {"mla", "dsa"} and cfg.mhc is None:
+        return hf
+    if attention == {"v4"} and cfg.mhc is not None:
+        return hf_v4
+    raise ConfigError(
+        f"no HF checkpoint layout holds this composition (attention {sorted(attention)}, "
+        f"residual {'mHC' if cfg.mhc else 'plain'}): it can be trained and saved with Orbax, not converted"
+    )
