@@ -6,22 +6,26 @@ measured in the same run as the MFU denominator. Prints a Markdown table and wri
 experiments/results/bench_train.md.
 
 `--remat` instead runs one config (v3_100m at 4 x 256 by default) under each `model.remat` policy
-(the jax.checkpoint policy of the scanned blocks) and writes experiments/results/bench_remat.md:
-per policy, compile time (lower + compile of the state-donating step), the median step time of
---steps steps after a warm-up step, tokens/s, XLA's compiled memory analysis (temporaries, and
-arguments + outputs - donated aliases + temporaries: the executable's peak; deterministic, unlike
-process RSS), and the first step's loss and gradient norm, which must agree across policies (remat
-changes what is stored, not the math). Every policy starts from the same initial state and sees
-the same batches. `offload` is reported as not run where `check_remat_backend` refuses it (CPU).
+(the jax.checkpoint policy of the scanned blocks) and writes experiments/results/bench_remat.md.
+Per policy: compile time (lower + compile of the state-donating step); the median step time of
+--steps steps after a warm-up step, the policies' steps interleaved so that load from other jobs
+falls on all of them alike; tokens/s; CPU time and minor page faults per step; XLA's compiled
+memory analysis (temporaries, and arguments + outputs - donated aliases + temporaries, the
+executable's peak: deterministic, unlike process RSS); and the first step's loss and gradient norm,
+which must agree across policies (remat changes what is stored, not the math). Every policy starts
+from the same initial state and sees the same batches. `offload` is reported as not run where
+`check_remat_backend` refuses it (CPU). A hand-written "## Reading" section in bench_remat.md is
+kept across reruns.
 
     python experiments/bench_train.py [--steps 5] [--impl blocked]
-    python experiments/bench_train.py --remat [--steps 3] [--config configs/model/v3_100m.yaml --batch 4 --seq 256]
+    python experiments/bench_train.py --remat [--steps 6] [--config configs/model/v3_100m.yaml --batch 4 --seq 256]
 """
 
 import argparse
 import dataclasses
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -67,7 +71,7 @@ def bench(name: str, path: str, batch: int, seq: int, steps: int, impl: str | No
     state = p.init_state()
     step = jax.jit(p.train_step, donate_argnums=0)
     rng = np.random.default_rng(0)
-    batch_of = lambda: {  # noqa: E731
+    batch_of = lambda: {
         "tokens": jnp.asarray(rng.integers(0, model_cfg.vocab_size, (batch, seq)), jnp.int32),
         "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
         "segment_ids": jnp.ones((batch, seq), jnp.int32),
@@ -79,7 +83,7 @@ def bench(name: str, path: str, batch: int, seq: int, steps: int, impl: str | No
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, batch_of())
+        state, _ = step(state, batch_of())
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
     counts = count_params(model_cfg)
@@ -102,8 +106,9 @@ def synthetic_batches(p, n: int) -> list[dict]:
     return [jax.device_put(b, p.batch_sharding) for b in host]
 
 
-def bench_remat(model_cfg, policy: str, batch: int, seq: int, steps: int) -> dict:
-    """One policy: compile, memory analysis, a warm-up step (its loss and grad norm), `steps` timed steps."""
+def prepare_remat(model_cfg, policy: str, batch: int, seq: int, steps: int) -> dict:
+    """One policy compiled, its memory analysis, and one warm-up step (its loss and grad norm); the
+    state and the `steps` timed batches are kept for `time_remat`."""
     model_cfg = dataclasses.replace(model_cfg, remat=policy)
     row = {"policy": policy}
     try:
@@ -115,20 +120,34 @@ def bench_remat(model_cfg, policy: str, batch: int, seq: int, steps: int) -> dic
     p = build_program(cfg, make_mesh(cfg.mesh), rules(cfg.mesh))
     t0 = time.perf_counter()
     compiled = p.lower().compile()
-    row["compile_s"] = time.perf_counter() - t0
-    row["mem"] = memory(compiled)
-    state, batches = p.init_state(), synthetic_batches(p, steps + 1)
-    times = []
-    for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, b)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            row["loss"], row["grad_norm"] = float(metrics["loss"]), float(metrics["grad_norm"])
-    row["step_s"] = statistics.median(times[1:])
-    row["tokens_per_s"] = batch * seq / row["step_s"]
+    row.update(compile_s=time.perf_counter() - t0, mem=memory(compiled), step=compiled, times=[],
+               usage=[])
+    first, *row["batches"] = synthetic_batches(p, steps + 1)
+    state, metrics = compiled(p.init_state(), first)
+    row.update(state=state, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]))
     return row
+
+
+def time_remat(rows: list[dict], steps: int) -> None:
+    """`steps` rounds of one step per policy, interleaved so that load from other jobs falls on
+    every policy alike; each row gets the medians of its step time, the process's user and system
+    CPU time and minor page faults per step, and tokens/s."""
+    live = [r for r in rows if "skipped" not in r]
+    for i in range(steps):
+        for r in live:
+            ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            r["state"], metrics = r["step"](r["state"], r["batches"][i])
+            jax.block_until_ready((r["state"], metrics))
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
+            r["times"].append(time.perf_counter() - t0)
+            r["usage"].append((ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime,
+                               ru1.ru_minflt - ru0.ru_minflt))  # fmt: skip
+    for r in live:
+        tokens = r["batches"][0]["tokens"].size
+        r["step_s"] = statistics.median(r["times"])
+        r["tokens_per_s"] = tokens / r["step_s"]
+        r["user_s"], r["sys_s"], r["faults"] = (statistics.median(u) for u in zip(*r["usage"]))
+        del r["state"], r["step"], r["batches"]
 
 
 def machine() -> str:
@@ -151,19 +170,23 @@ def remat_table(rows: list[dict]) -> list[str]:
 
     lines = [
         (
-            "| model.remat | compile (s) | step (s) | x none | tokens/s | temp (GiB) | x none "
-            "| peak (GiB) | x none | first-step loss | first-step grad norm |"
+            "| model.remat | compile (s) | step (s) | step min-max (s) | x none | tokens/s "
+            "| CPU user + sys (s) | page faults | temp (GiB) | x none | peak (GiB) | x none "
+            "| first-step loss | first-step grad norm |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['policy']} | not run: {r['skipped']} |" + " |" * 9)
+            reason = r["skipped"].replace("|", "\\|")  # the refusal lists the policies as a | b
+            lines.append(f"| {r['policy']} | not run: {reason} |" + " |" * 12)
             continue
         m = r["mem"]
         lines.append(
             f"| {r['policy']} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
+            f"| {min(r['times']):.2f}-{max(r['times']):.2f} "
             f"| {ratio(r, lambda x: x['step_s'])} | {r['tokens_per_s']:,.0f} "
+            f"| {r['user_s']:.2f} + {r['sys_s']:.2f} | {r['faults'] / 1e3:,.0f}k "
             f"| {_gib(m['temp'])} | {ratio(r, lambda x: x['mem']['temp'])} "
             f"| {_gib(m['peak_estimate'])} | {ratio(r, lambda x: x['mem']['peak_estimate'])} "
             f"| {r['loss']:.6f} | {r['grad_norm']:.6f} |"
@@ -174,7 +197,8 @@ def remat_table(rows: list[dict]) -> list[str]:
 def main_remat(ns) -> None:
     model_cfg = load_model_config([ROOT / ns.config])
     load0, t0 = os.getloadavg()[0], time.perf_counter()
-    rows = [bench_remat(model_cfg, policy, ns.batch, ns.seq, ns.steps) for policy in ns.policies]
+    rows = [prepare_remat(model_cfg, policy, ns.batch, ns.seq, ns.steps) for policy in ns.policies]
+    time_remat(rows, ns.steps)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     counts = count_params(model_cfg)
     base = next((r for r in rows if "mem" in r), None)
@@ -188,10 +212,12 @@ def main_remat(ns) -> None:
             f"{counts['active'] / 1e6:.1f}M active), {model_cfg.dtype}, MoE impl {model_cfg.moe.impl}, "
             f"batch {ns.batch} x {ns.seq} tokens; the full train step (MTP, balance loss, AdamW, bias "
             "update). Remat wraps the scanned decoder blocks only: embedding, head, MTP block and loss "
-            "are outside it (the loss's vocabulary chunks are rematerialised in every row)."
+            "are outside it (the cross-entropy is under its own jax.checkpoint in every row)."
         ),
         (
-            f"Step: median of {ns.steps} steps after one warm-up step. Memory: XLA's compiled memory "
+            f"Step: median of {ns.steps} steps after one warm-up step, the policies' steps interleaved "
+            "(one step of each in turn); CPU time (user + system, all threads) and minor page "
+            "faults of this process per step are medians too. Memory: XLA's compiled memory "
             "analysis (`compiled.memory_analysis()`), not process RSS: temp = temp_size_in_bytes "
             "(activations kept for the backward, gradients, workspace); peak = arguments + outputs - "
             f"donated aliases + temp (the arguments, state and batch, are {args} in every row)."
@@ -206,14 +232,17 @@ def main_remat(ns) -> None:
     ]
     table = "\n".join(lines)
     print(table)
+    reading = ""  # a hand-written "## Reading" section in the output file is kept
+    if ns.out.exists() and "\n## Reading" in ns.out.read_text():
+        reading = "\n## Reading" + ns.out.read_text().split("\n## Reading", 1)[1]
     ns.out.parent.mkdir(parents=True, exist_ok=True)
-    ns.out.write_text("# bench_train --remat\n\n" + table + "\n")
+    ns.out.write_text("# bench_train --remat\n\n" + table + "\n" + reading)
     print(f"\nwritten to {ns.out}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, help="timed steps (default 5; 3 with --remat)")
+    ap.add_argument("--steps", type=int, help="timed steps (default 5; 6 with --remat)")
     ap.add_argument("--impl", choices=["ragged", "blocked", "dense"], help="override the configs' MoE impl")
     ap.add_argument("--remat", action="store_true", help="the remat-policy table instead (bench_remat.md)")
     ap.add_argument("--config", default="configs/model/v3_100m.yaml", help="--remat: model config")
@@ -223,14 +252,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REMAT_OUT, help="--remat: output file")
     ns = ap.parse_args()
     if ns.remat:
-        ns.steps = ns.steps or 3
+        ns.steps = ns.steps or 6
         return main_remat(ns)
     ns.steps = ns.steps or 5
     peak = measure_peak_flops()
     rows = [bench(name, path, b, t, ns.steps, ns.impl or impl) for name, path, b, t, impl in CASES]
     lines = [
-        f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x {jax.devices()[0].platform}"
-        f" (jax {jax.__version__}); measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s per device.",
+        (
+            f"Machine: {platform.processor() or platform.machine()}, {jax.device_count()} x "
+            f"{jax.devices()[0].platform} (jax {jax.__version__}); measured float32 matmul peak "
+            f"{peak / 1e9:.1f} GFLOP/s per device."
+        ),
         "",
         "| config | params (total / active) | MoE impl | batch | compile (s) | step (s) | tokens/s | MFU |",
         "|---|---|---|---|---|---|---|---|",

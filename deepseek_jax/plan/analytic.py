@@ -119,7 +119,7 @@ def _dispatch_parts(mcfg, M: int, ep: int, replicated_tokens: bool) -> list[Part
     if mcfg.moe.dispatch == "a2a":
         C = X if cf == 0 else max(1, math.ceil(cf * X / ep))
         return [("all-to-all", 5, ep * C * (D * (2 * c + 2 * f) + 4))]
-    if mcfg.moe.dispatch == "ragged_a2a":
+    if mcfg.moe.dispatch in ("ragged_a2a", "ragged_a2a_emulated"):  # emulated: the collective it stands in for
         return [("ragged-all-to-all", 4, (ep * X + X) * D * (c + f)), ("all-gather", 1, ep * E * 4)]
     C = M if cf == 0 else max(1, math.ceil(cf * X / E))  # dense (GShard)
     return [("all-to-all", 4, E * C * D * (2 * c + 2 * f))]
