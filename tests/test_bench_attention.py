@@ -2,11 +2,12 @@
 (query blocking on), and the table's formatting of skipped rows, without the real sizes."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
+from tests.utils import ROOT
+
+PATH = ROOT / "experiments" / "bench_attention.py"
 
 
 @pytest.fixture(scope="module")

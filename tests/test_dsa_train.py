@@ -2,7 +2,6 @@
 config section, where the indexer KL's gradients go in the sparse stage, and which parameters one
 train step changes in the dense warm-up (the indexers only); frozen parameters in the optimizer."""
 
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -13,11 +12,11 @@ import pytest
 from deepseek_jax.config import ConfigError, load_config, load_model_config
 from deepseek_jax.models import build_model
 from deepseek_jax.optim import indexer_only, make_optimizer
-from deepseek_jax.sharding import make_mesh, rules
 from deepseek_jax.program import build_program
+from deepseek_jax.sharding import make_mesh, rules
 from deepseek_jax.train import TrainState, _loss_terms
+from tests.utils import ROOT
 
-ROOT = Path(__file__).parents[1]
 V32 = ROOT / "configs/model/tiny_v32.yaml"
 SMALL = [  # 1 dense + 1 MoE layer + MTP, T = 24 > index_topk = 8: the selection is sparse
     "model.n_layers=2", "model.vocab_size=256", "model.dim=64", "model.inter_dim=96",

@@ -2,7 +2,6 @@
 and top-p sampling keeps exactly the nucleus."""
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,9 @@ import pytest
 from deepseek_jax.config import load_model_config
 from deepseek_jax.generate import generate, sample_logits
 from deepseek_jax.models import build_model
+from tests.utils import CONFIGS
 
-TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
+TINY = CONFIGS / "model/tiny.yaml"
 
 
 @pytest.fixture(scope="module")

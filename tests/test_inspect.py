@@ -1,6 +1,5 @@
 """`inspect`: abstract on full-size configs (nothing allocated), a concrete forward on tiny."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ from deepseek_jax.cli import main
 from deepseek_jax.config import load_config
 from deepseek_jax.inspect_model import inspect
 from deepseek_jax.params import count_params
+from tests.utils import CONFIGS
 
-CONFIGS = Path(__file__).parents[1] / "configs"
 FULL_SIZE = sorted(CONFIGS.glob("model/deepseek_*.yaml"))
 
 

@@ -21,9 +21,9 @@ import yaml
 from deepseek_jax.config import load_config
 from deepseek_jax.data import list_documents, load_tokenizer, make_iterator
 from deepseek_jax.metrics import read_metrics
+from tests.utils import ROOT
 
 pytestmark = pytest.mark.slow  # 1.5-3 minutes on a busy 2-core machine: three runs, each compiling
-ROOT = Path(__file__).parents[1]
 # fsdp 2 x expert 4 over 8 devices: FSDP gathers cross the processes, the MoE dispatches over experts
 MESH = ROOT / "configs" / "mesh" / "fsdp_ep.yaml"
 TIMEOUT = 600  # seconds per run

@@ -1,7 +1,6 @@
 """The optimizer: schedule values, Muon/AdamW grouping of the tiny model, per-slice Muon,
 clipping, weight-decay mask, and that steps run and descend."""
 
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,8 +20,9 @@ from deepseek_jax.optim import (
     muon_dimension_numbers,
     param_groups,
 )
+from tests.utils import CONFIGS
 
-TINY = Path(__file__).parents[1] / "configs" / "model" / "tiny.yaml"
+TINY = CONFIGS / "model" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

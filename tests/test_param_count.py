@@ -23,14 +23,14 @@ What our counts say (run pytest with -s for the table):
 
 import functools
 import math
-from pathlib import Path
 
 import pytest
 
 from deepseek_jax.config import load_model_config, to_dict
 from deepseek_jax.params import count_params, param_shapes, param_summary
+from tests.utils import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = ROOT / "configs" / "model"
 V3_671B = CONFIGS / "deepseek_v3_671b.yaml"
 
 

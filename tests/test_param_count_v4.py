@@ -13,14 +13,14 @@ Activated = routed experts at 6/E + everything else in the main model, without t
 """
 
 import functools
-from pathlib import Path
 
 import pytest
 
 from deepseek_jax.config import load_model_config
 from deepseek_jax.params import count_params, param_summary
+from tests.utils import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = ROOT / "configs" / "model"
 # name: (derived main, derived active w/o embedding, headline main, headline active, headline digits)
 PUBLISHED = {
     "deepseek_v4_flash": (284.3e9, 13.3e9, 284e9, 13e9, 3),

@@ -16,14 +16,12 @@ the kv's 80 non-RoPE dims a full and a partial 1×64 block, W_oa's checkpoint ma
 """
 
 import dataclasses
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax import quant as Q
 from deepseek_jax.config import MoEConfig, RopeConfig, V4AttentionConfig, load_model_config
@@ -38,8 +36,8 @@ from deepseek_jax.layers.moe.router import route
 from deepseek_jax.layers.norms import rms_norm, rms_normalize
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
 from deepseek_jax.models import build_model
+from tests.utils import ROOT, TINY_V4_OVERRIDES, TOL, assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, D, EPS = 2, 24, 160, 1e-6
 MODES = ("fp8", "fp8_fp4")
 CFG = V4AttentionConfig(
@@ -333,16 +331,12 @@ def test_moe_gradients_finite(moe_outs):
 # test_model_v4.py's tiny V4 (tiny_v4.yaml, narrowed); the float forward is jitted in the same form
 # and shapes, so its compile comes from the persistent cache when that file ran first
 TINY_V4 = "configs/model/tiny_v4.yaml"
-TINY_OVERRIDES = ["model." + o for o in (
-    "v4.window_size=8", "v4.index_topk=4", "vocab_size=256", "dim=64", "moe.n_routed_experts=8",
-    "moe.n_activated_experts=2", "moe.moe_inter_dim=32", "v4.q_lora_rank=32", "v4.head_dim=32",
-    "v4.rope_head_dim=8", "v4.o_lora_rank=16", "v4.index_head_dim=16", "max_seq_len=64")]
 
 
 @pytest.mark.slow  # ~15-25 s: two traces and the quantised model's compile
 def test_tiny_v4_model_fp8_fp4_runs_close_to_float():
-    cfg = load_model_config([ROOT / TINY_V4], TINY_OVERRIDES)
-    cfg_q = load_model_config([ROOT / TINY_V4], TINY_OVERRIDES + ["model.quant_sim=fp8_fp4"])
+    cfg = load_model_config([ROOT / TINY_V4], TINY_V4_OVERRIDES)
+    cfg_q = load_model_config([ROOT / TINY_V4], TINY_V4_OVERRIDES + ["model.quant_sim=fp8_fp4"])
     assert (cfg.quant_sim, cfg_q.quant_sim) == ("none", "fp8_fp4")
     model, model_q = build_model(cfg), build_model(cfg_q)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40)), jnp.int32)

@@ -3,7 +3,9 @@
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).parents[1] / "deepseek_jax"
+from tests.utils import ROOT
+
+PACKAGE = ROOT / "deepseek_jax"
 
 
 def _module_name(path: Path) -> str:

@@ -8,7 +8,6 @@ files are complete; only sharding.py names mesh axes."""
 import ast
 import importlib.util
 import re
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,11 +20,20 @@ from deepseek_jax.config import MESH_AXES, ConfigError, load_config
 from deepseek_jax.models import build_model
 from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, make_mesh, rules
 from deepseek_jax.train import loss_fn
-from tests.utils import TOL, assert_close, assert_close_to_scale
+from tests.utils import ROOT, TOL, assert_close, assert_close_to_scale
 
 pytestmark = pytest.mark.multidevice
-ROOT = Path(__file__).parents[1]
 MESHES = sorted(p.stem for p in (ROOT / "configs" / "mesh").glob("*.yaml"))
+# the inner loop (`pytest -m "not slow"`) keeps three meshes that between them split every axis
+# but `context` (fsdp_ep, dp_ep, fsdp_tp); the others are `slow` (~2 s each warm, ~5 s cold)
+INNER_LOOP_MESHES = ("fsdp_ep", "dp_ep", "fsdp_tp")
+
+
+def slow_unless(values, keep) -> list:
+    """`values` as parametrize arguments, those not in `keep` marked slow."""
+    return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 EP_MESHES = ("fsdp_ep", "ep_tp", "dp_ep", "experts_on_fsdp")
 # the tiny model, two layers (one dense, one MoE) + MTP; E=16, D=128, F=96 are distinct sizes
 SMALL = ["model.n_layers=2", "model.vocab_size=512", "data.seq_len=32", "data.global_batch_size=8"]
@@ -159,8 +167,10 @@ def run_on_mesh(cfg, v, batch, lower_only=False):
     return compiled, jax.device_get(out), jax.device_get(grads), params
 
 
-def compare(out, grads, ref_out, ref_grads, what):
-    tol = TOL["resharded_f32"]
+def compare(out, grads, ref_out, ref_grads, what, scale_floors=None):
+    """scale_floors: {parameter name: the magnitude its gradient is compared at, when larger than the
+    gradient itself} for near-cancelling sums (the caller names why)."""
+    tol, scale_floors = TOL["resharded_f32"], scale_floors or {}
     for k in ("total", "ce", "mtp", "balance", "index"):
         assert_close(out[k], ref_out[k], **tol, what=f"{what}: {k}")
     np.testing.assert_array_equal(out["counts"], ref_out["counts"], err_msg=f"{what}: expert counts")
@@ -170,13 +180,17 @@ def compare(out, grads, ref_out, ref_grads, what):
     worst = (0.0, "")
     for (path, g), g_ref in zip(flat, jax.tree.leaves(ref_grads)):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        assert_close_to_scale(g, g_ref, tol["rtol"], what=f"{what}: grad {name}")
+        if name in scale_floors:
+            floor = max(scale_floors[name], float(np.max(np.abs(g_ref))))
+            assert_close(g / floor, g_ref / floor, rtol=tol["rtol"], atol=tol["rtol"], what=f"{what}: grad {name} / {floor:g}")
+        else:
+            assert_close_to_scale(g, g_ref, tol["rtol"], what=f"{what}: grad {name}")
         worst = max(worst, (float(np.max(np.abs(g - g_ref)) / (np.max(np.abs(g_ref)) or 1.0)), name))
     print(f"{what}: |Δ total| {abs(float(out['total']) - float(ref_out['total'])):.2e}, "
           f"max grad err / max|grad| {worst[0]:.2e} ({worst[1]})")
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", slow_unless(MESHES, INNER_LOOP_MESHES))
 def test_layout_invariance_every_mesh(mesh, reference):
     """Loss, gradients, expert counts and balance loss equal the single-device ones (ring dispatch)."""
     v, batch, ref_out, ref_grads = reference
@@ -184,7 +198,7 @@ def test_layout_invariance_every_mesh(mesh, reference):
     compare(out, grads, ref_out, ref_grads, mesh)
 
 
-@pytest.mark.parametrize("mesh", V32_MESHES)
+@pytest.mark.parametrize("mesh", slow_unless(V32_MESHES, ("fsdp_tp",)))  # ep_tp: ~1.5 s warm, ~3.5 s cold
 def test_layout_invariance_v32(mesh, reference_v32):
     """The tiny V3.2's DSA blocks: loss, indexer KL and gradients equal the single-device ones."""
     v, batch, ref_out, ref_grads = reference_v32
@@ -207,7 +221,7 @@ def test_layout_invariance_v4(mesh, reference_v4):
     compare(out, grads, ref_out, ref_grads, f"tiny_v4/{mesh}")
 
 
-@pytest.mark.parametrize("dispatch", ["a2a", "dense"])
+@pytest.mark.parametrize("dispatch", slow_unless(["a2a", "dense"], ("a2a",)))  # dense: ~2 s warm, ~5 s cold
 def test_layout_invariance_dropless_dispatch_fsdp_ep(dispatch, reference):
     """The other CPU strategies at capacity_factor=0 (dropless) on the whole model."""
     v, batch, ref_out, ref_grads = reference
@@ -300,4 +314,9 @@ def test_layout_invariance_composed(reference_composed):
     assert m.mhc.hc_mult > 1 and m.index.index_topk < cfg.data.seq_len and m.moe.n_hash_layers == 1
     assert float(ref_out["index"]) > 0
     _, out, grads, _ = run_on_mesh(cfg, v, batch)
-    compare(out, grads, ref_out, ref_grads, "tiny_composed/fsdp_ep")
+    # the HyperHeads' scale gradients are near-cancelling sums over tokens: |g| ≈ 6e-5 (main) and
+    # 1e-5 (MTP) while single rows' gradients reach 5e-3, so reordering the sums over 8 devices moves
+    # them by ~5e-9 (2e-5 to 8e-5 of themselves, past rtol 1e-5 of their own size); they are
+    # compared at the size of their parts instead
+    floors = {"hc_head/scale": 1e-3, "mtp_0/hc_head/scale": 1e-3}
+    compare(out, grads, ref_out, ref_grads, "tiny_composed/fsdp_ep", scale_floors=floors)

@@ -16,9 +16,9 @@ import yaml
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.metrics import read_metrics
 from deepseek_jax.run import TrainingError, run
+from tests.utils import ROOT
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parents[1]
 SMALL_MODEL = {
     "vocab_size": 512, "dim": 64, "inter_dim": 128, "n_layers": 2, "n_dense_layers": 1,
     "max_seq_len": 64, "num_nextn_predict_layers": 1, "dtype": "float32",

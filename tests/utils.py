@@ -1,6 +1,19 @@
-"""Shared test helpers: tolerances (STYLE.md §6) and a closeness check that reports its errors."""
+"""Shared test helpers: repository paths, tolerances (STYLE.md §6), a closeness check that reports its
+errors, and the numpy comparisons the parity tests share (KL of logits, router top-k margins)."""
+
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONFIGS = ROOT / "configs"
+# configs/model/tiny_v4.yaml narrowed: window 8 and HCA ratio 16, so that T = 40 crosses windows and
+# blocks of both compressors; index_topk 4 < the 10 CSA entries at T = 40 (tests/models/test_model_v4.py
+# and test_quant_wiring.py, which shares its float forward's compile through the persistent cache)
+TINY_V4_OVERRIDES = ["model." + o for o in (
+    "v4.window_size=8", "v4.index_topk=4", "vocab_size=256", "dim=64", "moe.n_routed_experts=8",
+    "moe.n_activated_experts=2", "moe.moe_inter_dim=32", "v4.q_lora_rank=32", "v4.head_dim=32",
+    "v4.rope_head_dim=8", "v4.o_lora_rank=16", "v4.index_head_dim=16", "max_seq_len=64")]
 
 # (rtol, atol) per kind of comparison; a looser tolerance in a test carries a comment naming why.
 TOL = {
@@ -54,3 +67,29 @@ def per_layer(tree, cfg, *path) -> list:
             if node is not None:
                 found.update({layer: node[r] for r, layer in enumerate(seg.layers(k))})
     return [found[layer] for layer in sorted(found)]
+
+
+def log_softmax(x):
+    x = x.astype(np.float64)
+    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+
+def kl(p_logits, q_logits):
+    """KL(p ‖ q) per row of two logit arrays, in float64."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def router_topk_margin(choice_ME, k, n_groups, topk_group):
+    """Smallest gap at the group cut and at the expert cut of group-limited top-k routing (the
+    selection is stable above it)."""
+    M, E = choice_ME.shape
+    groups = np.sort(choice_ME.reshape(M, n_groups, -1), -1)[..., -2:].sum(-1)
+    g_sorted = np.sort(groups, -1)[:, ::-1]
+    g_margin = (g_sorted[:, topk_group - 1] - g_sorted[:, topk_group]).min()
+    kept = np.argsort(-groups, -1)[:, :topk_group]
+    mask = np.zeros((M, n_groups), bool)
+    np.put_along_axis(mask, kept, True, -1)
+    masked = np.where(np.repeat(mask, E // n_groups, -1), choice_ME, -np.inf)
+    e_sorted = np.sort(masked, -1)[:, ::-1]
+    return min(g_margin, (e_sorted[:, k - 1] - e_sorted[:, k]).min())

@@ -17,7 +17,7 @@ comb /= (colsum + ε). The last step normalises columns, so columns sum to 1 −
 the unfinished convergence. The head (`HyperHead`) reads the streams once more with its own φ [I·D, I],
 b [I], α [1]: x = Σ_i (σ(α m_i + b_i) + ε) X_i; no post and no Sinkhorn.
 
-Degenerate settings (tests/test_mhc.py checks each):
+Degenerate settings (tests/layers/test_mhc.py checks each):
 - hc_mult = 1: Z = 3 and comb is 1×1. It is NOT exactly 1: softmax gives 1, +ε gives 1 + ε, the column
   step (1 + ε)/(1 + 2ε), and every later step c ↦ c/(c + ε), whose fixed point is 1 − ε; so
   comb = 1 − ε + O(ε²) (exactly 1 when hc_eps = 0). pre = σ(α_0 m_0 + b_0) + ε and

@@ -1,26 +1,16 @@
 """Decoding with the absorbed-MLA latent cache gives the full forward's logits (fp32, 1e-4)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import load_model_config
-from deepseek_jax.models import build_cache, build_model
-
-CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
+from deepseek_jax.models import build_cache
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_model_config([CONFIGS / "model/tiny.yaml"])
-    cfg = dataclasses.replace(cfg, dtype="float32", vocab_size=512)
-    model = build_model(cfg)
-    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
-    variables = jax.jit(model.init)(jax.random.key(0), tokens[:, :4])
-    return cfg, model, variables, tokens
+def tiny(tiny_model):
+    return tiny_model("tiny", ["model.dtype=float32", "model.vocab_size=512"], T=40)
 
 
 def test_cache_holds_only_latent_and_rope_key(tiny):

@@ -10,9 +10,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from utils import TOL, assert_close, assert_close_to_scale
 
 from deepseek_jax.config import ConfigError, RopeConfig, V4AttentionConfig
+from tests.utils import TOL, assert_close, assert_close_to_scale
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -147,10 +147,7 @@ def hf_forward(attn, config, x: np.ndarray):
     return out.numpy(), rec.get("topk"), rec.get("scores")
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 def our_model(layer_type: str) -> V4Attention:

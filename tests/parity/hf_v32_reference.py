@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
-from deepseek_jax.convert.hf import model_config_from_hf
 from deepseek_jax.config import IndexerConfig
+from deepseek_jax.convert.hf import model_config_from_hf
 
 torch.set_num_threads(1)  # bit-stable torch reference
 

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (
-    RouterRecorder, build_hf_model, hf_forward, hf_state_dict, our_config, tiny_hf_config, torch,
-)
 from deepseek_jax.convert.hf import hf_to_variables, variables_to_hf
 from deepseek_jax.models import build_model
-from tests.utils import per_layer
+from tests.parity.hf_reference import (
+    RouterRecorder, build_hf_model, hf_forward, hf_state_dict, our_config, tiny_hf_config, torch,
+)
+from tests.utils import kl, per_layer, router_topk_margin
 
 pytestmark = pytest.mark.parity
 B, T = 2, 64
@@ -33,30 +33,6 @@ def pair(request):
     variables = hf_to_variables(hf_state_dict(model, mtp), cfg)
     tokens = np.random.default_rng(3).integers(0, hf_cfg["vocab_size"], (B, T))  # router margins >= 1e-4
     return model, mtp, cfg, variables, tokens
-
-
-def log_softmax(x):
-    x = x.astype(np.float64)
-    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
-
-
-def kl(p_logits, q_logits):
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(-1)
-
-
-def topk_margin(choice_ME, k, n_groups, topk_group):
-    """Smallest gap at the group cut and at the expert cut (selection is stable above it)."""
-    M, E = choice_ME.shape
-    groups = np.sort(choice_ME.reshape(M, n_groups, -1), -1)[..., -2:].sum(-1)
-    g_sorted = np.sort(groups, -1)[:, ::-1]
-    g_margin = (g_sorted[:, topk_group - 1] - g_sorted[:, topk_group]).min()
-    kept = np.argsort(-groups, -1)[:, :topk_group]
-    mask = np.zeros((M, n_groups), bool)
-    np.put_along_axis(mask, kept, True, -1)
-    masked = np.where(np.repeat(mask, E // n_groups, -1), choice_ME, -np.inf)
-    e_sorted = np.sort(masked, -1)[:, ::-1]
-    return min(g_margin, (e_sorted[:, k - 1] - e_sorted[:, k]).min())
 
 
 def test_logits_and_routing_match_hf(pair):
@@ -80,7 +56,7 @@ def test_logits_and_routing_match_hf(pair):
     m = cfg.moe
     margins, n_biased = [], 0
     for layer, (choice_ME, hf_experts) in enumerate(rec.records):
-        margins.append(topk_margin(choice_ME, m.n_activated_experts, m.n_expert_groups, m.n_limited_groups))
+        margins.append(router_topk_margin(choice_ME, m.n_activated_experts, m.n_expert_groups, m.n_limited_groups))
         np.testing.assert_array_equal(np.sort(ours[layer], -1), np.sort(hf_experts, -1), f"MoE layer {layer}")
         unbiased = np.sort(np.argsort(-(choice_ME - model.model.layers[cfg.n_dense_layers + layer]
                                        .mlp.gate.e_score_correction_bias.numpy()), -1)[:, :m.n_activated_experts], -1)

@@ -5,7 +5,6 @@ ragged_a2a offsets logic through its emulation (`ragged_a2a_emulated`), and its 
 
 import dataclasses
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -17,10 +16,9 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax.config import load_config
 from deepseek_jax.layers.moe import dispatch as dsp
 from deepseek_jax.sharding import activate, make_mesh, rules
-from tests.utils import TOL, assert_close, assert_close_to_scale
+from tests.utils import ROOT, TOL, assert_close, assert_close_to_scale
 
 pytestmark = pytest.mark.multidevice
-ROOT = Path(__file__).parents[1]
 B, T, D, E, A, F = 8, 16, 32, 16, 4, 24
 
 

@@ -3,30 +3,23 @@
 what the config says, decoding equals its full forward, and it trains in the loop. Its layout
 invariance on fsdp_ep is in test_sharding.py (`test_layout_invariance_composed`)."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.config import load_config, load_model_config
+from deepseek_jax.config import load_config
 from deepseek_jax.metrics import read_metrics
-from deepseek_jax.models import LayerKind, build_cache, build_model, layer_kinds, layer_segments, router_bias_rows
+from deepseek_jax.models import LayerKind, build_cache, layer_kinds, layer_segments, router_bias_rows
 from deepseek_jax.run import run
-from tests.utils import TOL, assert_close
+from tests.utils import ROOT, TOL, assert_close
 
-ROOT = Path(__file__).parents[1]
 SMALL = ["model.vocab_size=512", "model.n_layers=3", "model.index.index_topk=8"]
 
 
 @pytest.fixture(scope="module")
-def composed():
-    cfg = load_model_config([ROOT / "configs/model/tiny_composed.yaml"], SMALL)
-    model = build_model(cfg)
-    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
-    variables = jax.jit(model.init)(jax.random.key(0), tokens[:, :4])
-    return cfg, model, variables, tokens
+def composed(tiny_model):
+    return tiny_model("tiny_composed", SMALL, T=24)
 
 
 def test_blocks_are_composed_from_the_config(composed):
@@ -41,7 +34,7 @@ def test_blocks_are_composed_from_the_config(composed):
     assert {"w_e", "w_h", "hc_head"} <= set(variables["params"]["mtp_0"])  # the stream MTP
     assert [r.path for r in router_bias_rows(cfg)] == [
         ("layers_2", "block_0", "ffn", "bias"), ("mtp_0", "block", "ffn", "bias")]
-    out = model.apply(variables, tokens, index_loss=True)
+    out = jax.jit(lambda v, t: model.apply(v, t, index_loss=True))(variables, tokens)  # eager: ~11 s
     assert out.routing.counts.shape == (2, cfg.moe.n_routed_experts)  # the hash and the learned layer
     assert out.index_loss.shape == (3,) and out.mtp.index_loss.shape == (1,)
     assert bool(jnp.all(out.index_loss > 0))

@@ -2,7 +2,6 @@
 sharding-ablation script's core function."""
 
 import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from utils import TOL, assert_close
 
 from deepseek_jax import cli
 from deepseek_jax.config import load_config
@@ -27,8 +25,8 @@ from deepseek_jax.plan import (
 )
 from deepseek_jax.program import build_program
 from deepseek_jax.sharding import abstract_mesh, rules
+from tests.utils import ROOT, TOL, assert_close
 
-ROOT = Path(__file__).parents[1]
 MODEL = ROOT / "configs" / "model"
 MESH = ROOT / "configs" / "mesh"
 # the tiny model cut to one dense and one MoE block, so a compile stays short

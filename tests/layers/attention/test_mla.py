@@ -5,20 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.config import MLAConfig, RopeConfig
 from deepseek_jax.layers.attention.core import causal_mask
 from deepseek_jax.layers.attention.mla import MLA, LatentCache, mla_absorbed, mla_naive
 from deepseek_jax.layers.rope import yarn_inv_freq
+from tests.utils import TOL, assert_close
 
 B, T, N, H, R, O, C = 2, 7, 3, 8, 4, 6, 10
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 def attention_inputs(seed=0):

@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (
-    RouterRecorder, _fan_in_, hf_state_dict, our_config, tiny_hf_config, torch, transformers,
-)
 from deepseek_jax.convert.hf import hf_config_from_model, hf_to_variables, model_config_from_hf
 from deepseek_jax.models import build_cache, build_model
-from tests.utils import per_layer
-from test_parity_hf import kl, topk_margin
+from tests.parity.hf_reference import (
+    RouterRecorder, _fan_in_, hf_state_dict, our_config, tiny_hf_config, torch, transformers,
+)
+from tests.utils import kl, per_layer, router_topk_margin
 
 pytestmark = pytest.mark.parity
 B, T, TOPK = 2, 48, 16
@@ -180,7 +179,7 @@ def test_logits_routing_and_selection_match_hf(v32):
     assert len(routers) == len(ours) == cfg.n_moe_layers + 1
     r_margins = []
     for layer, ((choice_ME, hf_experts), got) in enumerate(zip(routers, ours)):
-        r_margins.append(topk_margin(choice_ME, m.n_activated_experts, m.n_expert_groups, m.n_limited_groups))
+        r_margins.append(router_topk_margin(choice_ME, m.n_activated_experts, m.n_expert_groups, m.n_limited_groups))
         np.testing.assert_array_equal(np.sort(got, -1), np.sort(hf_experts, -1), f"MoE layer {layer}")
     print(f"routing identical in {len(ours)} MoE layers (MTP incl.); min top-k margin {min(r_margins):.1e}")
     assert min(r_margins) > MIN_MARGIN
@@ -196,7 +195,8 @@ def test_config_json_round_trips_through_hf_config(v32):
 
 def test_token_by_token_decoding_matches_full_forward(v32):
     """One token at a time from the first, past index_topk: the cache's indexer keys give the full
-    forward's selections, so the logits agree (fp32, 1e-4). (Chunked prefill: tests/test_dsa.py.)"""
+    forward's selections, so the logits agree (fp32, 1e-4). (Chunked prefill:
+    tests/layers/attention/test_dsa.py.)"""
     _, _, cfg, variables, tokens, (out, _) = v32
     model, full = build_model(cfg), out.logits
     with jax.default_matmul_precision("highest"):

@@ -6,17 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.layers.mlp import MLP, swiglu
 from deepseek_jax.layers.norms import RMSNorm, rms_norm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, yarn_inv_freq, yarn_mscale
+from tests.utils import TOL, assert_close
 
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 def rng(seed=0):

@@ -7,13 +7,11 @@ Learned routing decisions are compared exactly on tokens whose top-k margin exce
 
 import dataclasses
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.config import ConfigError, MoEConfig, load_config
 from deepseek_jax.layers.mlp import MLP, swiglu_act
@@ -22,18 +20,15 @@ from deepseek_jax.layers.moe.experts import EXPERT_IMPLS
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
 from deepseek_jax.layers.moe.router import hash_route, random_hash_table, route
 from deepseek_jax.sharding import activate, make_mesh, rules
+from tests.utils import ROOT, TOL, assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
 B, T, D, F, E, A, V = 2, 16, 16, 12, 8, 2, 50
 LIMIT, SCALE, MIN_MARGIN = 1.0, 1.5, 1e-3  # a low clamp so that random activations cross it
 V4 = MoEConfig(n_routed_experts=E, n_shared_experts=1, n_activated_experts=A, score_func="sqrtsoftplus",
                route_scale=SCALE, moe_inter_dim=F, swiglu_limit=LIMIT, weight_before_down=True, n_hash_layers=1)
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 def np_silu(z):

@@ -1,7 +1,6 @@
 """The HF name table: round trips both ways, per-expert on-disk layout, and errors that name tensors."""
 
 import dataclasses
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -11,13 +10,14 @@ import pytest
 
 from deepseek_jax.config import load_model_config, to_dict
 from deepseek_jax.convert.hf import (
-    ConversionError, fuse_experts, hf_config_from_model, hf_to_variables, model_config_from_hf, unfuse_experts,
-    variables_to_hf,
+    ConversionError, fuse_experts, hf_config_from_model, hf_to_variables, model_config_from_hf,
+    unfuse_experts, variables_to_hf,
 )
 from deepseek_jax.models import build_model
+from tests.utils import CONFIGS
 
-TINY = Path(__file__).parents[1] / "configs/model/tiny.yaml"
-TINY_V32 = Path(__file__).parents[1] / "configs/model/tiny_v32.yaml"
+TINY = CONFIGS / "model/tiny.yaml"
+TINY_V32 = CONFIGS / "model/tiny_v32.yaml"
 
 
 def random_variables(cfg, seed=0):
@@ -119,7 +119,7 @@ def test_save_pretrained_safetensors_load(tmp_path):
     """What transformers writes to disk (per-expert, safetensors) loads and gives HF's logits."""
     from safetensors.numpy import load_file
 
-    from hf_reference import build_hf_model, hf_forward, our_config, tiny_hf_config
+    from tests.parity.hf_reference import build_hf_model, hf_forward, our_config, tiny_hf_config
 
     hf_cfg = tiny_hf_config(num_mtp_layers=0)
     model, _ = build_hf_model(hf_cfg)

@@ -184,7 +184,7 @@ def test_stdlib_source(tmp_path):
 
 
 @pytest.fixture
-def corpus(tmp_path):
+def word_corpus(tmp_path):
     """60 two-token documents `wK E`, so each document is identified by its first token."""
     write_jsonl(tmp_path / "c.jsonl", [f"w{k}" for k in range(60)])
     cfg = DataConfig(
@@ -198,8 +198,8 @@ def doc_ids(bs):
     return [int(t) for t in toks if t != 0]
 
 
-def test_shuffle_is_seeded(corpus):
-    cfg, tok = corpus
+def test_shuffle_is_seeded(word_corpus):
+    cfg, tok = word_corpus
     order = lambda seed: doc_ids(
         batches(
             data.make_iterator(
@@ -217,8 +217,8 @@ def test_shuffle_is_seeded(corpus):
     assert val(0) == val(1) == sorted(val(0))
 
 
-def test_process_shards_are_disjoint_and_cover(corpus):
-    cfg, tok = corpus
+def test_process_shards_are_disjoint_and_cover(word_corpus):
+    cfg, tok = word_corpus
     shares = [
         doc_ids(
             batches(
@@ -239,8 +239,8 @@ def test_process_shards_are_disjoint_and_cover(corpus):
         data.make_iterator(cfg, "train", tok, process_count=3)
 
 
-def test_repeat_reshuffles_each_epoch(corpus):
-    cfg, tok = corpus
+def test_repeat_reshuffles_each_epoch(word_corpus):
+    cfg, tok = word_corpus
     cfg = DataConfig(**{**cfg.__dict__, "shuffle_window": 0})  # rows in document order
     n = len(data.list_documents(cfg, "train"))
     ids = doc_ids(batches(data.make_iterator(cfg, "train", tok), n=n // 4 * 2 + 2))
@@ -261,6 +261,7 @@ def check_resume(cfg, tok, n_before=3, n_after=4):
     it.close(), fresh.close()
 
 
+@pytest.mark.slow  # ~8 s: 7 resumes, one after 70 batches
 def test_state_restore_is_exact(tmp_path):
     """Documents longer than a row, so the state holds a half-packed document."""
     texts = [" ".join(f"w{(i + j) % 60}" for j in range(5 + 11 * i % 37)) for i in range(40)]
@@ -390,8 +391,8 @@ def test_source_errors(tmp_path):
 # Baseline
 
 
-def test_unigram_baseline(corpus, tmp_path):
-    cfg, tok = corpus
+def test_unigram_baseline(word_corpus, tmp_path):
+    cfg, tok = word_corpus
     V = tok.vocab_size
     train = [int(d[1:]) + 1 for d in data.list_documents(cfg, "train")]
     val = [int(d[1:]) + 1 for d in data.list_documents(cfg, "validation")]

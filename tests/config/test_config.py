@@ -14,8 +14,7 @@ import yaml
 from deepseek_jax.config import (
     Config, ConfigError, load_config, load_model_config, parse_override, to_yaml,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from tests.utils import CONFIGS
 
 # A small valid model section (E=16 in P=4 groups of 4, top-4 from 2 groups, 4 layers, 1 dense).
 MODEL = {

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.config import ConfigError, IndexerConfig, MLAConfig, RopeConfig
 from deepseek_jax.layers.attention.core import causal_mask
@@ -20,6 +19,7 @@ from deepseek_jax.layers.attention.indexer import (
 )
 from deepseek_jax.layers.attention.mla import MLA, LatentCache
 from deepseek_jax.layers.rope import apply_rope_half, rope_cos_sin, yarn_inv_freq, yarn_mscale
+from tests.utils import TOL, assert_close
 
 B, T, D = 2, 24, 64
 SEGMENTS = np.array([[1] * 10 + [2] * 14, [1] * 24])  # row 0 packs two documents
@@ -30,10 +30,7 @@ POSITIONS = {
 MIN_MARGIN = 1e-4  # top-k cut gap the selection tests require; fp32 noise in the scores is ~1e-6
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 def visible(segments) -> np.ndarray:
@@ -53,7 +50,7 @@ def topk_margin(scores_BTS, mask_BTS, k) -> float:
 
 @pytest.fixture(scope="module")
 def hf_pair():
-    hv = pytest.importorskip("hf_v32_reference")
+    hv = pytest.importorskip("tests.parity.hf_v32_reference")
     hf_cfg = hv.tiny_v32_config()
     attn, config = hv.build_hf_attention(hf_cfg, seed=0)
     mla, rope, index = hv.our_configs(hf_cfg)

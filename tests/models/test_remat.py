@@ -3,7 +3,6 @@ gradients as no remat (it changes what the backward recomputes, never the math);
 policy really saves the attention outputs; offload is refused on CPU before compiling."""
 
 import dataclasses
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -14,9 +13,8 @@ import pytest
 from deepseek_jax.config import ConfigError, load_model_config
 from deepseek_jax.models import build_model, check_remat_backend
 from deepseek_jax.models.common import ATTENTION_OUT, remat_policy
-from tests.utils import TOL, assert_close
+from tests.utils import ROOT, TOL, assert_close
 
-ROOT = Path(__file__).parents[1]
 # the tiny V3.2 at two layers (a dense and a MoE DSA block) and MTP: every remat-wrapped part is live
 SMALL = ["model.vocab_size=256", "model.n_layers=2", "model.index.index_topk=8"]
 
@@ -41,7 +39,10 @@ def reference():
     return cfg, variables, tokens, loss_and_grads(cfg, variables, tokens)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention"])
+# the inner loop keeps save_attention (the named-residual policy); full and save_dots are slow
+# (~2 s each warm, ~6 s cold)
+@pytest.mark.parametrize("policy", [pytest.param("full", marks=pytest.mark.slow),
+                                    pytest.param("save_dots", marks=pytest.mark.slow), "save_attention"])
 def test_remat_policies_keep_the_math(reference, policy):
     cfg, variables, tokens, (want_loss, want_grads) = reference
     loss, grads = loss_and_grads(dataclasses.replace(cfg, remat=policy), variables, tokens)

@@ -7,20 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.layers import mhc
 from deepseek_jax.layers.mhc import HyperConnection, HyperHead
+from tests.utils import TOL, assert_close
 
 B, T, I, D = 2, 5, 4, 16
 Z = (2 + I) * I
 ITERS, HC_EPS, NORM_EPS = 20, 1e-6, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,30 +7,28 @@ asserted to exceed 1e-3; local letters: P expert groups.
 """
 
 import dataclasses
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from utils import TOL, assert_close
 
 from deepseek_jax.config import MoEConfig, load_model_config
 from deepseek_jax.layers.moe.balance import sequence_balance_loss, update_router_bias
-from deepseek_jax.layers.moe.experts import expert_counts, experts_blocked, experts_dense, experts_ragged
+from deepseek_jax.layers.moe.experts import (
+    expert_counts, experts_blocked, experts_dense, experts_ragged,
+)
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoE
 from deepseek_jax.layers.moe.router import route
 from deepseek_jax.models import build_model
+from tests.utils import CONFIGS, TOL, assert_close
 
 MIN_MARGIN = 1e-3
-TINY = Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml"
+TINY = CONFIGS / "model" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")  # tests/layers/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

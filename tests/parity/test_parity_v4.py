@@ -9,7 +9,6 @@ per layer and the CSA indexer's selections are compared (exactly for the discret
 
 import numpy as np
 import pytest
-from utils import assert_close
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,6 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from deepseek_jax.convert import hf_v4  # noqa: E402
 from deepseek_jax.models import build_model, layer_kinds, layer_segments  # noqa: E402
+from tests.utils import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.parity
 torch.set_num_threads(1)

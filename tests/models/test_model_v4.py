@@ -4,31 +4,24 @@ window and compression-block boundaries, MTP causality, the router-bias bookkeep
 and the MTP tensors' conversion names.
 """
 
-import numpy as np
-import pytest
-from utils import assert_close
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from deepseek_jax.config import ConfigError, load_model_config
 from deepseek_jax.convert import hf_v4
-from deepseek_jax.models import LayerKind, build_cache, build_model, layer_segments, router_bias_rows
+from deepseek_jax.models import build_cache, build_model, layer_segments, router_bias_rows
+from tests.utils import CONFIGS, TINY_V4_OVERRIDES, assert_close
 
-TINY_V4 = "configs/model/tiny_v4.yaml"
-# window 8 and HCA ratio 16 so that T = 40 crosses windows and blocks of both compressors;
-# index_topk 4 < the 10 CSA entries at T = 40
-OVERRIDES = ["model." + o for o in (
-    "v4.window_size=8", "v4.index_topk=4", "vocab_size=256", "dim=64", "moe.n_routed_experts=8",
-    "moe.n_activated_experts=2", "moe.moe_inter_dim=32", "v4.q_lora_rank=32", "v4.head_dim=32",
-    "v4.rope_head_dim=8", "v4.o_lora_rank=16", "v4.index_head_dim=16", "max_seq_len=64")]
+TINY_V4 = CONFIGS / "model/tiny_v4.yaml"
 B, T = 2, 40
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = load_model_config([TINY_V4], OVERRIDES)
+    cfg = load_model_config([TINY_V4], TINY_V4_OVERRIDES)
     model = build_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens[:, :8]))
@@ -104,7 +97,7 @@ def test_v4_config_errors():
     with pytest.raises(ConfigError, match="compress_ratios needs 5 entries"):
         load_model_config([TINY_V4], ["model.compress_ratios=[0,4,16,4]"])
     with pytest.raises(ConfigError, match="exactly one attention section"):
-        load_model_config([TINY_V4, "configs/model/tiny.yaml"])
+        load_model_config([TINY_V4, CONFIGS / "model/tiny.yaml"])
     with pytest.raises(ConfigError, match="unknown top-level section"):
         load_model_config([TINY_V4], ["v4.window_size=8"])
     with pytest.raises(ConfigError, match="n_hash_layers"):
