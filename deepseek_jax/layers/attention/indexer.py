@@ -38,8 +38,8 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import dense_init, param
 from deepseek_jax.config import IndexerConfig, V4AttentionConfig
-from deepseek_jax.layers.attention.compressor import CSA_RATIO, Compressor
-from deepseek_jax.layers.attention.core import NEG_INF, visible_entries
+from deepseek_jax.layers.attention.compressor import CSA_RATIO, Compressor, write_entries
+from deepseek_jax.layers.attention.core import NEG_INF, over_query_blocks, visible_entries
 from deepseek_jax.layers.norms import LayerNorm
 from deepseek_jax.layers.rope import rope_leading, rope_tail
 from deepseek_jax.quant import sim_act, sim_weight
@@ -74,6 +74,22 @@ def select_entries(iq_BTPY, ik_BZY, iw_BTP, positions_BT, m: int, topk: int) -> 
     scores_BTZ = index_scores(iq_BTPY, ik_BZY, iw_BTP, visible_BTZ)
     idx_BTU, valid_BTU = select_topk(scores_BTZ, visible_BTZ, topk)
     return jnp.where(valid_BTU, idx_BTU, -1)
+
+
+def csa_topk(indexer, x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start, *, sim, topk, q_block, dtype):
+    """A CSA layer's selection: (top-k entries per query [B, T, U] (−1 = none), the indexer's keys
+    [B, Z, Y] with this call's complete blocks written into the cache's, its compressor state).
+    `indexer` is the layer's bound CSAIndexer, rope_BT its (cos, sin, inv_freq), `sim` the layer's
+    quantisation hook at the indexer's cast point; scoring runs q_block queries at a time."""
+    iq_BTPY, iw_BTP, ik_BZY, n_done, state = indexer(
+        x_BTD, c_q_BTQ, rope_BT[0], rope_BT[1], None if cache is None else cache.index_state, start, rope_BT[2]
+    )
+    iq_BTPY, ik_BZY = sim(iq_BTPY), sim(ik_BZY)
+    if cache is not None:
+        ik_BZY = write_entries(cache.index_keys, ik_BZY, start // CSA_RATIO, n_done)
+    ik_c_BZY = ik_BZY.astype(dtype)
+    pick = lambda iq, iw, pos: select_entries(iq, ik_c_BZY, iw, pos, CSA_RATIO, topk)  # noqa: E731
+    return over_query_blocks(pick, q_block, iq_BTPY, iw_BTP, positions_BT), ik_BZY, state
 
 
 class DSAIndexer(nn.Module):

@@ -51,8 +51,7 @@ reference notes §1.4-1.7, §1.12.
 
 Local letters: X head dim (H + R, the shared K=V width), Z compressed entries, U key slots a
 query gathers (window + compressed), W output groups (o_groups), P heads per group, Y per-group
-output rank (o_lora_rank). The CSA indexer's tensors (iq_BTPY, ik_BZY, iw_BTP) keep indexer.py's
-letters: P indexer heads, Y indexer head dim.
+output rank (o_lora_rank). The CSA indexer's own tensors stay in indexer.py (`csa_topk`).
 """
 
 from typing import NamedTuple
@@ -76,7 +75,7 @@ from deepseek_jax.layers.attention.core import (
     over_query_blocks,
     visible_entries,
 )
-from deepseek_jax.layers.attention.indexer import CSAIndexer, select_entries
+from deepseek_jax.layers.attention.indexer import CSAIndexer, csa_topk
 from deepseek_jax.layers.norms import RMSNorm, rms_normalize
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
 from deepseek_jax.quant import V4_KV_BLOCK, sim_act, sim_indexer, sim_kv, sim_weight
@@ -99,7 +98,7 @@ class CSACache(NamedTuple):
     window: jax.Array  # [B, w, X]
     entries: jax.Array  # [B, max_len // 4, X]
     state: CompressorState  # partial block and the last complete block's overlap half
-    index_keys: jax.Array  # [B, max_len // 4, Y] the indexer compressor's entries
+    index_keys: jax.Array  # [B, max_len // 4, index_head_dim] the indexer compressor's entries
     index_state: CompressorState
 
 
@@ -115,10 +114,10 @@ def init_v4_attention_cache(
     entries = jnp.zeros((B, Z, X), dtype)
     if m != CSA_RATIO:
         return HCACache(window, entries, empty_state(B, m, X, overlap=False))
-    Y = cfg.index_head_dim
+    width = cfg.index_head_dim  # the indexer compressor's entries
     return CSACache(
         window, entries, empty_state(B, m, X, overlap=True),
-        jnp.zeros((B, Z, Y), dtype), empty_state(B, m, Y, overlap=True),
+        jnp.zeros((B, Z, width), dtype), empty_state(B, m, width, overlap=True),
     )  # fmt: skip
 
 
@@ -248,19 +247,14 @@ class V4Attention(nn.Module):
         indexer = CSAIndexer(
             self.cfg, self.dim, self.norm_eps, self.dtype, self.quant_sim, name="indexer"
         )
-        iq_BTPY, iw_BTP, ik_BZY, i_done, i_state = indexer(
-            x_BTD, c_q_BTQ, rope_BT[0], rope_BT[1],
-            None if cache is None else cache.index_state, start, inv_freq,
+        idx_BTU, index_keys, index_state = csa_topk(
+            indexer, x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start,
+            sim=lambda a: self.sim("index", a), topk=self.cfg.index_topk, q_block=self.cfg.q_block,
+            dtype=self.dtype,
         )  # fmt: skip
-        iq_BTPY, ik_BZY = self.sim("index", iq_BTPY), self.sim("index", ik_BZY)
-        if cache is not None:
-            ik_BZY = write_entries(cache.index_keys, ik_BZY, start // m, i_done)
-        ik_c_BZY, k = ik_BZY.astype(self.dtype), self.cfg.index_topk
-        pick = lambda iq, iw, pos: select_entries(iq, ik_c_BZY, iw, pos, m, k)  # noqa: E731
-        idx_BTU = over_query_blocks(pick, self.cfg.q_block, iq_BTPY, iw_BTP, positions_BT)
         self.sow("intermediates", "index_topk_BTU", idx_BTU)
         slots_BTU = jnp.where(idx_BTU >= 0, offset + idx_BTU, -1)
-        return entries_BZX, slots_BTU, (entries_BZX, state, ik_BZY, i_state)
+        return entries_BZX, slots_BTU, (entries_BZX, state, index_keys, index_state)
 
     def output(self, o_BTNX):
         """Grouped low-rank output projection [B, T, N, X] -> [B, T, D]."""
