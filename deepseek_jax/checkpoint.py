@@ -28,6 +28,10 @@ FROZEN_DATA_KEYS = ("source", "format", "jsonl_field", "val_fraction", "tokenize
                     "seq_len", "global_batch_size", "seed", "max_documents")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint does not hold what the model needs; the message names the tensors."""
+
+
 def data_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"
 
@@ -69,8 +73,28 @@ class Checkpointer:
         args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
         if has_data:
             args["data"] = ocp.args.JsonRestore()
-        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except ValueError as e:  # Orbax's structure errors name one key; say what differs, and where
+            mismatch = self._mismatch(step, abstract_state)
+            if mismatch is None:
+                raise
+            raise CheckpointError(mismatch) from e
         return out.state, out.data if has_data else None, out.config
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """What the stored state lacks, holds in excess or shapes differently from the target."""
+        have = _leaf_shapes(self.manager.item_metadata(step)["state"])
+        want = _leaf_shapes(abstract_state)
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        shapes = [f"{k} {have[k]} (stored) vs {want[k]} (model)" for k in sorted(set(have) & set(want))
+                  if have[k] != want[k]]
+        if not (missing or extra or shapes):
+            return None
+        return (f"checkpoint step {step} in {self.directory} does not fit this model's state: missing "
+                f"{missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)}), shapes {shapes[:5]}. "
+                "Resume it with the model config and code that wrote it (parameter paths of V3 / V3.2 runs "
+                "saved before the scan segments were named layers_a_b/block_k differ), or use a new train.run_dir")
 
     def data_files(self, step: int) -> list[str]:
         """The per-process data-state files of a step, e.g. ["process_0-of-2.json", "process_1-of-2.json"]."""
@@ -119,3 +143,12 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
             out += _diff(old.get(k), new.get(k), f"{prefix}.{k}")
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """'params/layers_1_3/block_0/attn/w_uk' -> shape, for every array leaf of a state or its metadata."""
+    def name(key) -> str:
+        return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+    return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

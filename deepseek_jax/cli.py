@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
+    from deepseek_jax.checkpoint import CheckpointError
     from deepseek_jax.data import DataError
     from deepseek_jax.inspect_model import InputError
     from deepseek_jax.multihost import ProcessError
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(ns)
-    except (ConfigError, DataError, InputError, PlanError, ProcessError, TrainingError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, InputError, PlanError, ProcessError, TrainingError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
