@@ -111,7 +111,7 @@ class MoEConfig:
     moe_inter_dim: int  # F of each routed expert
     impl: Literal["ragged", "blocked", "dense"] = "ragged"  # ragged_dot | padded blocks (CPU) | all experts
     # expert-parallel dispatch over the mesh axis the rules give `experts` (layers/moe/dispatch.py);
-    # ragged_a2a_emulated = ragged_a2a with ragged_all_to_all emulated by all_to_all and masks (exact,
+    # ragged_a2a_emulated = ragged_a2a with ragged_all_to_all emulated by all-gathers (exact,
     # runs on XLA:CPU; for tests)
     dispatch: Literal["ring", "a2a", "ragged_a2a", "ragged_a2a_emulated", "dense"] = "ring"
     capacity_factor: float = 0.0  # a2a / dense buffers, x the balanced load; 0 = dropless (worst case)
