@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain
+from deepseek_jax.models.common import shift_left
 
 
 def token_nll(h_UD: jax.Array, w_head_DV: jax.Array, targets_U: jax.Array) -> jax.Array:
@@ -73,10 +74,5 @@ def next_token_targets(
     loss_mask_BT = loss_mask_BT.astype(jnp.bool_)
     valid_BT = loss_mask_BT & (jnp.arange(tokens_BT.shape[1]) < tokens_BT.shape[1] - k)
     for j in range(1, k):  # hop j: from t + j to t + j + 1
-        valid_BT = valid_BT & _shift_left(loss_mask_BT, j)
-    return _shift_left(tokens_BT, k), valid_BT
-
-
-def _shift_left(x_BT: jax.Array, k: int) -> jax.Array:
-    """x[:, t + k] at slot t; the last k slots get 0 / False."""
-    return jnp.concatenate([x_BT[:, k:], jnp.zeros_like(x_BT[:, :k])], axis=1)
+        valid_BT = valid_BT & shift_left(loss_mask_BT, j)
+    return shift_left(tokens_BT, k), valid_BT

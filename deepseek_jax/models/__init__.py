@@ -26,8 +26,19 @@ from deepseek_jax.models.common import (
 from deepseek_jax.models.decoder import Decoder
 
 __all__ = [
-    "BiasRows", "Decoder", "LayerKind", "MTPOutput", "ModelOutput", "build_cache", "build_model",
-    "check_remat_backend", "converter", "layer_kinds", "layer_segments", "mtp_kind", "router_bias_rows",
+    "BiasRows",
+    "Decoder",
+    "LayerKind",
+    "MTPOutput",
+    "ModelOutput",
+    "build_cache",
+    "build_model",
+    "check_remat_backend",
+    "converter",
+    "layer_kinds",
+    "layer_segments",
+    "mtp_kind",
+    "router_bias_rows",
 ]
 
 
@@ -38,7 +49,9 @@ def build_model(cfg: ModelConfig) -> Decoder:
 def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dtype):
     if kind.attention == "v4":
         return init_v4_attention_cache(cfg.v4, kind.ratio, batch, max_len, dtype)
-    return init_mla_cache(cfg.mla, cfg.index if kind.attention == "dsa" else None, batch, max_len, dtype)
+    return init_mla_cache(
+        cfg.mla, cfg.index if kind.attention == "dsa" else None, batch, max_len, dtype
+    )
 
 
 def build_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -72,8 +85,13 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
     for seg in layer_segments(kinds):
         for k, kind in enumerate(seg.kinds):
             if kind.ffn == "moe":
-                rows.append(BiasRows((seg.name, f"block_{k}", "ffn", "bias"), "main",
-                                     tuple(int(moe_row[layer]) for layer in seg.layers(k))))
+                rows.append(
+                    BiasRows(
+                        (seg.name, f"block_{k}", "ffn", "bias"),
+                        "main",
+                        tuple(int(moe_row[layer]) for layer in seg.layers(k)),
+                    )
+                )
     for k in range(cfg.num_nextn_predict_layers):
         rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
     return rows

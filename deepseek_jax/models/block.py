@@ -55,7 +55,9 @@ class Block(nn.Module):
             f_BTD, extra = sublayer(norm(x))
             return x + f_BTD, extra
         h = cfg.mhc
-        hc = HyperConnection(h.hc_mult, cfg.dim, h.hc_sinkhorn_iters, h.hc_eps, cfg.norm_eps, name=f"{name}_hc")
+        hc = HyperConnection(
+            h.hc_mult, cfg.dim, h.hc_sinkhorn_iters, h.hc_eps, cfg.norm_eps, name=f"{name}_hc"
+        )
         y_BTD, post_BTI, comb_BTII = hc.hc_pre(x)
         f_BTD, extra = sublayer(norm(y_BTD.astype(dtype)))
         return hc.hc_post(f_BTD, x, post_BTI, comb_BTII), extra
@@ -65,7 +67,9 @@ class Block(nn.Module):
         cfg, kind, dtype = self.cfg, self.kind, jnp.dtype(self.cfg.dtype)
         rope = layer_rope(cfg, kind)
         if kind.attention == "v4":
-            attn = V4Attention(cfg.v4, rope, kind.ratio, cfg.dim, cfg.norm_eps, dtype, cfg.quant_sim, name="attn")
+            attn = V4Attention(
+                cfg.v4, rope, kind.ratio, cfg.dim, cfg.norm_eps, dtype, cfg.quant_sim, name="attn"
+            )
             out_BTD, cache = attn(h_BTD, inputs.positions_BT, cache, inputs.cache_index)
             return out_BTD, cache, None
         index = cfg.index if kind.attention == "dsa" else None
@@ -81,8 +85,15 @@ class Block(nn.Module):
         if kind.ffn == "dense":
             return MLP(cfg.dim, cfg.inter_dim, dtype, name="ffn")(h_BTD), None
         mask_BT = None if inputs.segment_ids_BT is None else inputs.segment_ids_BT > 0
-        moe = MoE(cfg.moe, cfg.dim, dtype, hash_routing=kind.ffn == "hash", vocab_size=cfg.vocab_size,
-                  quant_sim=cfg.quant_sim, name="ffn")
+        moe = MoE(
+            cfg.moe,
+            cfg.dim,
+            dtype,
+            hash_routing=kind.ffn == "hash",
+            vocab_size=cfg.vocab_size,
+            quant_sim=cfg.quant_sim,
+            name="ffn",
+        )
         return moe(h_BTD, mask_BT, inputs.tokens_BT)
 
     def memory(self, x, inputs: BlockInputs):
@@ -103,7 +114,9 @@ class Block(nn.Module):
 
         x, _ = self.residual("attn", x, attention)
         x, routing = self.residual("ffn", x, lambda h_BTD: self.ffn(h_BTD, inputs))
-        x = constrain(x.astype(jnp.dtype(self.cfg.dtype)), ACT_BTD if self.cfg.mhc is None else STREAMS)
+        x = constrain(
+            x.astype(jnp.dtype(self.cfg.dtype)), ACT_BTD if self.cfg.mhc is None else STREAMS
+        )
         return x, (cache, LayerStats(routing, kl))
 
 
@@ -119,7 +132,9 @@ class Pattern(nn.Module):
         new_caches, stats = [], []
         for k, kind in enumerate(self.kinds):
             cache = None if caches is None else caches[k]
-            x, (cache, layer_stats) = Block(self.cfg, kind, self.index_loss, name=f"block_{k}")(x, cache, inputs)
+            x, (cache, layer_stats) = Block(self.cfg, kind, self.index_loss, name=f"block_{k}")(
+                x, cache, inputs
+            )
             new_caches.append(cache)
             stats.append(layer_stats)
         return x, (tuple(new_caches), tuple(stats))

@@ -114,7 +114,9 @@ class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] float32 (None with return_logits=False)
     hidden: jax.Array  # [B, T, D] after the final norm (what the head reads)
     cache: Any  # the updated decode cache, or None
-    routing: MoEAux | None  # per MoE layer in layer order: counts [L_moe, E], balance_loss, dropped [L_moe]
+    routing: (
+        MoEAux | None
+    )  # per MoE layer in layer order: counts [L_moe, E], balance_loss, dropped [L_moe]
     index_loss: jax.Array | None  # [L_dsa] per-layer indexer KL (DSA blocks, index_loss=True)
     mtp: MTPOutput | None  # None without MTP modules, with mtp=False, or when decoding
 
@@ -176,7 +178,10 @@ def remat_policy(name: str):
     table = {
         "none": (False, None),
         "full": (True, None),  # save nothing: recompute the whole block in the backward
-        "save_dots": (True, policies.dots_with_no_batch_dims_saveable),  # projections, not attention
+        "save_dots": (
+            True,
+            policies.dots_with_no_batch_dims_saveable,
+        ),  # projections, not attention
         "save_attention": (True, policies.save_only_these_names(ATTENTION_OUT)),
         "offload": (True, policies.offload_dot_with_no_batch_dims("device", "pinned_host")),
     }
@@ -199,7 +204,9 @@ def scan_segment(block_cls: type[nn.Module], seg: Segment, remat: str, **attrs) 
     jax.checkpoint with the remat policy): carries the residual, scans caches, broadcasts inputs."""
     wrap, policy = remat_policy(remat)
     if wrap:
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)  # scan prevents CSE already
+        block_cls = nn.remat(
+            block_cls, policy=policy, prevent_cse=False
+        )  # scan prevents CSE already
     scanned = nn.scan(
         block_cls,
         variable_axes=SCAN_COLLECTIONS,

@@ -33,7 +33,6 @@ from deepseek_jax.models.common import (
     layer_segments,
     mtp_kind,
     scan_segment,
-    shift_left,
 )
 from deepseek_jax.models.mtp import mtp_module, run_mtp
 
@@ -50,7 +49,9 @@ class Decoder(nn.Module):
                 "pass positions_BT=None and cache_start_B=None (no per-document positions, no left padding)"
             )
         if index_loss and not any(k.attention == "dsa" for k in layer_kinds(cfg)):
-            raise ValueError("index_loss=True needs DSA blocks (model.index with model.mla); this model has none")
+            raise ValueError(
+                "index_loss=True needs DSA blocks (model.index with model.mla); this model has none"
+            )
 
     @nn.compact
     def __call__(
@@ -75,7 +76,9 @@ class Decoder(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         self.check_call(positions_BT, cache_start_B, index_loss)
         V, D = cfg.vocab_size, cfg.dim
-        embedding_VD = param(self, "embedding", ("vocab", "embed"), (V, D), nn.initializers.normal(1.0))
+        embedding_VD = param(
+            self, "embedding", ("vocab", "embed"), (V, D), nn.initializers.normal(1.0)
+        )
         w_head_DV = param(self, "w_head", ("embed", "vocab"), (D, V), dense_init([0], [1]))
         B, T = tokens_BT.shape
         if positions_BT is None:
@@ -86,16 +89,23 @@ class Decoder(nn.Module):
         if cfg.mhc is not None:
             x = expand_streams(x, cfg.mhc.hc_mult)
         x, new_cache, routing, index_kl = self.layers(x, cache, inputs, index_loss)
-        h_BTD = x if cfg.mhc is None else HyperHead(cfg.mhc.hc_mult, D, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(x)
+        h_BTD = (
+            x
+            if cfg.mhc is None
+            else HyperHead(cfg.mhc.hc_mult, D, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(x)
+        )
         h_BTD = RMSNorm(D, cfg.norm_eps, "embed", dtype, name="final_norm")(h_BTD.astype(dtype))
 
         mtp_out = None
         if cfg.num_nextn_predict_layers and mtp and cache is None:
-            modules = [mtp_module(cfg, mtp_kind(cfg, k), index_loss, f"mtp_{k}")
-                       for k in range(cfg.num_nextn_predict_layers)]
+            modules = [
+                mtp_module(cfg, mtp_kind(cfg, k), index_loss, f"mtp_{k}")
+                for k in range(cfg.num_nextn_predict_layers)
+            ]
             carry = h_BTD if cfg.mhc is None else x
-            mtp_h, stats = run_mtp(modules, carry, inputs, lambda t: embed(embedding_VD, t, dtype),
-                                   cfg.row_positions, shift_left)
+            mtp_h, stats = run_mtp(
+                modules, carry, inputs, lambda t: embed(embedding_VD, t, dtype), cfg.row_positions
+            )
             mtp_logits = jnp.stack([head(h, w_head_DV) for h in mtp_h]) if return_logits else None
             mtp_out = MTPOutput(mtp_logits, mtp_h, stats.routing, stats.index_loss)
         logits = head(h_BTD, w_head_DV) if return_logits else None
@@ -104,7 +114,9 @@ class Decoder(nn.Module):
     def layers(self, x, cache, inputs: BlockInputs, index_loss: bool):
         """The scanned segments: (x, new cache or None, routing stats, indexer KLs) in layer order."""
         new_cache, routing, kls = {}, [], []
-        remat = self.cfg.remat if cache is None else "none"  # decoding keeps no activations for a backward
+        remat = (
+            self.cfg.remat if cache is None else "none"
+        )  # decoding keeps no activations for a backward
         for seg in layer_segments(layer_kinds(self.cfg)):
             stack = scan_segment(Pattern, seg, remat, cfg=self.cfg, index_loss=index_loss)
             x, (seg_cache, seg_stats) = stack(x, None if cache is None else cache[seg.name], inputs)

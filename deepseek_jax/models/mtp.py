@@ -24,7 +24,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.mhc import HyperHead
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.models.block import Block, BlockInputs
-from deepseek_jax.models.common import LayerKind
+from deepseek_jax.models.common import LayerKind, shift_left
 from deepseek_jax.quant import sim_act, sim_weight
 
 
@@ -43,7 +43,9 @@ class ChainMTP(nn.Module):
         # the embedding half comes first, as in the released checkpoints' eh_proj
         both_BTZ = jnp.concatenate([norm("enorm")(emb_BTD), norm("hnorm")(h_BTD)], axis=-1)
         x_BTD = jnp.einsum("BTZ,ZD->BTD", both_BTZ, w_eh_ZD.astype(dtype))
-        x_BTD, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(x_BTD, None, inputs)
+        x_BTD, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(
+            x_BTD, None, inputs
+        )
         h_BTD = norm("norm")(x_BTD)
         return h_BTD, h_BTD, stats
 
@@ -66,7 +68,9 @@ class StreamMTP(nn.Module):
         e_BTD = jnp.einsum("BTD,DE->BTE", sim_act(norm("enorm")(emb_BTD), q), w_e_DD)
         h_BTID = jnp.einsum("BTID,DE->BTIE", sim_act(norm("hnorm")(x_BTID), q), w_h_DD)
         z_BTID = h_BTID + e_BTD[:, :, None, :]
-        z_BTID, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(z_BTID, None, inputs)
+        z_BTID, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(
+            z_BTID, None, inputs
+        )
         y_BTD = HyperHead(cfg.mhc.hc_mult, D, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(z_BTID)
         return norm("norm")(y_BTD.astype(dtype)), z_BTID, stats
 
@@ -77,18 +81,18 @@ def mtp_module(cfg: ModelConfig, kind: LayerKind, index_loss: bool, name: str) -
     return cls(cfg, kind, index_loss, name=name)
 
 
-def mtp_inputs(inputs: BlockInputs, k: int, row_positions: bool, shift) -> BlockInputs:
+def mtp_inputs(inputs: BlockInputs, k: int, row_positions: bool) -> BlockInputs:
     """Depth k's block inputs: tokens and documents shifted by k; positions too unless row positions."""
-    segs = None if inputs.segment_ids_BT is None else shift(inputs.segment_ids_BT, k)
-    positions_BT = inputs.positions_BT if row_positions else shift(inputs.positions_BT, k)
-    return BlockInputs(shift(inputs.tokens_BT, k), positions_BT, segs, 0, None)
+    segs = None if inputs.segment_ids_BT is None else shift_left(inputs.segment_ids_BT, k)
+    positions_BT = inputs.positions_BT if row_positions else shift_left(inputs.positions_BT, k)
+    return BlockInputs(shift_left(inputs.tokens_BT, k), positions_BT, segs, 0, None)
 
 
-def run_mtp(modules, carry, inputs: BlockInputs, embed_fn, row_positions: bool, shift):
+def run_mtp(modules, carry, inputs: BlockInputs, embed_fn, row_positions: bool):
     """Chains the modules: (normed outputs [K, B, T, D], per-depth LayerStats)."""
     hidden, stats = [], []
     for k, module in enumerate(modules, start=1):
-        inputs_k = mtp_inputs(inputs, k, row_positions, shift)
+        inputs_k = mtp_inputs(inputs, k, row_positions)
         h_BTD, carry, s = module(carry, embed_fn(inputs_k.tokens_BT), inputs_k)
         hidden.append(h_BTD)
         stats.append(s)
