@@ -1,5 +1,5 @@
 """FP8 / FP4 quantisation simulation ("fake quant": quantise, then dequantise) of the numerics of the
-released DeepSeek models, and dequantisation of real FP8 / FP4 checkpoint tensors.
+released DeepSeek models. Real checkpoint tensors (numpy) are in `convert/formats.py`.
 
 Formats: e4m3 (`float8_e4m3fn`, max 448, no inf), e2m1 (`float4_e2m1fn`, grid ±{0, .5, 1, 1.5, 2, 3,
 4, 6}), e8m0 (`float8_e8m0fnu`, a bare exponent byte b: 2^(b-127), b = 255 is NaN).
@@ -29,10 +29,6 @@ Points (helper: tensor, format):
   sim_kv            V4 window + compressed KV, non-RoPE dims, 1×64; V3.2 c_kv (no k_rope), 1×128
   sim_indexer       DSA indexer q^I and k^I after RoPE: Hadamard, then fp8 1×128 | fp8_fp4 e2m1 1×32
 
-Checkpoint tensors (numpy, for convert/): `dequant_fp8_weight` (e4m3 [out, in] with a block scale
-[⌈out/128⌉, ⌈in/128⌉], f32 `weight_scale_inv` (V3) or e8m0 (V4)) and `dequant_fp4_weight` (V4 routed
-experts: int8 [out, in/2], two e2m1 codes a byte, low nibble = even column, e8m0 scale [out, in/32]).
-
 References: deepseek-ai DeepSeek-V4-Flash inference/kernel.py (`act_quant`, `fp4_act_quant`,
 `fast_round_scale`), model.py (`linear`, `Attention`, `Compressor`, `Indexer`), convert.py (FP4 LUT);
 DeepSeek-V3.2-Exp inference/model.py (`Indexer`, `rotate_activation`, FP8 KV simulation).
@@ -45,7 +41,6 @@ from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax import lax
 
@@ -55,7 +50,6 @@ QUANT_SIM_MODES: tuple[str, ...] = get_args(QuantSim)
 FP8_MAX, FP4_MAX = 448.0, 6.0
 FP8_AMAX_FLOOR, FP4_AMAX_FLOOR = 1e-4, 6.0 * 2.0**-126  # the official kernels' floors
 ACT_BLOCK, WEIGHT_BLOCK, FP4_BLOCK, V4_KV_BLOCK = 128, 128, 32, 64
-FP4_LUT = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 _FMT = {  # narrow dtype, largest value, amax floor
     "fp8": (jnp.float8_e4m3fn, FP8_MAX, FP8_AMAX_FLOOR),
@@ -273,59 +267,3 @@ def sim_indexer(x: jax.Array, mode: str) -> jax.Array:
         return x
     x = hadamard(x)
     return fake_quant_fp8(x, ACT_BLOCK) if mode == "fp8" else fake_quant_fp4(x, FP4_BLOCK)
-
-
-# ----------------------------------------------------------------------------------------------
-# Real checkpoint tensors (numpy; for convert/)
-# ----------------------------------------------------------------------------------------------
-
-
-def e8m0_to_f32(s: np.ndarray) -> np.ndarray:
-    """Scale tensor -> f32: e8m0 (raw uint8 bytes or `float8_e8m0fnu`: 2^(b-127), 255 = NaN);
-    float scales (V3's f32 `weight_scale_inv`) are only cast."""
-    s = np.asarray(s)
-    if s.dtype == np.uint8:
-        pow2 = np.ldexp(np.float32(1), np.minimum(s, 254).astype(np.int32) - 127).astype(np.float32)
-        return np.where(s == 255, np.float32(np.nan), pow2)
-    return s.astype(np.float32)
-
-
-def dequant_fp8_weight(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
-    """FP8 checkpoint weight [..., out, in] (e4m3, or its raw uint8 bits) times its block scale
-    [..., ⌈out/b0⌉, ⌈in/b1⌉] (f32 `weight_scale_inv` or e8m0) -> f32 [..., out, in]."""
-    w, scale = np.asarray(w), e8m0_to_f32(scale)
-    if w.dtype == np.uint8:
-        w = w.view(ml_dtypes.float8_e4m3fn)
-    O, I = w.shape[-2:]
-    want = (*w.shape[:-2], -(-O // block[0]), -(-I // block[1]))
-    if scale.shape != want:
-        raise ValueError(f"dequant_fp8_weight: weight {w.shape} with block {block} needs scale {want}, "
-                         f"got {scale.shape}")
-    s_OI = np.repeat(np.repeat(scale, block[0], axis=-2), block[1], axis=-1)[..., :O, :I]
-    return w.astype(np.float32) * s_OI
-
-
-def unpack_fp4(packed: np.ndarray) -> np.ndarray:
-    """int8/uint8 [..., n] holding two e2m1 codes a byte (low nibble first) -> f32 values [..., 2n]."""
-    b = np.asarray(packed).view(np.uint8)
-    codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)
-    return FP4_LUT[codes]
-
-
-def pack_fp4(values: np.ndarray) -> np.ndarray:
-    """Inverse of `unpack_fp4`: values on the e2m1 grid [..., 2n] -> int8 [..., n] (low nibble even)."""
-    codes = np.asarray(values, np.float32).astype(ml_dtypes.float4_e2m1fn).view(np.uint8) & 0x0F
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_fp4: last dim must be even, got {codes.shape}")
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(np.int8)
-
-
-def dequant_fp4_weight(packed: np.ndarray, scale: np.ndarray, block: int = FP4_BLOCK) -> np.ndarray:
-    """V4 FP4 routed-expert weight: int8 [..., out, in/2] and e8m0 scale [..., out, in/block] ->
-    f32 [..., out, in]; W[o, i] = LUT[code] · 2^(b[o, i // block] - 127)."""
-    w_OI, scale = unpack_fp4(packed), e8m0_to_f32(scale)
-    want = (*w_OI.shape[:-1], -(-w_OI.shape[-1] // block))
-    if scale.shape != want:
-        raise ValueError(f"dequant_fp4_weight: packed {np.shape(packed)} (in={w_OI.shape[-1]}) with "
-                         f"block {block} needs scale {want}, got {scale.shape}")
-    return w_OI * np.repeat(scale, block, axis=-1)[..., : w_OI.shape[-1]]

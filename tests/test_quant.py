@@ -1,7 +1,7 @@
 """FP8 / FP4 fake quantisation (deepseek_jax/quant.py) against a numpy float64 reference: rounding to
 nearest-even onto the e4m3 / e2m1 grids, saturation, block scales (incl. ue8m0 powers of two),
-partial blocks, straight-through gradients, idempotence, the Hadamard rotation, the mode helpers and
-the checkpoint dequantisers. Rounding and scales are compared exactly (bit-equal)."""
+partial blocks, straight-through gradients, idempotence, the Hadamard rotation and the mode helpers
+(checkpoint tensors: tests/convert/test_formats.py). Rounding and scales are compared bit-equal."""
 
 import jax
 import jax.numpy as jnp
@@ -276,60 +276,6 @@ def test_mode_helpers():
     rel = float(jnp.max(jnp.abs(s_fp4 / jnp.einsum("abd,abd->ab", q, q) - 1)))
     print(f"indexer q·q after Hadamard + FP4, max rel change {rel:.3f}")
     assert rel < 0.25  # rotated basis: scores survive the rotation, only the FP4 error remains
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoint tensors
-# ----------------------------------------------------------------------------------------------
-
-
-def e8m0_bytes(s_pow2):
-    _, e = np.frexp(np.asarray(s_pow2, np.float64))  # s = 0.5·2^e -> byte = e - 1 + 127
-    return (e + 126).astype(np.uint8)
-
-
-def test_dequant_fp8_weight():
-    rng = np.random.default_rng(10)
-    w = (rng.standard_normal((200, 300)) * 50).astype(ml_dtypes.float8_e4m3fn)  # [out, in]
-    s = np.ldexp(1.0, rng.integers(-12, 0, (2, 3))).astype(np.float32)
-    want = np.empty((200, 300))
-    for o in range(200):
-        for i in range(300):
-            want[o, i] = float(w[o, i]) * float(s[o // 128, i // 128])
-    equal(Q.dequant_fp8_weight(w, s), want, "fp8 dequant, f32 scale_inv")
-    equal(Q.dequant_fp8_weight(w.view(np.uint8), e8m0_bytes(s)), want, "fp8 dequant, raw bits + e8m0")
-    equal(Q.dequant_fp8_weight(w, s.astype(ml_dtypes.float8_e8m0fnu)), want, "fp8 dequant, float8_e8m0fnu")
-    assert np.isnan(Q.e8m0_to_f32(np.array([255], np.uint8))).all()
-    with pytest.raises(ValueError, match=r"needs scale \(2, 3\)"):
-        Q.dequant_fp8_weight(w, s[:, :2])
-
-
-def e2m1_value(code):
-    """Decode one e2m1 code from its bits (sign, 2 exponent bits, 1 mantissa bit, bias 1)."""
-    sign = -1.0 if code & 8 else 1.0
-    e, m = (code >> 1) & 3, code & 1
-    return sign * (m * 0.5 if e == 0 else 2.0 ** (e - 1) * (1 + m / 2))
-
-
-def test_dequant_fp4_weight_and_export_round_trip():
-    rng = np.random.default_rng(11)
-    packed = rng.integers(-128, 128, (16, 32), dtype=np.int8)  # [out=16, in/2=32]
-    scale = rng.integers(110, 130, (16, 2), dtype=np.uint8)  # e8m0 [out, in/32]
-    want = np.empty((16, 64))
-    for o in range(16):
-        for i in range(64):
-            byte = int(packed[o, i // 2]) & 0xFF
-            code = byte & 0x0F if i % 2 == 0 else byte >> 4
-            want[o, i] = e2m1_value(code) * 2.0 ** (int(scale[o, i // 32]) - 127)
-    equal(Q.dequant_fp4_weight(packed, scale), want, "fp4 dequant")
-    equal(Q.pack_fp4(Q.unpack_fp4(packed)).view(np.uint8), packed.view(np.uint8), "pack(unpack)")
-    with pytest.raises(ValueError, match="needs scale"):
-        Q.dequant_fp4_weight(packed, scale[:, :1])
-    # export: quantise f32 weights to codes + e8m0, pack, dequantise == fake quant
-    w = rng.standard_normal((16, 64)).astype(np.float32)
-    codes, s = Q.quant(jnp.asarray(w), "fp4", 32)
-    packed_w = Q.pack_fp4(np.asarray(codes, np.float32))
-    equal(Q.dequant_fp4_weight(packed_w, e8m0_bytes(s)), Q.fake_quant_fp4(jnp.asarray(w)), "fp4 export")
 
 
 def test_config_field_lists_the_same_modes():
