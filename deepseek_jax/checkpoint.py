@@ -152,3 +152,27 @@ def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
 
     return {"/".join(name(k) for k in path): tuple(getattr(leaf, "shape", ()))
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def restore_converted(directory: str | Path, state_target: Any) -> dict:
+    """{"params", "router"} of a converted checkpoint (`deepseek-jax convert import` OUT), placed as
+    the train state target's shardings say; an error naming the arrays when it does not fit."""
+    from deepseek_jax.convert.orbax_writer import restore_tree, stored_shapes
+
+    directory = Path(directory).expanduser().absolute()
+    params_dir = directory / "params"
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{directory} is not a converted checkpoint (no params/ inside; make one with "
+                              "`deepseek-jax convert import SRC OUT`)")
+    target = {"params": state_target.params, "router": state_target.router}
+    have = {k: v[0] for k, v in stored_shapes(params_dir).items()}
+    want = _leaf_shapes(target)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = [f"{k} {have[k]} (stored) vs {want[k]} (model)" for k in sorted(set(have) & set(want))
+              if tuple(have[k]) != tuple(want[k])]
+    if missing or extra or shapes:
+        raise CheckpointError(
+            f"converted checkpoint {directory} does not fit this model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {extra[:5]} ({len(extra)}), shapes {shapes[:5]}. Use the model section of "
+            f"{directory / 'config.yaml'}")
+    return restore_tree(params_dir, target)

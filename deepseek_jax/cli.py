@@ -10,6 +10,12 @@ Commands:
   plot      write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl
   plan      per-device memory and collective volume of a train step on --devices N (--mesh FILE),
             compiled on N devices (fake CPU ones if need be) or, with --lower-only, estimated
+  convert   `convert import SRC OUT`: a checkpoint directory (transformers or DeepSeek layout, FP8 / FP4
+            or not) -> a converted checkpoint OUT that `train OUT/config.yaml`, `eval --checkpoint OUT`,
+            `generate --checkpoint OUT` and `plan OUT/config.yaml` take (--dtype float32|bfloat16);
+            `convert export CKPT OUT [--layout hf|official] [--quant none|fp8]`: a converted checkpoint
+            or run directory -> safetensors + config.json that transformers loads
+--checkpoint DIR (eval, generate): a converted checkpoint's weights and config instead of a run's.
 --mesh FILE merges a mesh file last; --cpu-devices N gives JAX N fake CPU devices (try meshes on a CPU).
 No logic lives here: each command calls one library function.
 """
@@ -22,7 +28,7 @@ from deepseek_jax.config import ConfigError, load_config, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "train" / "tiny_v4_stdlib.yaml"
-COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot", "plan")
+COMMANDS = ("train", "eval", "generate", "inspect", "config", "plot", "plan", "convert")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, help="plan: devices to plan for (default: those present)")
     p.add_argument("--lower-only", action="store_true", help="plan: do not compile; estimate collectives")
     p.add_argument("--cpu-devices", type=int, help="fake CPU devices for JAX (set before it starts)")
+    p.add_argument("--checkpoint", help="eval / generate: a converted checkpoint directory (convert import OUT)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="convert: stored parameter dtype (import) / tensor dtype (export)")
+    p.add_argument("--layout", choices=("hf", "official"), default="hf", help="convert export: tensor names")
+    p.add_argument("--quant", choices=("none", "fp8"), default="none", help="convert export: FP8 block weights")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="convert export: safetensors shard size")
     p.add_argument("--distributed", action="store_true",
                    help="multi-process: jax.distributed.initialize() detects coordinator, process count and id "
                         "(Cloud TPU, SLURM, Open MPI, Kubernetes); or give the three flags below")
@@ -49,9 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: list[str], mesh: str | None = None):
+def _config(args: list[str], mesh: str | None = None, checkpoint: str | None = None):
     args = args[1:] if args[:1] == ["show"] else args  # `config show CONFIG...` reads like `config CONFIG...`
-    files = [a for a in args if "=" not in a] or [str(DEFAULT_CONFIG)]
+    files = [a for a in args if "=" not in a]
+    if checkpoint:  # a converted checkpoint's own config first; files and overrides given after it
+        files = [str(Path(checkpoint).expanduser() / "config.yaml")] + files
+    files = files or [str(DEFAULT_CONFIG)]
     return load_config(files + ([mesh] if mesh else []), [a for a in args if "=" in a])
 
 
@@ -64,12 +79,14 @@ def _print0(text: str) -> None:
 
 
 def _dispatch(ns) -> int:
+    if ns.command == "convert":
+        return _convert(ns)
     if ns.command == "plot":
         from deepseek_jax.metrics import plot_run
 
         print(plot_run(ns.args[0] if ns.args else "runs/tiny_v4_stdlib"))
         return 0
-    cfg = _config(ns.args, ns.mesh)
+    cfg = _config(ns.args, ns.mesh, ns.checkpoint if ns.command in ("eval", "generate") else None)
     if ns.command == "config":
         print(to_yaml(cfg), end="")
     elif ns.command == "inspect":
@@ -81,16 +98,15 @@ def _dispatch(ns) -> int:
 
         run(cfg)
     elif ns.command == "eval":
-        from deepseek_jax.run import evaluate, load_trained
+        from deepseek_jax.run import evaluate
 
-        s, state = load_trained(cfg)
+        s, state = _load(cfg, ns.checkpoint)
         line = " ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items())
         _print0(line)
     elif ns.command == "generate":
         from deepseek_jax.generate import sample
-        from deepseek_jax.run import load_trained
 
-        s, state = load_trained(cfg)
+        s, state = _load(cfg, ns.checkpoint)
         prompts = ns.prompt or list(cfg.train.sample_prompts)
         variables = {"params": state.params, "router": state.router}
         texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
@@ -101,6 +117,38 @@ def _dispatch(ns) -> int:
         from deepseek_jax.plan import format_report, plan
 
         print(format_report(plan(cfg, ns.devices, compile=False if ns.lower_only else None)))
+    return 0
+
+
+def _load(cfg, checkpoint: str | None):
+    """(session, state with .params / .router) of a run's latest checkpoint or a converted one."""
+    from types import SimpleNamespace
+
+    from deepseek_jax.run import load_converted, load_trained
+
+    if checkpoint is None:
+        return load_trained(cfg)
+    s, variables = load_converted(cfg, checkpoint)
+    return s, SimpleNamespace(**variables)
+
+
+def _convert(ns) -> int:
+    from deepseek_jax.convert.exporter import export_checkpoint
+    from deepseek_jax.convert.importer import import_checkpoint
+
+    if len(ns.args) != 3 or ns.args[0] not in ("import", "export"):
+        print("usage: deepseek-jax convert import SRC OUT | convert export CKPT OUT [--layout hf|official] "
+              "[--quant none|fp8]", file=sys.stderr)
+        return 2
+    what, src, out = ns.args
+    if what == "import":
+        out = import_checkpoint(src, out, dtype=ns.dtype)
+        print(f"converted: {out}\n  generate: deepseek-jax generate --checkpoint {out} --prompt '...'\n"
+              f"  fine-tune: deepseek-jax train {out}/config.yaml data.source=...")
+    else:
+        out = export_checkpoint(src, out, layout=ns.layout, quant=ns.quant, dtype=ns.dtype,
+                                max_shard_bytes=int(ns.max_shard_gb * 2**30))
+        print(f"exported: {out}")
     return 0
 
 
@@ -115,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
         jax.distributed.initialize(ns.coordinator, ns.num_processes, ns.process_id)
     from deepseek_jax.checkpoint import CheckpointError
+    from deepseek_jax.convert.errors import ConversionError
     from deepseek_jax.data import DataError
     from deepseek_jax.inspect_model import InputError
     from deepseek_jax.multihost import ProcessError
@@ -123,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(ns)
-    except (CheckpointError, ConfigError, DataError, InputError, PlanError, ProcessError, TrainingError,
-            FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ConversionError, DataError, InputError, PlanError, ProcessError,
+            TrainingError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

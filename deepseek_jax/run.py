@@ -25,13 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import data as data_lib
-from deepseek_jax.checkpoint import Checkpointer, check_compatible
+from deepseek_jax.checkpoint import Checkpointer, check_compatible, restore_converted
 from deepseek_jax.config import Config, to_dict, to_yaml
 from deepseek_jax.generate import sample
 from deepseek_jax.layers.moe.dispatch import check_backend
-from deepseek_jax.models import check_remat_backend
 from deepseek_jax.metrics import MetricsLogger, measure_peak_flops, mfu, plot_run
-from deepseek_jax.multihost import any_process, check_batch_split, in_lockstep, on_all_processes, put_batch, sync
+from deepseek_jax.models import check_remat_backend
+from deepseek_jax.multihost import (
+    any_process,
+    check_batch_split,
+    in_lockstep,
+    on_all_processes,
+    put_batch,
+    sync,
+)
 from deepseek_jax.params import train_flops_per_token
 from deepseek_jax.program import Program, build_program
 from deepseek_jax.sharding import batch_sharding, in_mesh, make_mesh, rules
@@ -82,7 +89,10 @@ def restore_or_init(s: Session, ckpt: Checkpointer):
     if step is None:
         # Traced outside the mesh: init's dummy batch has one row, which a mesh that splits the batch
         # cannot shard; out_shardings place the parameters, whose values need no mesh.
-        return s.program.init_state(), None
+        state = s.program.init_state()
+        if s.program.cfg.train.init_from:  # a converted checkpoint: its weights, a fresh optimizer
+            state = state.replace(**restore_converted(s.program.cfg.train.init_from, s.program.state_target()))
+        return state, None
     check_compatible(ckpt.stored_config(step), s.program.cfg, s.run_dir)
     state, data_state, _ = ckpt.restore(step, s.program.state_target())
     return state, data_state
@@ -263,6 +273,12 @@ def run(cfg: Config) -> dict:
               f"(the train split's token frequencies); loss curve: {plot_run(s.run_dir, baseline=baseline)}")
         eval_metrics = {**eval_metrics, "unigram_baseline": baseline}
     return {"eval": eval_metrics, "state": state, "session": s, "stopped_by": stopped}
+
+
+def load_converted(cfg: Config, directory: str) -> tuple[Session, dict]:
+    """(session, {"params", "router"}) of a converted checkpoint, for eval / generate (no optimizer)."""
+    s = open_session(cfg)
+    return s, restore_converted(directory, s.program.state_target())
 
 
 def load_trained(cfg: Config):

@@ -1,6 +1,9 @@
 """Shared test helpers: repository paths, tolerances (STYLE.md §6), a closeness check that reports its
-errors, and the numpy comparisons the parity tests share (KL of logits, router top-k margins)."""
+errors, the numpy comparisons the parity tests share (KL of logits, router top-k margins), and the
+fusing of per-expert checkpoint tensors into transformers' in-memory layout."""
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +96,29 @@ def router_topk_margin(choice_ME, k, n_groups, topk_group):
     masked = np.where(np.repeat(mask, E // n_groups, -1), choice_ME, -np.inf)
     e_sorted = np.sort(masked, -1)[:, ::-1]
     return min(g_margin, (e_sorted[:, k - 1] - e_sorted[:, k]).min())
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert `...experts.{e}.{gate,up,down}_proj.weight` -> transformers' in-memory fused
+    `...experts.gate_up_proj` [E, 2F, D] (gate rows first) and `...experts.down_proj` [E, D, F]: the
+    inverse of convert/source.py `split_fused`. Other tensors pass through unchanged."""
+    out: dict[str, np.ndarray] = {}
+    experts: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    for name, a in state.items():
+        m = _EXPERT.match(name)
+        if m is None:
+            out[name] = a
+        else:
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = a
+    for prefix, parts in experts.items():
+        n = len(parts.get("gate", {}))
+        for kind in ("gate", "up", "down"):
+            have = sorted(parts.get(kind, {}))
+            assert have == list(range(n)), f"{prefix}: {kind}_proj for experts {have}, want 0..{n - 1}"
+        gate, up, down = (np.stack([parts[kind][e] for e in range(n)]) for kind in ("gate", "up", "down"))
+        out[f"{prefix}.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        out[f"{prefix}.down_proj"] = down
+    return out

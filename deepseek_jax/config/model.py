@@ -1,7 +1,7 @@
 """Model schemas: the attention, MoE, residual and RoPE parts a decoder is composed from.
 
 Field names copy DeepSeek's own `ModelArgs` (`dim`, `n_routed_experts`, `qk_rope_head_dim`, ...) so an
-upstream config diffs against ours; `convert/hf.py` maps HF `config.json` names onto them. Each part
+upstream config diffs against ours; `convert/v3.py` / `v4.py` map `config.json` names onto them. Each part
 checks its own invariants; `ModelConfig.__post_init__` checks how the parts combine.
 """
 

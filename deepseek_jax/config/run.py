@@ -80,6 +80,9 @@ class TrainConfig:
     stop_at: int = 0  # end this invocation after this step (and save), schedule unchanged; 0 = steps
     seed: int = 0  # parameter-init seed
     run_dir: str = "runs/default"  # checkpoints, logs, resolved config
+    # a converted checkpoint directory (`deepseek-jax convert import`) whose parameters start a new run
+    # (fresh optimizer and step 0); ignored once run_dir holds a checkpoint of its own
+    init_from: str = ""
     log_every: int = 10  # steps between host syncs for metrics
     eval_every: int = 200  # steps; 0 = only at the end
     eval_batches: int = 8  # validation batches per evaluation

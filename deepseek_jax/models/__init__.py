@@ -5,7 +5,6 @@ cache, `router_bias_rows` where each selection bias sits and which rows of the r
 update it, `converter(cfg)` the HF name table for the layout (V3 / V3.2 or V4) the config has.
 """
 
-from types import ModuleType
 from typing import NamedTuple
 
 import jax
@@ -97,17 +96,18 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
     return rows
 
 
-def converter(cfg: ModelConfig) -> ModuleType:
-    """The HF checkpoint layout of this composition: `convert.hf` (DeepseekV3 / V32: MLA blocks on a
-    plain residual) or `convert.hf_v4` (DeepseekV4: V4 attention on mHC streams)."""
-    from deepseek_jax.convert import hf, hf_v4  # the converters read the registry's layer plan
+def converter(cfg: ModelConfig):
+    """The checkpoint family (convert/table.py `Family`) of this composition: `convert.v3.FAMILY`
+    (DeepSeek-V3 / V3.2: MLA blocks on a plain residual) or `convert.v4.FAMILY` (DeepSeek-V4: V4
+    attention on mHC streams)."""
+    from deepseek_jax.convert import v3, v4  # the converters read the registry's layer plan
 
     attention = {k.attention for k in layer_kinds(cfg)}
     if attention <= {"mla", "dsa"} and cfg.mhc is None:
-        return hf
+        return v3.FAMILY
     if attention == {"v4"} and cfg.mhc is not None:
-        return hf_v4
+        return v4.FAMILY
     raise ConfigError(
-        f"no HF checkpoint layout holds this composition (attention {sorted(attention)}, "
+        f"no released checkpoint layout holds this composition (attention {sorted(attention)}, "
         f"residual {'mHC' if cfg.mhc else 'plain'}): it can be trained and saved with Orbax, not converted"
     )

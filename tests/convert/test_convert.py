@@ -1,6 +1,8 @@
-"""The HF name table: round trips both ways, per-expert on-disk layout, and errors that name tensors."""
+"""The V3 / V3.2 rule table (convert/v3.py) in transformers' layout, in memory: round trips both
+ways, the per-expert on-disk and fused in-memory expert layouts, and errors that name tensors."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -9,12 +11,13 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import load_model_config, to_dict
-from deepseek_jax.convert.hf import (
-    ConversionError, fuse_experts, hf_config_from_model, hf_to_variables, model_config_from_hf,
-    unfuse_experts, variables_to_hf,
-)
+from deepseek_jax.convert import table, v3
+from deepseek_jax.convert.errors import ConversionError
+from deepseek_jax.convert.importer import abstract_variables, check_tensors
+from deepseek_jax.convert.safetensors import write_file
+from deepseek_jax.convert.source import open_source, split_fused
 from deepseek_jax.models import build_model
-from tests.utils import CONFIGS
+from tests.utils import CONFIGS, fuse_experts
 
 TINY = CONFIGS / "model/tiny.yaml"
 TINY_V32 = CONFIGS / "model/tiny_v32.yaml"
@@ -28,6 +31,17 @@ def random_variables(cfg, seed=0):
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
 
 
+def variables_to_hf(variables, cfg, fused: bool = False) -> dict:
+    """Our variables -> transformers' names: per-expert (on disk), or fused experts (in memory)."""
+    state = table.from_variables(variables, v3.FAMILY, cfg, "hf")
+    return fuse_experts(state) if fused else state
+
+
+def hf_to_variables(state, cfg) -> dict:
+    """A transformers state dict (fused or per-expert experts) -> our variables."""
+    return table.to_variables(split_fused(state), v3.FAMILY, cfg, "hf")
+
+
 @pytest.fixture(scope="module", params=[64, 0], ids=["q_lora", "q_full"])
 def cfg(request):
     base = load_model_config([TINY])
@@ -36,15 +50,15 @@ def cfg(request):
 
 def test_ours_to_hf_to_ours_is_exact(cfg):
     variables = random_variables(cfg)
-    for per_expert in (False, True):
-        hf = variables_to_hf(variables, cfg, per_expert=per_expert)
+    for fused in (False, True):
+        hf = variables_to_hf(variables, cfg, fused=fused)
         back = hf_to_variables(hf, cfg)
         jax.tree.map(np.testing.assert_array_equal, back, variables)
 
 
 def test_hf_names_cover_every_parameter_once(cfg):
     variables = random_variables(cfg)
-    hf = variables_to_hf(variables, cfg)
+    hf = variables_to_hf(variables, cfg, fused=True)
     n_ours = sum(x.size for x in jax.tree.leaves(variables))
     assert sum(x.size for x in hf.values()) == n_ours
     L = cfg.n_layers
@@ -58,9 +72,13 @@ def test_hf_names_cover_every_parameter_once(cfg):
 
 def test_per_expert_layout_fuses_back():
     cfg = load_model_config([TINY])
-    fused = variables_to_hf(random_variables(cfg), cfg)
-    split = unfuse_experts(fused)
+    per_expert = variables_to_hf(random_variables(cfg), cfg)
+    fused = fuse_experts(per_expert)
+    split = split_fused(fused)
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in split
+    assert split.keys() == per_expert.keys()
+    for k in per_expert:
+        np.testing.assert_array_equal(split[k], per_expert[k])
     refused = fuse_experts(split)
     assert refused.keys() == fused.keys()
     for k in fused:
@@ -70,7 +88,7 @@ def test_per_expert_layout_fuses_back():
 def test_official_checkpoint_copies_of_embedding_and_head_are_skipped():
     cfg = load_model_config([TINY])
     variables = random_variables(cfg)
-    hf = variables_to_hf(variables, cfg)
+    hf = variables_to_hf(variables, cfg, fused=True)
     L = cfg.n_layers
     hf[f"model.layers.{L}.embed_tokens.weight"] = hf["model.embed_tokens.weight"]
     hf[f"model.layers.{L}.shared_head.head.weight"] = hf["lm_head.weight"]
@@ -79,6 +97,7 @@ def test_official_checkpoint_copies_of_embedding_and_head_are_skipped():
 
 @pytest.fixture(scope="module")
 def tiny_hf():
+    """(config, per-expert state dict: the on-disk layout)."""
     cfg = load_model_config([TINY])
     return cfg, variables_to_hf(random_variables(cfg), cfg)
 
@@ -98,19 +117,26 @@ def test_unexpected_tensor_is_named(tiny_hf):
         hf_to_variables(hf, cfg)
 
 
-def test_wrong_shape_is_named(tiny_hf):
+def test_wrong_shape_is_named(tiny_hf, tmp_path):
+    """Shapes are checked against the model when a checkpoint directory is opened for import."""
     cfg, hf = tiny_hf
     hf = dict(hf)
     hf["model.norm.weight"] = np.ones((cfg.dim + 1,), np.float32)
-    with pytest.raises(ConversionError, match=r"model\.norm\.weight has shape \(129,\), expected \(128,\)"):
-        hf_to_variables(hf, cfg)
+    write_file(tmp_path / "model.safetensors", hf)
+    (tmp_path / "config.json").write_text(json.dumps(v3.config_to_json(cfg)))
+    src = open_source(tmp_path)
+    try:
+        with pytest.raises(ConversionError, match=r"model\.norm\.weight: shape \[129\], the model needs \[128\]"):
+            check_tensors(src, abstract_variables(src.cfg))
+    finally:
+        src.files.close()
 
 
 def test_missing_expert_is_named(tiny_hf):
     cfg, hf = tiny_hf
-    split = unfuse_experts(hf)
+    split = dict(hf)
     del split["model.layers.3.mlp.experts.7.up_proj.weight"]
-    with pytest.raises(ConversionError, match=r"model\.layers\.3\.mlp\.experts: up_proj missing for experts \[7\]"):
+    with pytest.raises(ConversionError, match=r"missing \['model\.layers\.3\.mlp\.experts\.7\.up_proj\.weight'\]"):
         hf_to_variables(split, cfg)
 
 
@@ -144,7 +170,7 @@ def test_save_pretrained_safetensors_load(tmp_path):
 def test_v32_round_trip_and_indexer_names():
     cfg = load_model_config([TINY_V32])
     variables = random_variables(cfg)
-    hf = variables_to_hf(variables, cfg, per_expert=True)
+    hf = variables_to_hf(variables, cfg)
     jax.tree.map(np.testing.assert_array_equal, hf_to_variables(hf, cfg), variables)
     assert sum(x.size for x in hf.values()) == sum(x.size for x in jax.tree.leaves(variables))
     ic, Q, D = cfg.index, cfg.mla.q_lora_rank, cfg.dim
@@ -164,13 +190,13 @@ def test_v32_round_trip_and_indexer_names():
 
 @pytest.mark.parametrize("path", [TINY, TINY_V32], ids=["v3", "v32"])
 def test_hf_config_json_round_trip(path):
-    """hf_config_from_model -> model_config_from_hf gives our config back, except the fields HF
+    """config_to_json -> config_from_json gives our config back, except the fields HF
     does not hold (compute dtype, MoE implementation, DSA training stage and query blocks)."""
     cfg = load_model_config([path])
-    hf = hf_config_from_model(cfg)
+    hf = v3.config_to_json(cfg)
     assert hf["model_type"] == ("deepseek_v32" if cfg.index else "deepseek_v3")
     assert ("index_topk" in hf) == (cfg.index is not None)
-    back = model_config_from_hf(hf, dtype=cfg.dtype)
+    back = v3.config_from_json(hf, dtype=cfg.dtype)
     compute_only = {"impl", "dispatch", "capacity_factor", "index_dense_warmup", "index_q_block"}
 
     def strip(d):

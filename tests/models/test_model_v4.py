@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from deepseek_jax.config import ConfigError, load_model_config
-from deepseek_jax.convert import hf_v4
+from deepseek_jax.convert import table, v4
+from deepseek_jax.convert.errors import ConversionError
+from deepseek_jax.convert.source import split_fused
 from deepseek_jax.models import build_cache, build_model, layer_segments, router_bias_rows
 from tests.utils import CONFIGS, TINY_V4_OVERRIDES, assert_close
 
@@ -82,15 +84,18 @@ def test_bias_rows_skip_hash_layers(tiny):
 
 def test_mtp_tensors_convert_both_ways(tiny):
     cfg, _, variables, _ = tiny
-    state = hf_v4.variables_to_hf(jax.tree.map(np.asarray, variables), cfg, per_expert=True)
+    state = table.from_variables(jax.tree.map(np.asarray, variables), v4.FAMILY, cfg, "hf_memory")  # per expert
     assert "mtp.0.e_proj.weight" in state and "mtp.0.hc_head.hc_fn" in state
     assert "model.layers.0.mlp.gate.tid2eid" in state and state["model.layers.0.mlp.gate.tid2eid"].dtype == np.int64
-    back = hf_v4.hf_to_variables(state, cfg)
+    back = table.to_variables(split_fused(state), v4.FAMILY, cfg, "hf_memory")
+    assert jax.tree.structure(back) == jax.tree.structure(variables)
     for (p, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves_with_path(back)):
         np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(p))
     no_mtp = {k: v for k, v in state.items() if not k.startswith("mtp.")}
-    with pytest.raises(hf_v4.ConversionError, match="num_nextn_predict_layers: 0"):
-        hf_v4.hf_to_variables(no_mtp, cfg)
+    # in memory, a config with MTP needs the mtp.* tensors; the error lists them (a checkpoint
+    # directory without them imports without MTP: convert/source.py open_source)
+    with pytest.raises(ConversionError, match=r"missing \['mtp\.0\.[^]]*\]\.\.\. \(\d+\), unexpected \[\] \(0\)"):
+        table.to_variables(no_mtp, v4.FAMILY, cfg, "hf_memory")
 
 
 def test_v4_config_errors():

@@ -1,13 +1,13 @@
 """The registry (`deepseek_jax.models`): every variant's layer plan, its scan segments, where the
-selection biases sit, which HF layout converts it, and the arguments a model refuses rather than
-ignores."""
+selection biases sit, which checkpoint family converts it, and the arguments a model refuses rather
+than ignores."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from deepseek_jax.config import ConfigError, load_model_config
-from deepseek_jax.convert import hf, hf_v4
+from deepseek_jax.convert import v3, v4
 from deepseek_jax.models import LayerKind, build_model, converter, layer_kinds, layer_segments, router_bias_rows
 from tests.utils import ROOT
 
@@ -36,9 +36,9 @@ def test_bias_rows_index_the_moe_layers_in_order():
 
 
 def test_converter_follows_the_composition():
-    assert converter(model_cfg("tiny")) is hf and converter(model_cfg("tiny_v32")) is hf
-    assert converter(model_cfg("tiny_v4")) is hf_v4
-    with pytest.raises(ConfigError, match="no HF checkpoint layout"):
+    assert converter(model_cfg("tiny")) is v3.FAMILY and converter(model_cfg("tiny_v32")) is v3.FAMILY
+    assert converter(model_cfg("tiny_v4")) is v4.FAMILY
+    with pytest.raises(ConfigError, match="no released checkpoint layout holds this composition"):
         converter(model_cfg("tiny_composed"))
 
 

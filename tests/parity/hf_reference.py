@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from deepseek_jax.convert.hf import model_config_from_hf  # noqa: E402
+from deepseek_jax.convert.v3 import config_from_json  # noqa: E402
 
 torch.set_num_threads(1)  # bit-stable torch reference
 
@@ -86,7 +86,7 @@ def hf_state_dict(model, mtp=None) -> dict[str, np.ndarray]:
 
 
 def our_config(hf_cfg: dict):
-    return model_config_from_hf(hf_cfg, dtype="float32")
+    return config_from_json(hf_cfg, dtype="float32")
 
 
 class RouterRecorder:

@@ -1,5 +1,5 @@
 """A tiny random HF transformers DeepseekV32Attention (MLA + DSA indexer; torch, CPU, float32) and
-the mapping of its tensors onto our MLA (with the DSA indexer) parameters (the rows convert/hf.py needs for V3.2).
+the mapping of its tensors onto our MLA (with the DSA indexer) parameters (the rows convert/v3.py needs for V3.2).
 
 Initialised with fan-in scaling as in hf_reference.py; norm weights are 1 + N(0, 0.1) and the
 indexer's LayerNorm bias N(0, 0.1), so a converter that drops either fails.
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
 from deepseek_jax.config import IndexerConfig
-from deepseek_jax.convert.hf import model_config_from_hf
+from deepseek_jax.convert.v3 import config_from_json
 
 torch.set_num_threads(1)  # bit-stable torch reference
 
@@ -42,7 +42,7 @@ def tiny_v32_config(**kw) -> dict:
 
 def our_configs(hf_cfg: dict):
     """(MLAConfig, RopeConfig, IndexerConfig) for an HF DeepseekV32 config dict."""
-    model = model_config_from_hf(hf_cfg, dtype="float32")
+    model = config_from_json(hf_cfg, dtype="float32")
     index = IndexerConfig(
         index_n_heads=hf_cfg["index_n_heads"],
         index_head_dim=hf_cfg["index_head_dim"],

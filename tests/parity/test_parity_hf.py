@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.convert.hf import hf_to_variables, variables_to_hf
+from deepseek_jax.convert import table, v3
+from deepseek_jax.convert.source import split_fused
 from deepseek_jax.models import build_model
 from tests.parity.hf_reference import (
     RouterRecorder, build_hf_model, hf_forward, hf_state_dict, our_config, tiny_hf_config, torch,
 )
-from tests.utils import kl, per_layer, router_topk_margin
+from tests.utils import fuse_experts, kl, per_layer, router_topk_margin
 
 pytestmark = pytest.mark.parity
 B, T = 2, 64
@@ -30,7 +31,7 @@ def pair(request):
     hf_cfg = tiny_hf_config(**VARIANTS[request.param])
     model, mtp = build_hf_model(hf_cfg, seed=0)
     cfg = our_config(hf_cfg)
-    variables = hf_to_variables(hf_state_dict(model, mtp), cfg)
+    variables = table.to_variables(split_fused(hf_state_dict(model, mtp)), v3.FAMILY, cfg, "hf")
     tokens = np.random.default_rng(3).integers(0, hf_cfg["vocab_size"], (B, T))  # router margins >= 1e-4
     return model, mtp, cfg, variables, tokens
 
@@ -113,7 +114,8 @@ def test_loss_and_gradients_match_hf(pair):
     with jax.default_matmul_precision("highest"):
         loss_and_grad = jax.jit(jax.value_and_grad(_our_loss), static_argnums=2)
         loss, grads = loss_and_grad(variables["params"], variables["router"], cfg, jnp.asarray(tokens))
-    ours = variables_to_hf({"params": grads, "router": variables["router"]}, cfg)
+    grad_vars = {"params": grads, "router": variables["router"]}
+    ours = fuse_experts(table.from_variables(grad_vars, v3.FAMILY, cfg, "hf"))  # HF keeps experts fused
     print(f"\nloss HF {hf_loss:.6f} ours {float(loss):.6f}")
     assert abs(float(loss) - hf_loss) <= 1e-4 * abs(hf_loss)
     for hf_name, ckpt_name in GRAD_NAMES.items():

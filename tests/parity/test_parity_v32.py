@@ -1,5 +1,5 @@
 """Parity with HF transformers' DeepseekV32ForCausalLM (+ the generic MtpModel over its decoder
-layer) on a tiny random fp32 model, weights converted through convert/hf.py; and token-by-token
+layer) on a tiny random fp32 model, weights converted through convert/v3.py; and token-by-token
 decoding with the DSA cache against our own full forward.
 
 Every V3.2 path is live: one dense and two MoE layers and an MTP block, all DSA; T = 48 > index_topk
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.convert.hf import hf_config_from_model, hf_to_variables, model_config_from_hf
+from deepseek_jax.convert import table, v3
+from deepseek_jax.convert.source import split_fused
 from deepseek_jax.models import build_cache, build_model
 from tests.parity.hf_reference import (
     RouterRecorder, _fan_in_, hf_state_dict, our_config, tiny_hf_config, torch, transformers,
@@ -114,7 +115,7 @@ def v32():
     model, mtp = build_hf_v32(hf_cfg)
     cfg = our_config(hf_cfg)
     assert cfg.index is not None and cfg.index.index_topk == TOPK
-    variables = hf_to_variables(hf_state_dict(model, mtp), cfg)
+    variables = table.to_variables(split_fused(hf_state_dict(model, mtp)), v3.FAMILY, cfg, "hf")
     tokens = np.random.default_rng(4).integers(0, hf_cfg["vocab_size"], (B, T))  # margins >= 3e-4
     with jax.default_matmul_precision("highest"):  # our full forward, shared by both tests
         apply = jax.jit(lambda v, t: build_model(cfg).apply(v, t, mutable=["intermediates"]))
@@ -188,9 +189,9 @@ def test_logits_routing_and_selection_match_hf(v32):
 def test_config_json_round_trips_through_hf_config(v32):
     """Our config -> config.json -> transformers.DeepseekV32Config -> ours again."""
     cfg = v32[2]
-    hf = transformers.DeepseekV32Config(**hf_config_from_model(cfg))
+    hf = transformers.DeepseekV32Config(**v3.config_to_json(cfg))
     assert hf.model_type == "deepseek_v32" and hf.index_topk == TOPK and hf.index_n_heads == 8
-    assert model_config_from_hf(hf.to_dict(), dtype=cfg.dtype) == cfg
+    assert v3.config_from_json(hf.to_dict(), dtype=cfg.dtype) == cfg
 
 
 def test_token_by_token_decoding_matches_full_forward(v32):

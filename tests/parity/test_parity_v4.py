@@ -3,8 +3,9 @@
 A tiny random HF model with every path present: sliding-window, CSA and HCA layers (HCA ratio 8, so
 HCA emits entries at T = 40), hash-routed (layers 0-1) and learned sqrt-softplus layers with the
 clamped SwiGLU, mHC streams, a sequence longer than the window (8) and more CSA entries (10) than
-index_topk (3). Its weights go through convert/hf_v4.py into our decoder; logits, routed experts
-per layer and the CSA indexer's selections are compared (exactly for the discrete ones).
+index_topk (3). Its weights go through convert/v4.py (transformers' in-memory names) into our
+decoder; logits, routed experts per layer and the CSA indexer's selections are compared (exactly for
+the discrete ones).
 """
 
 import numpy as np
@@ -14,11 +15,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from deepseek_jax.convert import hf_v4  # noqa: E402
+from deepseek_jax.convert import table, v4  # noqa: E402
+from deepseek_jax.convert.errors import ConversionError  # noqa: E402
+from deepseek_jax.convert.importer import abstract_variables  # noqa: E402
+from deepseek_jax.convert.source import split_fused  # noqa: E402
 from deepseek_jax.models import build_model, layer_kinds, layer_segments  # noqa: E402
-from tests.utils import assert_close  # noqa: E402
+from tests.utils import assert_close, fuse_experts  # noqa: E402
 
 pytestmark = pytest.mark.parity
 torch.set_num_threads(1)
@@ -59,6 +62,10 @@ def _randomise(model, gen):
                 buf.copy_(0.1 * torch.randn(buf.shape, generator=gen))
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 @pytest.fixture(scope="module")
 def setup():
     config = transformers.DeepseekV4Config(**HF_CONFIG)
@@ -67,12 +74,12 @@ def setup():
     gen = torch.Generator().manual_seed(0)
     _randomise(hf, gen)
     state = {k: v.numpy() for k, v in hf.state_dict().items()}
-    cfg = hf_v4.model_config_from_hf(config.to_dict(), dtype="float32", max_seq_len=128)
+    cfg = v4.config_from_json(config.to_dict(), dtype="float32", max_seq_len=128)
     model = build_model(cfg)
     tokens = np.random.default_rng(0).integers(0, HF_CONFIG["vocab_size"], (B, T))
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    variables = hf_v4.hf_to_variables(state, cfg)
-    hf_v4.check_shapes(variables, {k: abstract[k] for k in ("params", "router")})
+    variables = table.to_variables(split_fused(state), v4.FAMILY, cfg, "hf_memory")
+    # every converted array has the shape of the model's variable at its path, both trees complete
+    assert _shapes(variables) == _shapes(abstract_variables(cfg))
     return hf, cfg, model, variables, state, tokens
 
 
@@ -129,13 +136,14 @@ def test_v4_model_matches_hf(setup):
 
 def test_v4_convert_round_trip(setup):
     _, cfg, _, variables, state, _ = setup
-    back = hf_v4.variables_to_hf(variables, cfg)
+    back = fuse_experts(table.from_variables(variables, v4.FAMILY, cfg, "hf_memory"))  # HF's in-memory names
     assert set(back) == set(state)
     for k, v in state.items():
         assert np.array_equal(back[k], v.astype(back[k].dtype)), k
-    cfg2 = hf_v4.model_config_from_hf(hf_v4.hf_config_from_model(cfg), dtype="float32", max_seq_len=128)
+    cfg2 = v4.config_from_json(v4.config_to_json(cfg), dtype="float32", max_seq_len=128)
     assert cfg2 == cfg
     bad = dict(state)
     bad.pop("model.layers.1.self_attn.compressor.indexer.kv_proj.weight")
-    with pytest.raises(hf_v4.ConversionError, match="indexer.kv_proj"):
-        hf_v4.hf_to_variables(bad, cfg)
+    with pytest.raises(ConversionError,
+                       match=r"missing \['model\.layers\.1\.self_attn\.compressor\.indexer\.kv_proj\.weight'\]"):
+        table.to_variables(split_fused(bad), v4.FAMILY, cfg, "hf_memory")

@@ -1,0 +1,179 @@
+"""`deepseek-jax convert import SRC OUT`: a checkpoint directory (config.json + safetensors, any family
+and layout convert/source.py knows, FP8 / FP4 or not) -> a converted checkpoint directory OUT:
+
+    OUT/params/        Orbax PyTree checkpoint of {"params": ..., "router": ...}, our layout
+    OUT/config.yaml    a runnable config: the model, train.init_from = OUT, data.tokenizer = OUT's
+    OUT/tokenizer.json (+ tokenizer_config.json) copied from SRC when it has them
+    OUT/convert.json   where it came from: source, family, layout, dtypes, notes
+
+Streaming: every array is written slice by slice (one layer, or one (layer, expert) pair) as each
+checkpoint tensor is read, dequantised and transformed; the stacked arrays never exist in memory
+(convert/orbax_writer.py). Peak memory is a constant plus a few checkpoint tensors.
+
+Every tensor's name, shape and dtype is checked against the model before any data is read; an
+interrupted import leaves only a hidden `.OUT.partial-*` directory, never OUT.
+"""
+
+import functools
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_jax.config import Config, DataConfig, ModelConfig, TrainConfig, to_yaml
+from deepseek_jax.convert.errors import ConversionError
+from deepseek_jax.convert.orbax_writer import LazyArray, write_tree
+from deepseek_jax.convert.safetensors import DTYPES
+from deepseek_jax.convert.source import Source, open_source
+from deepseek_jax.convert.table import Entry, leaf_pieces
+from deepseek_jax.models import build_model
+
+PARAMS_DIR, CONFIG_FILE, INFO_FILE = "params", "config.yaml", "convert.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+
+
+def abstract_variables(cfg: ModelConfig) -> dict:
+    """{"params", "router"} of the model as ShapeDtypeStructs (nothing allocated)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    out = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens))
+    return {k: out[k] for k in ("params", "router") if k in out}
+
+
+@functools.lru_cache(maxsize=4096)
+def _ckpt_shape(rule, slice_shapes: tuple[tuple[int, ...], ...], cfg: ModelConfig) -> tuple[int, ...]:
+    structs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in slice_shapes]
+    return tuple(jax.eval_shape(lambda *xs: rule.to_ckpt(*xs, cfg), *structs).shape)
+
+
+def expected_shape(ent: Entry, abstract: dict, cfg: ModelConfig) -> tuple[int, ...]:
+    """The checkpoint shape of `ent`'s tensor, from the model's own variables."""
+    shapes = []
+    for leaf in ent.leaves:
+        node = abstract
+        for k in leaf:
+            node = node[k]
+        shapes.append(tuple(node.shape[len(ent.index):]))
+    return _ckpt_shape(ent.rule, tuple(shapes), cfg)
+
+
+def _logical(src: Source, name: str) -> tuple[tuple[int, ...], str, bool]:
+    """(shape, dtype code, quantised) of a tensor as it will load (FP4 bytes unpacked: 2 columns each)."""
+    ref = src.refs[name]
+    info = src.files.info(ref.tensor)
+    shape = info.shape
+    if ref.part is not None:
+        F = shape[1] // 2
+        shape = (F, shape[2]) if ref.part[0] != "down" else shape[1:]
+    quantised = ref.scale is not None
+    if quantised and info.dtype in ("I8", "U8"):
+        shape = (*shape[:-1], 2 * shape[-1])
+    return tuple(shape), info.dtype, quantised
+
+
+def check_tensors(src: Source, abstract: dict) -> None:
+    """Shape and dtype of every checkpoint tensor against the model, before any data is read."""
+    bad = []
+    for ent in src.entries():
+        name = ent.name(src.layout)
+        shape, code, quantised = _logical(src, name)
+        want = expected_shape(ent, abstract, src.cfg)
+        integer = np.issubdtype(_leaf(abstract, ent.leaves[0]).dtype, np.integer)
+        if shape != want and not (quantised and code in ("I8", "U8") and shape[:-1] == want[:-1]
+                                  and shape[-1] in (want[-1], want[-1] + 1)):
+            bad.append(f"{name}: shape {list(shape)}, the model needs {list(want)}")
+        elif integer and DTYPES[code].kind not in "iu":
+            bad.append(f"{name}: dtype {code}, the model needs integers")
+        elif not integer and not quantised and code not in _FLOAT_CODES:
+            what = "an FP8 weight without its scale" if code.startswith("F8") else f"dtype {code}"
+            bad.append(f"{name}: {what} where the model needs floats")
+    if bad:
+        raise ConversionError(f"{src.directory}: {len(bad)} tensors do not fit the model: " + "; ".join(bad[:6]))
+
+
+def _leaf(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _checked(src: Source, name: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    if a.dtype.kind in "iu":
+        E = cfg.moe.n_routed_experts
+        if a.size and (a.min() < 0 or a.max() >= E):
+            raise ConversionError(f"{src.directory}: {name} holds expert ids in [{a.min()}, {a.max()}], "
+                                  f"outside [0, {E}) (n_routed_experts)")
+    elif not np.isfinite(a).all():
+        raise ConversionError(f"{src.directory}: {name} holds non-finite values")
+    return a
+
+
+def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
+    """{"params", "router"} of LazyArrays that read, dequantise and transform one tensor per slice."""
+    tree: dict = {}
+    for leaf, pieces in leaf_pieces(src.entries()).items():
+        struct = _leaf(abstract, leaf)
+        out_dtype = struct.dtype if np.issubdtype(struct.dtype, np.integer) else np.dtype(dtype)
+
+        def produce(ent: Entry, k: int, out_dtype=out_dtype) -> np.ndarray:
+            name = ent.name(src.layout)
+            a = _checked(src, name, src.load(name), src.cfg)
+            a = a.astype(np.int32) if a.dtype.kind in "iu" else a.astype(np.float32)
+            return np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype)
+
+        def listed(pieces=pieces, produce=produce):
+            return [(idx, functools.partial(produce, ent, k)) for idx, ent, k in pieces]
+
+        node = tree
+        for key in leaf[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf[-1]] = LazyArray(struct.shape, out_dtype, listed)
+    return tree
+
+
+def run_config(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Config:
+    data = DataConfig(tokenizer=str(tokenizer) if tokenizer else "", seq_len=min(256, cfg.max_seq_len),
+                      tokenizer_vocab_size=max(259, min(4096, cfg.vocab_size)))
+    return Config(model=cfg, data=data, train=TrainConfig(init_from=str(out), run_dir=f"runs/{out.name}"))
+
+
+def import_checkpoint(src_dir: str | Path, out: str | Path, *, dtype: str = "float32",
+                      log: Callable[[str], None] = print, **overrides) -> Path:
+    """Converts SRC into OUT (which must not exist); returns OUT. `overrides`: ModelConfig fields."""
+    out = Path(out).expanduser().absolute()
+    if out.exists():
+        raise ConversionError(f"{out} already exists; choose a new output directory")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConversionError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    src = open_source(src_dir, **overrides)
+    for note in src.notes:
+        log(note)
+    abstract = abstract_variables(src.cfg)
+    check_tensors(src, abstract)
+    log(f"{src.directory}: {src.family.name}, layout {src.layout!r}, {len(src.refs)} tensors -> {out}")
+    tree = lazy_tree(src, abstract, jnp.dtype(dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_tree(staging / PARAMS_DIR, tree)
+        tok = _copy_tokenizer(src.directory, staging)
+        (staging / CONFIG_FILE).write_text(to_yaml(run_config(src.cfg, out, out / tok if tok else None)))
+        info = dict(source=str(src.directory), family=src.family.name, layout=src.layout, dtype=dtype,
+                    model_type=src.hf.get("model_type"), notes=src.notes, block=src.block)
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=1))
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        src.files.close()
+    return out
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> str | None:
+    copied = [f for f in TOKENIZER_FILES if (src / f).is_file() and shutil.copy(src / f, dst / f)]
+    return "tokenizer.json" if "tokenizer.json" in copied else None

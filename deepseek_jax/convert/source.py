@@ -1,0 +1,165 @@
+"""A checkpoint directory as the converter sees it: `config.json` read strictly, the family detected
+from its `model_type`, the naming layout detected from the tensor names, scales paired with their
+weights, transformers' in-memory fused experts split per expert, and every tensor loaded on demand
+(memory-mapped, dequantised to float32 when it is FP8 / FP4, integers kept exact).
+
+Nothing is read but headers until `load`; `open_source` checks names, shapes and dtypes of every
+tensor against the model before any data is touched.
+"""
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.convert import v3, v4
+from deepseek_jax.convert.config_json import quant_block
+from deepseek_jax.convert.errors import ConversionError
+from deepseek_jax.convert.formats import dequant
+from deepseek_jax.convert.safetensors import SafetensorsDir
+from deepseek_jax.convert.table import Entry, Family, check_names, entries
+
+FAMILIES: tuple[Family, ...] = (v3.FAMILY, v4.FAMILY)
+_FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+_SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
+
+
+def family_of(hf: Mapping, where: str = "config.json") -> Family:
+    model_type = hf.get("model_type")
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    supported = [t for fam in FAMILIES for t in fam.model_types]
+    raise ConversionError(f"{where}: model_type {model_type!r} is not supported (supported: {supported})")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Where a logical tensor lives: a file tensor, optionally one expert's part of a fused tensor."""
+
+    tensor: str
+    part: tuple[str, int] | None = None  # ("gate" | "up" | "down", expert)
+    scale: str | None = None
+
+
+@dataclass
+class Source:
+    directory: Path
+    hf: dict  # config.json
+    family: Family
+    cfg: ModelConfig  # as the checkpoint holds it (MTP dropped when its tensors are absent)
+    layout: str
+    files: SafetensorsDir
+    refs: dict[str, Ref]
+    block: tuple[int, int] | None  # FP8 block from quantization_config
+    notes: list[str] = field(default_factory=list)  # said once to the user (e.g. "no MTP tensors")
+
+    def entries(self) -> list[Entry]:
+        return entries(self.family, self.cfg)
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor `name` (this layout's spelling): FP8 / FP4 dequantised to float32, other floats
+        as stored, integers exact."""
+        ref = self.refs[name]
+        a = self.files.read(ref.tensor)
+        if ref.part is not None:
+            kind, e = ref.part
+            F = a.shape[1] // 2
+            a = a[e, :F] if kind == "gate" else a[e, F:] if kind == "up" else a[e]
+        scale = None if ref.scale is None else self.files.read(ref.scale)
+        where = f"{ref.tensor} in {self.files.info(ref.tensor).file.name}"
+        return dequant(where, a, scale, config_block=self.block)
+
+
+def _refs(files: SafetensorsDir) -> dict[str, Ref]:
+    """Logical names -> Ref: scales folded into their weights, fused experts split."""
+    names = set(files.names())
+    scales = {}
+    for n in names:
+        for suffix in _SCALE_SUFFIXES:
+            base = n[: -len(suffix)] + ".weight" if n.endswith(suffix) else None
+            if base is not None and base in names and base != n:
+                scales[base] = n
+    refs = {}
+    for n in sorted(names - set(scales.values())):
+        m = _FUSED.match(n)
+        if m is None:
+            refs[n] = Ref(n, None, scales.get(n))
+            continue
+        info = files.info(n)
+        parts = ("gate", "up") if m.group(2) == "gate_up_proj" else ("down",)
+        for e in range(info.shape[0]):
+            for kind in parts:
+                refs[f"{m.group(1)}.{e}.{kind}_proj.weight"] = Ref(n, (kind, e))
+    return refs
+
+
+def _pick_layout(family: Family, cfg: ModelConfig, have: set[str], where: Path) -> str:
+    """The layout whose names cover most of the checkpoint (ties and no match are errors)."""
+    score = {lay: len(have & {e.name(lay) for e in entries(family, cfg)}) for lay in family.layouts}
+    best = max(score.values())
+    winners = [lay for lay, s in score.items() if s == best]
+    if best == 0 or len(winners) > 1:
+        sample = sorted(have)[:5]
+        raise ConversionError(
+            f"{where}: tensor names match no {family.name} layout (matches per layout {score}); names look like "
+            f"{sample}"
+        )
+    return winners[0]
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{directory}: no config.json (a checkpoint directory holds config.json and "
+                              "model.safetensors or model.safetensors.index.json + shards)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: not valid JSON: {e}") from None
+
+
+def open_source(directory: str | Path, **overrides) -> Source:
+    """Reads config.json and the shard headers; picks the family and layout; drops MTP from the
+    config when the checkpoint has no MTP tensors (noted once); checks every tensor's name, shape and
+    dtype against the model (`overrides`: ModelConfig fields, e.g. dtype="float32")."""
+    directory = Path(directory).expanduser()
+    hf = read_config(directory)
+    family = family_of(hf, str(directory / "config.json"))
+    cfg = family.config_from_json(hf, **overrides)
+    files = SafetensorsDir(directory)
+    refs = _refs(files)
+    notes = []
+    if cfg.num_nextn_predict_layers and not any(family.is_mtp(n, cfg.n_layers) for n in refs):
+        notes.append(f"{directory} holds no MTP tensors (config.json says num_nextn_predict_layers="
+                     f"{cfg.num_nextn_predict_layers}): the model is loaded without MTP")
+        cfg = family.config_from_json(hf, **{**overrides, "num_nextn_predict_layers": 0})
+    layout = _pick_layout(family, cfg, set(refs), directory)
+    src = Source(directory, hf, family, cfg, layout, files, refs, quant_block(hf), notes)
+    check_names(set(refs), {e.name(layout) for e in src.entries()}, family.skipped, str(directory))
+    return src
+
+
+def with_config(src: Source, cfg: ModelConfig) -> Source:
+    return replace(src, cfg=cfg)
+
+
+def split_fused(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An in-memory state dict with transformers' fused experts (`experts.gate_up_proj [E, 2F, D]`,
+    `experts.down_proj [E, D, F]`) -> per-expert `experts.{e}.{gate,up,down}_proj.weight` views."""
+    out = {}
+    for n, a in state.items():
+        m = _FUSED.match(n)
+        if m is None:
+            out[n] = a
+        elif m.group(2) == "gate_up_proj":
+            F = a.shape[1] // 2
+            for e in range(a.shape[0]):
+                out[f"{m.group(1)}.{e}.gate_proj.weight"], out[f"{m.group(1)}.{e}.up_proj.weight"] = a[e, :F], a[e, F:]
+        else:
+            out.update({f"{m.group(1)}.{e}.down_proj.weight": a[e] for e in range(a.shape[0])})
+    return out
