@@ -128,6 +128,9 @@ def _load(cfg, checkpoint: str | None):
 
     if checkpoint is None:
         return load_trained(cfg)
+    if not cfg.data.tokenizer:  # a tokenizer trained here would not be the model's
+        raise ConfigError(f"{checkpoint} has no tokenizer.json (its source had none): give the model's own with "
+                          "data.tokenizer=path/to/tokenizer.json")
     s, variables = load_converted(cfg, checkpoint)
     return s, SimpleNamespace(**variables)
 

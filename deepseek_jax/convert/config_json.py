@@ -53,7 +53,10 @@ QUANT_KEYS = frozenset(
         "weight_block_size",
         "scale_fmt",
         "modules_to_not_convert",
+        "modules_to_convert",
         "ignored_layers",
+        "dequantize",  # transformers' load-time choice, not the checkpoint's math
+        "expert_dtype",
     }
 )
 
@@ -67,6 +70,13 @@ def check_keys(hf: Mapping, known: set[str] | frozenset[str], where: str = "conf
         )
 
 
+def require(hf: Mapping, keys: tuple[str, ...], where: str = "config.json") -> None:
+    """Keys that change the math and have no safe default: missing (or null) is an error naming them."""
+    missing = [k for k in keys if hf.get(k) is None]
+    if missing:
+        raise ConversionError(f"{where}: missing {missing} (each changes the network; no default is assumed)")
+
+
 def expect(hf: Mapping, key: str, allowed: tuple, default: Any = None, where: str = "config.json") -> Any:
     """hf[key] (or `default`), which must be one of `allowed`."""
     value = hf.get(key, default)
@@ -75,12 +85,15 @@ def expect(hf: Mapping, key: str, allowed: tuple, default: Any = None, where: st
     return value
 
 
-def rope_section(section: Mapping | None, where: str) -> dict:
-    """A `rope_parameters` / `rope_scaling` dict whose type is one we implement (default or yarn)."""
+def rope_section(section: Mapping | None, where: str, kinds: tuple[str, ...] = ("default", "yarn")) -> dict:
+    """A `rope_parameters` / `rope_scaling` dict whose type is one we implement (default or yarn); YaRN
+    needs its `factor` (transformers would derive one from the context lengths; we do not guess)."""
     section = dict(section or {})
     kind = section.get("rope_type", section.get("type", "default"))
-    if kind not in ("default", "yarn"):
-        raise ConversionError(f"{where}: rope type {kind!r} is not implemented here (supported: default, yarn)")
+    if kind not in kinds:
+        raise ConversionError(f"{where}: rope type {kind!r} is not implemented here (supported: {list(kinds)})")
+    if kind == "yarn" and section.get("factor") is None:
+        raise ConversionError(f"{where}: YaRN without a factor")
     return section
 
 
@@ -93,7 +106,8 @@ def quant_block(hf: Mapping, where: str = "config.json") -> tuple[int, int] | No
     expect(q, "quant_method", ("fp8",), None, f"{where} quantization_config")
     expect(q, "fmt", ("e4m3", None), None, f"{where} quantization_config")
     expect(q, "activation_scheme", ("dynamic", None), None, f"{where} quantization_config")
-    expect(q, "scale_fmt", ("ue8m0", None), None, f"{where} quantization_config")
+    expect(q, "scale_fmt", ("ue8m0", "float", None), None, f"{where} quantization_config")
+    expect(q, "expert_dtype", ("fp8", "fp4", "bf16", None), None, f"{where} quantization_config")
     block = q.get("weight_block_size")
     if block is None:
         return None
@@ -102,3 +116,13 @@ def quant_block(hf: Mapping, where: str = "config.json") -> tuple[int, int] | No
             f"{where}: quantization_config.weight_block_size must be two positive ints, got {block!r}"
         )
     return int(block[0]), int(block[1])
+
+
+def representable(family: str, unsupported: dict[str, object]) -> None:
+    """Export guard: our config fields whose values the family's `config.json` cannot carry (the
+    exported checkpoint would load as another model); `unsupported` maps each offending field to its
+    value, empty when the config fits."""
+    if unsupported:
+        fields = ", ".join(f"model.{k} = {v!r}" for k, v in unsupported.items())
+        raise ConversionError(f"a {family} config.json cannot express {fields}: this model has no checkpoint in "
+                              "that family's format (it can still be saved and restored with Orbax)")

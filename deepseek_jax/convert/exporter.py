@@ -39,8 +39,11 @@ FP8_BLOCK = (128, 128)
 class OrbaxReader:
     """Slices of the arrays of an Orbax PyTree checkpoint (OCDBT, zarr or zarr3), read on demand."""
 
-    def __init__(self, directory: Path, prefix: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, prefix: tuple[str, ...] = (), cache_bytes: int = 2 * 2**30):
         self.directory, self.prefix, self._open = directory, prefix, {}
+        # A run's checkpoint is chunked per device shard (the whole array when saved on one device), so
+        # slice reads would decode the same chunk again and again: keep recently decoded chunks, bounded.
+        self.context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
 
     def __call__(self, leaf: tuple[str, ...], index: tuple[int, ...]) -> np.ndarray:
         if leaf not in self._open:
@@ -53,7 +56,7 @@ class OrbaxReader:
             spec = {"driver": driver, "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}/",
                                                   "path": path}}
             try:
-                return ts.open(spec, open=True, read=True).result()
+                return ts.open(spec, open=True, read=True, context=self.context).result()
             except ValueError as e:
                 errors.append(str(e).splitlines()[0])
         raise ConversionError(f"{self.directory}: no array {path} ({'; '.join(errors)})")
@@ -114,16 +117,16 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
     if layout not in family.layouts[:2]:
         raise ConversionError(f"--layout {layout!r}: {family.name} exports {list(family.layouts[:2])}")
     plan = _plan(family, cfg, layout, quant, dtype)
-    last: dict = {}
+    scales: dict = {}  # scale name -> the scale its weight's quantisation made (written right after it)
 
     def produce(name: str) -> np.ndarray:
         _, code, _, ent, role = by_name[name]
         if role == "scale":
-            return last.pop("scale")
+            return scales.pop(name)
         a = ckpt_array(ent, read, cfg)
         if role == "fp8":
             q, s = quantize_fp8(name, a, FP8_BLOCK, family.scale_fmt)
-            last["scale"] = s
+            scales[name.removesuffix(".weight") + family.scale_suffix[layout]] = s
             return q
         return a.astype(np.int64) if code == "I64" else a.astype(np.float32 if code == "F32" else ml_dtypes.bfloat16)
 
@@ -145,7 +148,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
 
 def _config_json(family: Family, cfg: ModelConfig, quant: str, dtype: str) -> dict:
     hf = family.config_to_json(cfg)
-    hf["torch_dtype"] = dtype
+    hf["dtype"] = dtype
     if quant == "fp8":
         hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": list(FP8_BLOCK)}

@@ -250,19 +250,31 @@ def _fp4_grid(weight_shape) -> tuple:
     return (*weight_shape[:-1], _cdiv(2 * weight_shape[-1], FP4_GROUP))
 
 
-def dequant(
-    name: str,
-    weight,
-    scale=None,
-    *,
-    config_block: tuple[int, int] | None = None,
-    rows: tuple[int, int] | None = None,
-    fp4: bool = False,
-):
+def quant_layout(name: str, weight_dtype, weight_shape, scale_shape, config_block=None,
+                 fp4: bool = False) -> tuple[str, tuple[int, int] | None]:
+    """How a weight with a scale dequantises, from dtypes and shapes only (headers suffice):
+    ("fp4", None) for int8/uint8 bytes with `fp4` or a 1×32 grid of the unpacked width; ("fp8", block)
+    for e4m3 (or its raw uint8 bits) with the block `infer_block` finds; anything else an error."""
+    dt, weight_shape, scale_shape = np.dtype(weight_dtype), tuple(weight_shape), tuple(scale_shape)
+    is_byte = dt in (np.dtype(np.int8), np.dtype(np.uint8))
+    if fp4 and not is_byte:
+        raise ConversionError(f"{name}: FP4 weight {weight_shape} must be I8/U8 bytes, got {dt}")
+    if is_byte and (fp4 or _is_fp4_grid(weight_shape, scale_shape)):
+        return "fp4", None
+    if dt == E4M3 or dt == np.uint8:
+        return "fp8", infer_block(name, weight_shape, scale_shape, config_block)
+    want = f"the FP4 grid {_fp4_grid(weight_shape)}" if is_byte else "none"
+    raise ConversionError(
+        f"{name}: scale {scale_shape} given for a {dt} weight {weight_shape}; "
+        f"only F8_E4M3 and packed-FP4 I8 weights carry scales (want {want})"
+    )
+
+
+def dequant(name: str, weight, scale=None, *, config_block=None, rows=None, fp4: bool = False):
     """One checkpoint tensor -> its values. Without a scale the array comes back unchanged (float
-    dtypes as stored, integers bit exact; the caller casts), rows-sliced if asked. With a scale:
-    e4m3 -> `dequant_fp8` (block from `infer_block`); int8/uint8 with `fp4` or a 1×32 grid of the
-    unpacked width -> `dequant_fp4`; other uint8 -> raw e4m3 bits. Result f32; NaN is an error."""
+    dtypes as stored, integers bit exact; the caller casts), rows-sliced if asked. With a scale: the
+    path `quant_layout` picks (`dequant_fp4` or `dequant_fp8`; uint8 not on the FP4 grid = raw e4m3
+    bits). Result f32; NaN is an error."""
     w = np.asarray(weight)
     if scale is None:
         if w.dtype == E4M3 or fp4:
@@ -271,20 +283,10 @@ def dequant(
             return w
         r0, r1 = _row_range(name, rows, w.shape)
         return w[..., r0:r1, :]
-    scale_shape = tuple(np.shape(scale))
-    is_byte = w.dtype in (np.dtype(np.int8), np.dtype(np.uint8))
-    if fp4 and not is_byte:
-        raise ConversionError(f"{name}: FP4 weight {w.shape} must be I8/U8 bytes, got {w.dtype}")
-    if is_byte and (fp4 or _is_fp4_grid(w.shape, scale_shape)):
+    kind, block = quant_layout(name, w.dtype, w.shape, np.shape(scale), config_block, fp4)
+    if kind == "fp4":
         return dequant_fp4(name, w, scale, rows)
-    if w.dtype == E4M3 or w.dtype == np.uint8:
-        block = infer_block(name, w.shape, scale_shape, config_block)
-        return dequant_fp8(name, w, scale, block, rows)
-    want = f"the FP4 grid {_fp4_grid(w.shape)}" if is_byte else "none"
-    raise ConversionError(
-        f"{name}: scale {scale_shape} given for a {w.dtype} weight {w.shape}; "
-        f"only F8_E4M3 and packed-FP4 I8 weights carry scales (want {want})"
-    )
+    return dequant_fp8(name, w, scale, block, rows)
 
 
 # ----------------------------------------------------------------------------------------------

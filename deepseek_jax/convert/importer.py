@@ -8,14 +8,17 @@ and layout convert/source.py knows, FP8 / FP4 or not) -> a converted checkpoint 
 
 Streaming: every array is written slice by slice (one layer, or one (layer, expert) pair) as each
 checkpoint tensor is read, dequantised and transformed; the stacked arrays never exist in memory
-(convert/orbax_writer.py). Peak memory is a constant plus a few checkpoint tensors.
+(convert/orbax_writer.py), and each tensor's mapped pages are dropped once consumed. Peak memory is
+a constant plus a few checkpoint tensors.
 
 Every tensor's name, shape and dtype is checked against the model before any data is read; an
 interrupted import leaves only a hidden `.OUT.partial-*` directory, never OUT.
 """
 
 import functools
+import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,10 +31,11 @@ import numpy as np
 
 from deepseek_jax.config import Config, DataConfig, ModelConfig, TrainConfig, to_yaml
 from deepseek_jax.convert.errors import ConversionError
+from deepseek_jax.convert.formats import quant_layout
 from deepseek_jax.convert.orbax_writer import LazyArray, write_tree
 from deepseek_jax.convert.safetensors import DTYPES
 from deepseek_jax.convert.source import Source, open_source
-from deepseek_jax.convert.table import Entry, leaf_pieces
+from deepseek_jax.convert.table import Entry, iter_leaves, leaf_pieces
 from deepseek_jax.models import build_model
 
 PARAMS_DIR, CONFIG_FILE, INFO_FILE = "params", "config.yaml", "convert.json"
@@ -63,18 +67,20 @@ def expected_shape(ent: Entry, abstract: dict, cfg: ModelConfig) -> tuple[int, .
     return _ckpt_shape(ent.rule, tuple(shapes), cfg)
 
 
-def _logical(src: Source, name: str) -> tuple[tuple[int, ...], str, bool]:
-    """(shape, dtype code, quantised) of a tensor as it will load (FP4 bytes unpacked: 2 columns each)."""
+def _logical(src: Source, name: str) -> tuple[tuple[int, ...], str, str | None]:
+    """(shape as it will load, dtype code, "fp8" | "fp4" | None) from the headers only; a scale that
+    fits no format is an error here, before any data is read."""
     ref = src.refs[name]
     info = src.files.info(ref.tensor)
     shape = info.shape
     if ref.part is not None:
         F = shape[1] // 2
         shape = (F, shape[2]) if ref.part[0] != "down" else shape[1:]
-    quantised = ref.scale is not None
-    if quantised and info.dtype in ("I8", "U8"):
-        shape = (*shape[:-1], 2 * shape[-1])
-    return tuple(shape), info.dtype, quantised
+    if ref.scale is None:
+        return tuple(shape), info.dtype, None
+    scale = src.files.info(ref.scale)
+    kind, _ = quant_layout(src.where(name), DTYPES[info.dtype], shape, scale.shape, src.block)
+    return (tuple((*shape[:-1], 2 * shape[-1])) if kind == "fp4" else tuple(shape)), info.dtype, kind
 
 
 def check_tensors(src: Source, abstract: dict) -> None:
@@ -82,16 +88,15 @@ def check_tensors(src: Source, abstract: dict) -> None:
     bad = []
     for ent in src.entries():
         name = ent.name(src.layout)
-        shape, code, quantised = _logical(src, name)
+        shape, code, quant = _logical(src, name)
         want = expected_shape(ent, abstract, src.cfg)
         integer = np.issubdtype(_leaf(abstract, ent.leaves[0]).dtype, np.integer)
-        if shape != want and not (quantised and code in ("I8", "U8") and shape[:-1] == want[:-1]
-                                  and shape[-1] in (want[-1], want[-1] + 1)):
+        if shape != want:  # (an odd FP4 width would unpack one column too many: refused too)
             bad.append(f"{name}: shape {list(shape)}, the model needs {list(want)}")
-        elif integer and DTYPES[code].kind not in "iu":
+        elif integer and (DTYPES[code].kind not in "iu" or quant):
             bad.append(f"{name}: dtype {code}, the model needs integers")
-        elif not integer and not quantised and code not in _FLOAT_CODES:
-            what = "an FP8 weight without its scale" if code.startswith("F8") else f"dtype {code}"
+        elif not integer and quant is None and code not in _FLOAT_CODES:
+            what = "an FP8 weight without its scale" if code == "F8_E4M3" else f"dtype {code}"
             bad.append(f"{name}: {what} where the model needs floats")
     if bad:
         raise ConversionError(f"{src.directory}: {len(bad)} tensors do not fit the model: " + "; ".join(bad[:6]))
@@ -107,25 +112,42 @@ def _checked(src: Source, name: str, a: np.ndarray, cfg: ModelConfig) -> np.ndar
     if a.dtype.kind in "iu":
         E = cfg.moe.n_routed_experts
         if a.size and (a.min() < 0 or a.max() >= E):
-            raise ConversionError(f"{src.directory}: {name} holds expert ids in [{a.min()}, {a.max()}], "
+            raise ConversionError(f"{src.directory}: {src.where(name)} holds expert ids in [{a.min()}, {a.max()}], "
                                   f"outside [0, {E}) (n_routed_experts)")
     elif not np.isfinite(a).all():
-        raise ConversionError(f"{src.directory}: {name} holds non-finite values")
+        raise ConversionError(f"{src.directory}: {src.where(name)} holds non-finite values")
     return a
 
 
+def _leaf_dtype(src: Source, leaf: tuple[str, ...], pieces, struct, dtype) -> np.dtype:
+    """Integers stay int32; the router collection and what the releases keep in float32 (mHC, sinks,
+    compressor position biases, selection biases) stay float32 whatever `dtype` asks."""
+    if np.issubdtype(struct.dtype, np.integer):
+        return np.dtype(struct.dtype)
+    keep32 = leaf[0] == "router" or any(re.search(src.family.f32_names, e.name("official")) for _, e, _ in pieces)
+    return np.dtype(np.float32) if keep32 else np.dtype(dtype)
+
+
 def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
-    """{"params", "router"} of LazyArrays that read, dequantise and transform one tensor per slice."""
+    """{"params", "router"} of LazyArrays that read, dequantise and transform one tensor per slice;
+    every leaf of the model must be covered."""
     tree: dict = {}
-    for leaf, pieces in leaf_pieces(src.entries()).items():
+    pieces_of = leaf_pieces(src.entries())
+    uncovered = sorted("/".join(p) for p, _ in iter_leaves(abstract) if p not in pieces_of)
+    if uncovered:
+        raise ConversionError(f"the {src.family.name} table does not cover {uncovered[:6]} of this model")
+    for leaf, pieces in pieces_of.items():
         struct = _leaf(abstract, leaf)
-        out_dtype = struct.dtype if np.issubdtype(struct.dtype, np.integer) else np.dtype(dtype)
+        out_dtype = _leaf_dtype(src, leaf, pieces, struct, dtype)
 
         def produce(ent: Entry, k: int, out_dtype=out_dtype) -> np.ndarray:
             name = ent.name(src.layout)
             a = _checked(src, name, src.load(name), src.cfg)
-            a = a.astype(np.int32) if a.dtype.kind in "iu" else a.astype(np.float32)
-            return np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype)
+            a = a.astype(np.int32 if a.dtype.kind in "iu" else np.float32, copy=False)
+            out = np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype, copy=False)
+            out = out if not np.shares_memory(out, a) else out.copy()  # never a view of the mapped file
+            src.release(name)  # its pages leave RSS (see SafetensorsDir.release)
+            return out
 
         def listed(pieces=pieces, produce=produce):
             return [(idx, functools.partial(produce, ent, k)) for idx, ent, k in pieces]
@@ -140,7 +162,8 @@ def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
 def run_config(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Config:
     data = DataConfig(tokenizer=str(tokenizer) if tokenizer else "", seq_len=min(256, cfg.max_seq_len),
                       tokenizer_vocab_size=max(259, min(4096, cfg.vocab_size)))
-    return Config(model=cfg, data=data, train=TrainConfig(init_from=str(out), run_dir=f"runs/{out.name}"))
+    tag = hashlib.sha1(str(out).encode()).hexdigest()[:8]  # two imports named alike get their own runs
+    return Config(model=cfg, data=data, train=TrainConfig(init_from=str(out), run_dir=f"runs/{out.name}-{tag}"))
 
 
 def import_checkpoint(src_dir: str | Path, out: str | Path, *, dtype: str = "float32",

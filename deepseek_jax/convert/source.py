@@ -71,8 +71,25 @@ class Source:
             F = a.shape[1] // 2
             a = a[e, :F] if kind == "gate" else a[e, F:] if kind == "up" else a[e]
         scale = None if ref.scale is None else self.files.read(ref.scale)
-        where = f"{ref.tensor} in {self.files.info(ref.tensor).file.name}"
-        return dequant(where, a, scale, config_block=self.block)
+        return dequant(self.where(name), a, scale, config_block=self.block)
+
+    def where(self, name: str) -> str:
+        """'tensor (expert e of fused tensor) in shard file' for messages."""
+        ref = self.refs[name]
+        part = "" if ref.part is None else f" ({ref.part[0]} part of expert {ref.part[1]})"
+        return f"{ref.tensor}{part} in {self.files.info(ref.tensor).file.name}"
+
+    def release(self, name: str) -> None:
+        """Drops the pages of `name` (and its scale) once its values are consumed: see SafetensorsDir.release."""
+        ref = self.refs[name]
+        for tensor in (ref.tensor, ref.scale):
+            if tensor is not None:
+                self.files.release(tensor)
+
+    def prefetch(self, names) -> None:
+        """Starts disk reads of the pages of `names` (and their scales)."""
+        refs = [self.refs[n] for n in names]
+        self.files.prefetch([t for r in refs for t in (r.tensor, r.scale) if t is not None])
 
 
 def _refs(files: SafetensorsDir) -> dict[str, Ref]:

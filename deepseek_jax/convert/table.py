@@ -8,7 +8,7 @@ given per *layout* (the spellings of one family: transformers' on-disk names, De
 names, transformers' in-memory names), so the same table reads and writes all of them.
 
 `entries(family, cfg)` expands the table into `Entry`s: one checkpoint tensor each, with the slices
-`(repeat, expert)` of our arrays it fills. The streaming importer and exporter (convert/io.py) and
+`(repeat, expert)` of our arrays it fills. The streaming importer and exporter (convert/importer.py and exporter.py) and
 the in-memory `to_variables` / `from_variables` below are all walks over that one list.
 """
 
@@ -122,7 +122,7 @@ def leaf_pieces(ents: Iterable[Entry]) -> dict[tuple[str, ...], list[tuple[tuple
 
 def to_variables(state: Mapping[str, np.ndarray], family: Family, cfg: ModelConfig, layout: str) -> dict:
     """An in-memory checkpoint (names of `layout`, dequantised numpy) -> our {"params", "router"}
-    (float arrays as float32, integer ones as int32). For small models and tests; convert/io.py
+    (float arrays as float32, integer ones as int32). For small models and tests; convert/importer.py and exporter.py
     streams the same walk for real checkpoints. Missing and unexpected tensors are errors."""
     ents = entries(family, cfg)
     want = {e.name(layout) for e in ents}
@@ -149,7 +149,7 @@ def _stack(slices: Mapping[tuple[int, ...], np.ndarray]) -> np.ndarray:
 
 
 def from_variables(variables: Mapping, family: Family, cfg: ModelConfig, layout: str) -> dict[str, np.ndarray]:
-    """Our variables -> {checkpoint name of `layout`: numpy array} (in memory; see convert/io.py)."""
+    """Our variables -> {checkpoint name of `layout`: numpy array} (in memory; see convert/importer.py and exporter.py)."""
     return {e.name(layout): ckpt_array(e, lambda leaf, idx: np.asarray(_get(variables, leaf))[idx], cfg)
             for e in entries(family, cfg)}
 

@@ -16,7 +16,8 @@ V3.2 (`model_type` deepseek_v32) adds the lightning indexer under each attention
 import re
 
 from deepseek_jax.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
-from deepseek_jax.convert.config_json import check_keys, expect, quant_block, rope_section
+from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
+from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.table import Family, Rule, Scope, concat, linear, vector
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments
 
@@ -162,9 +163,20 @@ _READ = {
 }  # fmt: skip
 
 
+_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "routed_scaling_factor", "n_group", "topk_group", "first_k_dense_replace",
+    "n_shared_experts", "rms_norm_eps", "norm_topk_prob",
+)  # fmt: skip
+
+
 def _check_semantics(hf) -> None:
     """Values that would change the math in a way we do not implement: errors naming the field."""
     check_keys(hf, _READ)
+    require(hf, _REQUIRED)
+    if "q_lora_rank" not in hf:  # null = full-rank queries; absent is ambiguous
+        raise ConversionError("config.json: missing ['q_lora_rank'] (null for full-rank queries)")
     expect(hf, "hidden_act", ("silu",), "silu")
     expect(hf, "scoring_func", ("sigmoid", "softmax"), "sigmoid")
     expect(hf, "topk_method", ("noaux_tc",), "noaux_tc")
@@ -195,10 +207,12 @@ def config_from_json(hf, **overrides) -> ModelConfig:
     rope = rope_section(hf.get("rope_parameters") or hf.get("rope_scaling"), "config.json rope_parameters")
     yarn = rope.get("rope_type", rope.get("type", "default")) == "yarn"
     expect(rope, "attention_factor", (None,), None, "config.json rope_parameters")  # mscale comes from mscale*
+    if yarn and (rope.get("mscale") is None) != (rope.get("mscale_all_dim") is None):
+        raise ConversionError("config.json rope_parameters: give both mscale and mscale_all_dim or neither "
+                              "(transformers ignores one alone; we would not)")
     fields = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
-        n_layers=hf["num_hidden_layers"], n_dense_layers=hf.get("first_k_dense_replace", 0),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), max_seq_len=hf.get("max_position_embeddings", 4096),
+        n_layers=hf["num_hidden_layers"], n_dense_layers=hf["first_k_dense_replace"], norm_eps=hf["rms_norm_eps"], max_seq_len=hf.get("max_position_embeddings", 4096),
         num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)),
         mla=MLAConfig(
             n_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
@@ -206,10 +220,10 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
         ),
         moe=MoEConfig(
-            n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 1),
-            n_activated_experts=hf["num_experts_per_tok"], n_expert_groups=hf.get("n_group") or 1,
-            n_limited_groups=hf.get("topk_group") or 1, score_func=hf.get("scoring_func", "sigmoid"),
-            route_scale=hf.get("routed_scaling_factor", 1.0), norm_topk_prob=hf.get("norm_topk_prob", True),
+            n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf["n_shared_experts"],
+            n_activated_experts=hf["num_experts_per_tok"], n_expert_groups=hf["n_group"],
+            n_limited_groups=hf["topk_group"], score_func=hf.get("scoring_func", "sigmoid"),
+            route_scale=hf["routed_scaling_factor"], norm_topk_prob=hf["norm_topk_prob"],
             moe_inter_dim=hf["moe_intermediate_size"],
         ),
         rope=RopeConfig(
@@ -217,7 +231,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
             original_seq_len=rope.get("original_max_position_embeddings", 4096),
             beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-            mscale=float(rope.get("mscale") or 1.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+            mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
         ),
     )
     if hf.get("model_type") == "deepseek_v32" or "index_topk" in hf:
@@ -233,6 +247,12 @@ def config_to_json(cfg: ModelConfig) -> dict:
     """The `config.json` dict (DeepseekV3Config / DeepseekV32Config keys) for our config; read back by
     `config_from_json` up to our compute-only fields (dtype, moe.impl / dispatch, index warm-up)."""
     m, mo, r = cfg.mla, cfg.moe, cfg.rope
+    representable("DeepSeek-V3", {k: v for k, v, ok in (
+        ("moe.score_func", mo.score_func, mo.score_func == "sigmoid"),  # transformers' V3 router is sigmoid only
+        ("moe.swiglu_limit", mo.swiglu_limit, mo.swiglu_limit == 0),
+        ("moe.weight_before_down", mo.weight_before_down, not mo.weight_before_down),
+        ("moe.n_hash_layers", mo.n_hash_layers, mo.n_hash_layers == 0),
+    ) if not ok})
     rope = {"rope_type": "yarn" if r.yarn else "default", "rope_theta": r.rope_theta}
     if r.yarn:
         rope.update(factor=r.rope_factor, original_max_position_embeddings=r.original_seq_len,

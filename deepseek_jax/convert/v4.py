@@ -19,7 +19,7 @@ mHC `fn` is the checkpoint's [Z, I·D] (column i·D + d) and ours [I, D, Z].
 import numpy as np
 
 from deepseek_jax.config import MHCConfig, ModelConfig, MoEConfig, RopeConfig, V4AttentionConfig
-from deepseek_jax.convert.config_json import check_keys, expect, quant_block, rope_section
+from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.table import Family, Rule, Scope, same_ckpt, same_ours, t_ckpt, t_ours
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments, mtp_kind
@@ -77,6 +77,10 @@ LEARNED = _when(lambda kind: kind.ffn == "moe")
 HASHED = _when(lambda kind: kind.ffn == "hash")
 
 
+def SHARED(kind, cfg):  # noqa: N802 (a rule condition, named like the others)
+    return cfg.moe.n_shared_experts > 0
+
+
 def _r(ours, official: str, hf: str, fns=VEC, when=ALWAYS, experts=False, hf_disk: str | None = None) -> Rule:
     """A block rule: `official` is also the on-disk HF spelling unless `hf_disk` says otherwise (transformers
     saves the attention's `kv_norm` as `norm`); `hf` is the in-memory one."""
@@ -123,8 +127,8 @@ BLOCK = ATTN + (
     _r("ffn/w_gate", "ffn.experts.{e}.w1.weight", "mlp.experts.{e}.gate_proj.weight", LIN, experts=True),
     _r("ffn/w_up", "ffn.experts.{e}.w3.weight", "mlp.experts.{e}.up_proj.weight", LIN, experts=True),
     _r("ffn/w_down", "ffn.experts.{e}.w2.weight", "mlp.experts.{e}.down_proj.weight", LIN, experts=True),
-    *(_r(f"ffn/shared/w_{p}", f"ffn.shared_experts.w{w}.weight", f"mlp.shared_experts.{p}_proj.weight", LIN)
-      for p, w in (("gate", 1), ("up", 3), ("down", 2))),
+    *(_r(f"ffn/shared/w_{p}", f"ffn.shared_experts.w{w}.weight", f"mlp.shared_experts.{p}_proj.weight", LIN,
+         SHARED) for p, w in (("gate", 1), ("up", 3), ("down", 2))),
 )
 HEAD = tuple(  # the mHC head that merges the streams before the final norm
     Rule((f"hc_head/{p}",), {"official": f"hc_head_{p}", "hf": f"model.hc_head.hc_{p}",
@@ -190,8 +194,17 @@ _READ = {
 }  # fmt: skip
 
 
+_REQUIRED = (
+    "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+    "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+    "hc_mult", "hc_sinkhorn_iters", "hc_eps", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "routed_scaling_factor", "swiglu_limit", "rms_norm_eps", "norm_topk_prob",
+)  # fmt: skip
+
+
 def _check_semantics(hf) -> None:
     check_keys(hf, _READ)
+    require(hf, _REQUIRED)
     expect(hf, "hidden_act", ("silu",), "silu")
     expect(hf, "scoring_func", ("sqrtsoftplus", "sigmoid", "softmax"), "sqrtsoftplus")
     expect(hf, "topk_method", ("noaux_tc",), "noaux_tc")
@@ -216,11 +229,17 @@ def _ratios(hf, n: int) -> list[int]:
         return [rates[t] for t in hf["layer_types"][:n]]
     if "compress_ratios" not in hf:
         raise ConversionError("config.json needs layer_types (+ compress_rates) or compress_ratios")
-    return [int(x) for x in hf["compress_ratios"][:n]]
+    ratios, mtp = [int(x) for x in hf["compress_ratios"]], hf.get("num_nextn_predict_layers", 0)
+    if len(ratios) not in (n, n + mtp) or any(ratios[n:]):
+        raise ConversionError(f"config.json compress_ratios: {len(ratios)} entries, want num_hidden_layers ({n}) "
+                              f"or + num_nextn_predict_layers ({mtp}) with the MTP entries 0 (sliding window)")
+    return ratios[:n]
 
 
 def _hash_layers(hf, n: int) -> int:
     mlp_types = hf.get("mlp_layer_types") or ["hash_moe"] * hf.get("num_hash_layers", 3) + ["moe"] * n
+    if len(mlp_types) < n:
+        raise ConversionError(f"config.json mlp_layer_types: {len(mlp_types)} entries for {n} layers")
     n_hash = sum(t == "hash_moe" for t in mlp_types[:n])
     if mlp_types[:n_hash] != ["hash_moe"] * n_hash or set(mlp_types[:n]) - {"hash_moe", "moe"}:
         raise ConversionError(f"config.json mlp_layer_types: hash_moe layers must lead, then moe; got {mlp_types[:n]}")
@@ -234,7 +253,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
     _check_semantics(hf)
     n = hf["num_hidden_layers"]
     rp = hf.get("rope_parameters") or {}
-    main = rope_section(rp.get("main", {}), "config.json rope_parameters.main")
+    main = rope_section(rp.get("main", {}), "config.json rope_parameters.main", ("default",))
     comp = rope_section(rp.get("compress", rp) or hf.get("rope_scaling"), "config.json rope_parameters.compress")
     head_dim = hf["head_dim"]
     rope_dim = int(hf.get("qk_rope_head_dim") or round(head_dim * (hf.get("partial_rotary_factor") or 0.125)))
@@ -243,7 +262,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
     expect(comp, "attention_factor", (1.0, None), None, "config.json rope_parameters.compress")  # no YaRN mscale
     fields = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["moe_intermediate_size"],
-        n_layers=n, n_dense_layers=0, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        n_layers=n, n_dense_layers=0, norm_eps=hf["rms_norm_eps"],
         max_seq_len=hf.get("max_position_embeddings", 4096), num_nextn_predict_layers=mtp,
         compress_ratios=tuple(_ratios(hf, n)) + (0,) * mtp,
         v4=V4AttentionConfig(
@@ -255,10 +274,10 @@ def config_from_json(hf, **overrides) -> ModelConfig:
         ),
         mhc=MHCConfig(hc_mult=hf["hc_mult"], hc_sinkhorn_iters=hf["hc_sinkhorn_iters"], hc_eps=hf["hc_eps"]),
         moe=MoEConfig(
-            n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts", 1),
+            n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf["n_shared_experts"],
             n_activated_experts=hf["num_experts_per_tok"], score_func=hf.get("scoring_func", "sqrtsoftplus"),
-            route_scale=hf.get("routed_scaling_factor", 1.0), norm_topk_prob=hf.get("norm_topk_prob", True),
-            moe_inter_dim=hf["moe_intermediate_size"], swiglu_limit=float(hf.get("swiglu_limit") or 0.0),
+            route_scale=hf["routed_scaling_factor"], norm_topk_prob=hf["norm_topk_prob"],
+            moe_inter_dim=hf["moe_intermediate_size"], swiglu_limit=float(hf["swiglu_limit"]),
             weight_before_down=True, n_hash_layers=_hash_layers(hf, n),
         ),
         rope=RopeConfig(
@@ -276,6 +295,12 @@ def config_to_json(cfg: ModelConfig) -> dict:
     """The `config.json` dict (DeepseekV4Config keys) for our V4 config; read back by
     `config_from_json` up to our compute-only fields (dtype, moe.impl / dispatch, v4.q_block)."""
     v, mo, r, n = cfg.v4, cfg.moe, cfg.rope, cfg.n_layers
+    representable("DeepSeek-V4", {k: val for k, val, ok in (
+        ("moe.n_expert_groups", mo.n_expert_groups, mo.n_expert_groups == 1),
+        ("moe.n_limited_groups", mo.n_limited_groups, mo.n_limited_groups == 1),
+        ("moe.weight_before_down", mo.weight_before_down, mo.weight_before_down),
+        ("compress_ratios (MTP)", cfg.compress_ratios[n:], not any(cfg.compress_ratios[n:])),
+    ) if not ok})
     ratios = cfg.compress_ratios[:n]
     hca = sorted({x for x in ratios if x not in (0, CSA_RATIO)})
     if len(hca) > 1:

@@ -177,3 +177,51 @@ def test_cli_reports_conversion_errors(ckpts, tmp_path, capsys):
     shutil.rmtree(src)
     assert main(["convert", "import", str(src), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_quantization_config_as_transformers_saves_it(ckpts, tmp_path):
+    """transformers 5.25 writes its whole FineGrainedFP8Config; an FP8 weight may also come as raw U8 bits."""
+    tensors, config = ckpts["v3"]
+    name = "model.layers.1.self_attn.o_proj.weight"
+    q, s = quantize_fp8(name, tensors[name], (128, 128))
+    quant = {"quant_method": "fp8", "modules_to_not_convert": None, "modules_to_convert": None,
+             "activation_scheme": "dynamic", "weight_block_size": [128, 128], "dequantize": False,
+             "scale_fmt": "float", "expert_dtype": "fp8"}
+    bad = {**tensors, name: q.view(np.uint8), name.replace(".weight", ".weight_scale_inv"): s}
+    out = _import(tmp_path, bad, {**config, "quantization_config": quant})
+    assert (out / "params").is_dir()
+
+
+def test_a_scale_on_an_unquantised_weight_is_refused_before_reading(ckpts, tmp_path):
+    tensors, config = ckpts["v3"]
+    stray = {**tensors, "model.norm.weight_scale_inv": np.ones((1,), np.float32)}
+    with pytest.raises(ConversionError, match=r"model\.norm\.weight in .*scale \(1,\) given for a float32 weight"):
+        _import(tmp_path, stray, config)
+
+
+def test_bfloat16_import_keeps_the_float32_tensors(ckpts, tmp_path):
+    from deepseek_jax.convert.orbax_writer import stored_shapes
+
+    tensors, config = ckpts["v4"]
+    src = _write(tmp_path / "src", tensors, config)
+    out = import_checkpoint(src, tmp_path / "out", dtype="bfloat16", log=lambda _: None)
+    dtypes = {k: v[1] for k, v in stored_shapes(out / "params").items()}
+    kept = {k: d for k, d in dtypes.items() if k.startswith("router/") or "_hc/" in k or k.endswith(("/sink", "/ape"))}
+    assert kept and set(kept.values()) <= {"float32", "int32"}, kept
+    assert dtypes["params/embedding"] == "bfloat16"
+
+
+@pytest.mark.parametrize("family,field", [("v3", "routed_scaling_factor"), ("v3", "n_group"),
+                                          ("v4", "swiglu_limit"), ("v4", "hc_mult")])
+def test_missing_config_keys_are_named_not_defaulted(ckpts, tmp_path, family, field):
+    tensors, config = ckpts[family]
+    with pytest.raises(ConversionError, match=rf"missing \['{field}'\]"):
+        _import(tmp_path, tensors, {k: v for k, v in config.items() if k != field})
+
+
+def test_export_refuses_a_model_the_format_cannot_express(tmp_path):
+    from deepseek_jax.convert.v3 import config_to_json
+
+    cfg = load_model_config([CONFIGS / "model" / "tiny.yaml"], ["model.moe.swiglu_limit=10", "model.vocab_size=256"])
+    with pytest.raises(ConversionError, match=r"model\.moe\.swiglu_limit = 10\.0"):
+        config_to_json(cfg)

@@ -59,7 +59,8 @@ def our_outputs(out_dir, tokens):
     variables = restore_tree(out_dir / "params", abstract)
     with jax.default_matmul_precision("highest"):
         out, inter = jax.jit(lambda v, t: build_model(cfg).apply(v, t, mutable=["intermediates"]))(
-            variables, jnp.asarray(tokens))
+            variables, jnp.asarray(tokens)
+        )
     experts = per_layer(inter["intermediates"], cfg, "ffn", "experts_MA", 0)
     return cfg, variables, np.asarray(out.logits), [np.asarray(e) for e in experts]
 
@@ -68,14 +69,23 @@ def _tokens(vocab):
     return np.random.default_rng(3).integers(0, vocab, (B, T))
 
 
-CASES = [  # (family, layout, quant, MTP tensors present)
+CASES = [  # (family, layout, quant, MTP tensors present); the inner loop keeps one per family
     ("v3", "hf", "none", False), ("v3", "official", "fp8", True), ("v3", "hf", "fp8", True),
     ("v32", "hf", "fp8", False), ("v32", "official", "none", True),
     ("v4", "hf", "none", False), ("v4", "official", "fp8_fp4", True), ("v4", "hf", "fp8_fp4", False),
 ]  # fmt: skip
+INNER = {("v3", "official", "fp8", True), ("v32", "hf", "fp8", False), ("v4", "official", "fp8_fp4", True)}
 
 
-@pytest.mark.parametrize("family,layout,quant,mtp", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def _slow_unless(cases, keep):
+    """`cases` as parametrize values, those not in `keep` marked slow."""
+    values = [c if isinstance(c, tuple) else (c,) for c in cases]
+    return [c if c in keep else pytest.param(*v, marks=pytest.mark.slow) for c, v in zip(cases, values)]
+
+
+@pytest.mark.parametrize(
+    "family,layout,quant,mtp", _slow_unless(CASES, INNER), ids=["-".join(map(str, c)) for c in CASES]
+)
 def test_import_matches_transformers(bases, tmp_path, family, layout, quant, mtp):
     src, ref = variant(tmp_path, family, layout, quant, mtp, bases[family])
     notes = []
@@ -97,7 +107,7 @@ def test_import_matches_transformers(bases, tmp_path, family, layout, quant, mtp
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), variables, want_vars)
 
 
-@pytest.mark.parametrize("family", ["v3", "v32", "v4"])
+@pytest.mark.parametrize("family", _slow_unless(["v3", "v32"], ()) + ["v4"])
 def test_export_loads_in_transformers(bases, tmp_path, family):
     out = import_checkpoint(bases[family], tmp_path / "ours", log=lambda _: None)
     exported = export_checkpoint(out, tmp_path / "hf", max_shard_bytes=60_000, log=lambda _: None)
@@ -110,7 +120,7 @@ def test_export_loads_in_transformers(bases, tmp_path, family):
     assert sorted(read_all(exported)) == sorted(read_all(bases[family]))  # the same names on disk
 
 
-@pytest.mark.parametrize("family,layout", [("v3", "hf"), ("v4", "official"), ("v32", "official")])
+@pytest.mark.parametrize("family,layout", _slow_unless([("v3", "hf"), ("v32", "official")], ()) + [("v4", "official")])
 def test_fp8_export_imports_back_bit_for_bit(bases, tmp_path, family, layout):
     out = import_checkpoint(bases[family], tmp_path / "ours", log=lambda _: None)
     fp8 = export_checkpoint(out, tmp_path / "fp8", layout=layout, quant="fp8", log=lambda _: None)
