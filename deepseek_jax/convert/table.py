@@ -149,7 +149,7 @@ def _stack(slices: Mapping[tuple[int, ...], np.ndarray]) -> np.ndarray:
 
 
 def from_variables(variables: Mapping, family: Family, cfg: ModelConfig, layout: str) -> dict[str, np.ndarray]:
-    """Our variables -> {checkpoint name of `layout`: numpy array} (in memory; see convert/importer.py and exporter.py)."""
+    """Our variables -> {checkpoint name of `layout`: numpy array} (in memory; exporter.py streams it)."""
     return {e.name(layout): ckpt_array(e, lambda leaf, idx: np.asarray(_get(variables, leaf))[idx], cfg)
             for e in entries(family, cfg)}
 

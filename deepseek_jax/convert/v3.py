@@ -212,7 +212,8 @@ def config_from_json(hf, **overrides) -> ModelConfig:
                               "(transformers ignores one alone; we would not)")
     fields = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
-        n_layers=hf["num_hidden_layers"], n_dense_layers=hf["first_k_dense_replace"], norm_eps=hf["rms_norm_eps"], max_seq_len=hf.get("max_position_embeddings", 4096),
+        n_layers=hf["num_hidden_layers"], n_dense_layers=hf["first_k_dense_replace"], norm_eps=hf["rms_norm_eps"],
+        max_seq_len=hf.get("max_position_embeddings", 4096),
         num_nextn_predict_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)),
         mla=MLAConfig(
             n_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank") or 0,
