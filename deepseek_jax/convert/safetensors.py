@@ -9,8 +9,8 @@ https://github.com/huggingface/safetensors#format):
     index = model.safetensors.index.json: {"metadata": {"total_size": ..}, "weight_map": {name: shard}}
 
 Reading parses headers only and validates them eagerly; a tensor is a read-only zero-copy view of a
-file-backed `mmap` of its shard (one per shard, opened lazily), so untouched tensors cost no RAM and
-their pages stay reclaimable. Writing streams one tensor at a time: the caller lists every tensor
+file-backed `mmap` of its shard (one per shard, opened lazily); `release` drops a consumed tensor's
+pages. Writing streams one tensor at a time: the caller lists every tensor
 first (name, dtype, shape) so each shard's header precedes its data, then `produce(name)` is called
 once per tensor, in order. Files appear under their final names only when complete, the index last.
 """
@@ -19,7 +19,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -252,9 +252,8 @@ class SafetensorsDir:
                 self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
 
     def release(self, name: str) -> None:
-        """Drops this tensor's pages from the process (madvise DONTNEED; the mapping is read-only and
-        file-backed, so a view still alive re-reads them from the file). Without it every page ever
-        touched stays in RSS until the shard is unmapped, and an import's RSS grows with the checkpoint."""
+        """Drops this tensor's pages from the process (madvise DONTNEED; a view still alive re-reads them
+        from the file). Otherwise every page touched stays in RSS and an import's RSS grows with its size."""
         info = self.info(name)
         if info.nbytes and hasattr(mmap, "MADV_DONTNEED"):
             start = info.offset - info.offset % mmap.PAGESIZE
@@ -269,14 +268,6 @@ class SafetensorsDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def read_ahead(sd: SafetensorsDir, names: Sequence[str], n: int = 2) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, view) in order, prefetching the next `n` tensors before each yield, so that
-    dequantising tensor k overlaps the (kernel-side, asynchronous) disk reads of tensors k+1..k+n."""
-    for k, name in enumerate(names):
-        sd.prefetch(names[k + 1 : k + 1 + n])
-        yield name, sd.read(name)
 
 
 # ----------------------------------------------------------------------------------------------- writing

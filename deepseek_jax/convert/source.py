@@ -86,11 +86,6 @@ class Source:
             if tensor is not None:
                 self.files.release(tensor)
 
-    def prefetch(self, names) -> None:
-        """Starts disk reads of the pages of `names` (and their scales)."""
-        refs = [self.refs[n] for n in names]
-        self.files.prefetch([t for r in refs for t in (r.tensor, r.scale) if t is not None])
-
 
 def _refs(files: SafetensorsDir) -> dict[str, Ref]:
     """Logical names -> Ref: scales folded into their weights, fused experts split."""
