@@ -143,7 +143,7 @@ def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
         def produce(ent: Entry, k: int, out_dtype=out_dtype) -> np.ndarray:
             name = ent.name(src.layout)
             a = _checked(src, name, src.load(name), src.cfg)
-            a = a.astype(np.int32 if a.dtype.kind in "iu" else np.float32, copy=False)
+            a = a.astype(np.int32, copy=False) if a.dtype.kind in "iu" else a  # floats: transform as stored
             out = np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype, copy=False)
             out = out if not np.shares_memory(out, a) else out.copy()  # never a view of the mapped file
             src.release(name)  # its pages leave RSS (see SafetensorsDir.release)
