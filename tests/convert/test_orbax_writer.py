@@ -200,19 +200,23 @@ def test_refuses_an_existing_directory(tmp_path):
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import numpy as np
     from deepseek_jax.convert.orbax_writer import LazyArray, write_tree
+
+    def hwm_kb():  # this process's own peak RSS (ru_maxrss would carry the forking parent's over exec)
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1])
 
     L, R, C = 24, 4096, 4096  # 1.5 GiB of float32, 64 MiB per layer slice
     def produce(l):  # incompressible, like real weights
         return np.random.default_rng(l).random((R, C), dtype=np.float32)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = hwm_kb()
     start = time.perf_counter()
     write_tree(sys.argv[1], {"w": LazyArray((L, R, C), np.float32,
                                             lambda: [((l,), lambda l=l: produce(l)) for l in range(L)])})
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = hwm_kb()
     print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "mb_per_s": L * R * C * 4 / 2**20 / seconds}))
 """)
 
