@@ -81,7 +81,7 @@ def _stored_fp8(family: Family, ent: Entry) -> bool:
 
 
 def _plan(family: Family, cfg: ModelConfig, layout: str, quant: str, dtype: str):
-    """[(name, dtype code, shape, entry, role)] with role "tensor" | "fp8" | "scale"."""
+    """[(name, dtype code, shape, entry, role)] with role "plain" | "fp8" | "scale"."""
     abstract = abstract_variables(cfg)
     out = []
     for ent in entries(family, cfg):
@@ -90,7 +90,7 @@ def _plan(family: Family, cfg: ModelConfig, layout: str, quant: str, dtype: str)
         for k in ent.leaves[0]:
             leaf = leaf[k]
         if np.issubdtype(leaf.dtype, np.integer):
-            out.append((name, "I64", shape, ent, "tensor"))
+            out.append((name, "I64", shape, ent, "plain"))
         elif quant == "fp8" and _stored_fp8(family, ent) and len(shape) == 2:
             grid = tuple(-(-n // b) for n, b in zip(shape, FP8_BLOCK))
             scale = name.removesuffix(".weight") + family.scale_suffix[layout]
@@ -98,7 +98,7 @@ def _plan(family: Family, cfg: ModelConfig, layout: str, quant: str, dtype: str)
             out.append((scale, "F32" if family.scale_fmt == "float32" else "F8_E8M0", grid, ent, "scale"))
         else:
             keep32 = dtype == "float32" or re.search(family.f32_names, ent.name("official"))
-            out.append((name, "F32" if keep32 else "BF16", shape, ent, "tensor"))
+            out.append((name, "F32" if keep32 else "BF16", shape, ent, "plain"))
     return out
 
 

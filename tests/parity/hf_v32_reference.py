@@ -28,7 +28,7 @@ def tiny_v32_config(**kw) -> dict:
         "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
         "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "n_group": 1,
         "topk_group": 1, "num_experts_per_tok": 2, "max_position_embeddings": 64,
-        "rms_norm_eps": 1e-6,
+        "rms_norm_eps": 1e-6, "routed_scaling_factor": 1.0, "n_shared_experts": 1, "norm_topk_prob": True,
         "index_n_heads": 8, "index_head_dim": 16, "index_topk": 8,  # T = 24 > top-k: sparsity live
         "rope_parameters": {  # YaRN live, mscale != mscale_all_dim: cos/sin carry a scale
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
