@@ -86,6 +86,21 @@ class Program:
 
         return jax.jit(init, out_shardings=self.state_shardings)(self.cfg.train.seed)
 
+    def state_from(self, params, router) -> TrainState:
+        """A fresh state around given parameters (a converted checkpoint): step 0, a new optimizer state,
+        the rng `init_state` would draw; no random parameters are made, and the inputs are donated."""
+        optimizer = self.optimizer
+
+        def build(params, router, seed):
+            _, state_key = jax.random.split(jax.random.key(seed))
+            return TrainState(
+                step=jnp.int32(0), params=params, router=router, opt_state=optimizer.init(params),
+                rng=jax.random.key_data(state_key), bad_step=jnp.int32(-1),
+            )
+
+        return jax.jit(build, out_shardings=self.state_shardings, donate_argnums=(0, 1))(
+            params, router, self.cfg.train.seed)
+
 
 def build_program(cfg: Config, mesh, mesh_rules) -> Program:
     """The Program of `cfg` on `mesh` (concrete or abstract) under `mesh_rules`; nothing is allocated."""

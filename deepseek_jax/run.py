@@ -89,10 +89,10 @@ def restore_or_init(s: Session, ckpt: Checkpointer):
     if step is None:
         # Traced outside the mesh: init's dummy batch has one row, which a mesh that splits the batch
         # cannot shard; out_shardings place the parameters, whose values need no mesh.
-        state = s.program.init_state()
         if s.program.cfg.train.init_from:  # a converted checkpoint: its weights, a fresh optimizer
-            state = state.replace(**restore_converted(s.program.cfg.train.init_from, s.program.state_target()))
-        return state, None
+            variables = restore_converted(s.program.cfg.train.init_from, s.program.state_target())
+            return s.program.state_from(variables["params"], variables["router"]), None
+        return s.program.init_state(), None
     check_compatible(ckpt.stored_config(step), s.program.cfg, s.run_dir)
     state, data_state, _ = ckpt.restore(step, s.program.state_target())
     return state, data_state
