@@ -12,7 +12,6 @@ so that importing the export reproduces the FP8-rounded values bit for bit.
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from deepseek_jax.convert.importer import (
     expected_shape,
 )
 from deepseek_jax.convert.safetensors import write_sharded
+from deepseek_jax.convert.staging import staging_dir
 from deepseek_jax.convert.table import Entry, Family, ckpt_array, entries
 
 FP8_BLOCK = (128, 128)
@@ -132,8 +132,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
 
     by_name = {p[0]: p for p in plan}
     log(f"{ckpt}: {family.name} -> {out} ({layout} names, {len(plan)} tensors, quant {quant})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         write_sharded(staging, [(n, c, s) for n, c, s, _, _ in plan], produce, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(_config_json(family, cfg, quant, dtype), indent=1))

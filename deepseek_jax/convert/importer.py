@@ -20,7 +20,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from deepseek_jax.convert.formats import quant_layout
 from deepseek_jax.convert.orbax_writer import LazyArray, write_tree
 from deepseek_jax.convert.safetensors import DTYPES
 from deepseek_jax.convert.source import Source, open_source
+from deepseek_jax.convert.staging import staging_dir
 from deepseek_jax.convert.table import Entry, iter_leaves, leaf_pieces
 from deepseek_jax.models import build_model
 
@@ -181,8 +181,7 @@ def import_checkpoint(src_dir: str | Path, out: str | Path, *, dtype: str = "flo
     check_tensors(src, abstract)
     log(f"{src.directory}: {src.family.name}, layout {src.layout!r}, {len(src.refs)} tensors -> {out}")
     tree = lazy_tree(src, abstract, jnp.dtype(dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staging_dir(out)
     try:
         write_tree(staging / PARAMS_DIR, tree)
         tok = _copy_tokenizer(src.directory, staging)

@@ -16,7 +16,14 @@ V3.2 (`model_type` deepseek_v32) adds the lightning indexer under each attention
 import re
 
 from deepseek_jax.config import IndexerConfig, MLAConfig, ModelConfig, MoEConfig, RopeConfig
-from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
+from deepseek_jax.convert.config_json import (
+    check_keys,
+    expect,
+    quant_block,
+    representable,
+    require,
+    rope_section,
+)
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.table import Family, Rule, Scope, concat, linear, vector
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments

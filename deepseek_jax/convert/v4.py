@@ -19,7 +19,14 @@ mHC `fn` is the checkpoint's [Z, I·D] (column i·D + d) and ours [I, D, Z].
 import numpy as np
 
 from deepseek_jax.config import MHCConfig, ModelConfig, MoEConfig, RopeConfig, V4AttentionConfig
-from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
+from deepseek_jax.convert.config_json import (
+    check_keys,
+    expect,
+    quant_block,
+    representable,
+    require,
+    rope_section,
+)
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.table import Family, Rule, Scope, same_ckpt, same_ours, t_ckpt, t_ours
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments, mtp_kind

@@ -225,3 +225,11 @@ def test_export_refuses_a_model_the_format_cannot_express(tmp_path):
     cfg = load_model_config([CONFIGS / "model" / "tiny.yaml"], ["model.moe.swiglu_limit=10", "model.vocab_size=256"])
     with pytest.raises(ConversionError, match=r"model\.moe\.swiglu_limit = 10\.0"):
         config_to_json(cfg)
+
+
+def test_a_killed_import_s_leftovers_are_removed_by_the_next(ckpts, tmp_path):
+    dead = tmp_path / ".out.partial-4194305"  # above the kernel's pid limit: no such process
+    (dead / "params").mkdir(parents=True)
+    out = _import(tmp_path, *ckpts["v3"])
+    assert out.is_dir() and not dead.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
