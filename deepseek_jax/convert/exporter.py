@@ -118,6 +118,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
         raise ConversionError(f"--layout {layout!r}: {family.name} exports {list(family.layouts[:2])}")
     plan = _plan(family, cfg, layout, quant, dtype)
     scales: dict = {}  # scale name -> the scale its weight's quantisation made (written right after it)
+    pow2 = family.scale_fmt == "ue8m0" or family.pow2_scales(cfg)
 
     def produce(name: str) -> np.ndarray:
         _, code, _, ent, role = by_name[name]
@@ -125,7 +126,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
             return scales.pop(name)
         a = ckpt_array(ent, read, cfg)
         if role == "fp8":
-            q, s = quantize_fp8(name, a, FP8_BLOCK, family.scale_fmt)
+            q, s = quantize_fp8(name, a, FP8_BLOCK, "ue8m0" if pow2 else "float32")
+            s = s.astype(np.float32) if family.scale_fmt == "float32" else s  # E8M0 -> f32 is exact
             scales[name.removesuffix(".weight") + family.scale_suffix[layout]] = s
             return q
         return a.astype(np.int64) if code == "I64" else a.astype(np.float32 if code == "F32" else ml_dtypes.bfloat16)
@@ -146,11 +148,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
 
 
 def _config_json(family: Family, cfg: ModelConfig, quant: str, dtype: str) -> dict:
+    pow2 = family.scale_fmt == "ue8m0" or family.pow2_scales(cfg)
     hf = family.config_to_json(cfg)
     hf["dtype"] = dtype
     if quant == "fp8":
         hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": list(FP8_BLOCK)}
-        if family.scale_fmt == "ue8m0":
+        if pow2:
             hf["quantization_config"]["scale_fmt"] = "ue8m0"
     return hf

@@ -66,7 +66,8 @@ class Family:
     # export (matched against official names): weights the releases store as FP8, tensors they keep F32
     fp8_names: str = "$^"
     f32_names: str = "$^"
-    scale_fmt: str = "float32"  # FP8 block scales: "float32" (`weight_scale_inv`) | "ue8m0" (E8M0)
+    scale_fmt: str = "float32"  # FP8 block scales stored as "float32" (`weight_scale_inv`) | "ue8m0" (E8M0 bytes)
+    pow2_scales: Callable[[ModelConfig], bool] = lambda cfg: False  # float32 scales that are powers of two
     scale_suffix: Mapping[str, str] | None = None  # layout -> the scale's name suffix after the base
 
 

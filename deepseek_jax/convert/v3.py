@@ -290,4 +290,5 @@ FAMILY = Family(
     scopes=scopes, config_from_json=config_from_json, config_to_json=config_to_json, is_mtp=is_mtp,
     skipped=SKIPPED, fp8_names=r"(^|\.)(wq_a|wq_b|wq|wkv_a|wkv_b|wo|w1|w2|w3|wk)\.weight$",
     f32_names=r"ffn\.gate\.bias$", scale_fmt="float32", scale_suffix={"hf": ".weight_scale_inv", "official": ".scale"},
+    pow2_scales=lambda cfg: cfg.index is not None,  # V3.2 ships F32 scales rounded up to powers of two (ue8m0)
 )

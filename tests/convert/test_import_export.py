@@ -126,6 +126,9 @@ def test_fp8_export_imports_back_bit_for_bit(bases, tmp_path, family, layout):
     fp8 = export_checkpoint(out, tmp_path / "fp8", layout=layout, quant="fp8", log=lambda _: None)
     stored = read_all(fp8)
     assert any(a.dtype.name == "float8_e4m3fn" for a in stored.values())
+    scales = [a for n, a in stored.items() if n.endswith((".scale", ".weight_scale_inv"))]
+    if family == "v32":  # as released: F32 scales that are powers of two (scale_fmt ue8m0)
+        assert scales and all(a.dtype == np.float32 and (np.frexp(a)[0] == 0.5).all() for a in scales)
     back = import_checkpoint(fp8, tmp_path / "back", log=lambda _: None)
     again = export_checkpoint(back, tmp_path / "fp8_again", layout=layout, quant="fp8", log=lambda _: None)
     again_stored = read_all(again)
