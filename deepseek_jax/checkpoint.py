@@ -84,15 +84,10 @@ class Checkpointer:
 
     def _mismatch(self, step: int, abstract_state: Any) -> str | None:
         """What the stored state lacks, holds in excess or shapes differently from the target."""
-        have = _leaf_shapes(self.manager.item_metadata(step)["state"])
-        want = _leaf_shapes(abstract_state)
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        shapes = [f"{k} {have[k]} (stored) vs {want[k]} (model)" for k in sorted(set(have) & set(want))
-                  if have[k] != want[k]]
-        if not (missing or extra or shapes):
+        diff = _tree_diff(_leaf_shapes(self.manager.item_metadata(step)["state"]), _leaf_shapes(abstract_state))
+        if diff is None:
             return None
-        return (f"checkpoint step {step} in {self.directory} does not fit this model's state: missing "
-                f"{missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)}), shapes {shapes[:5]}. "
+        return (f"checkpoint step {step} in {self.directory} does not fit this model's state: {diff}. "
                 "Resume it with the model config and code that wrote it (parameter paths of V3 / V3.2 runs "
                 "saved before the scan segments were named layers_a_b/block_k differ), or use a new train.run_dir")
 
@@ -145,6 +140,17 @@ def _diff(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
+def _tree_diff(have: dict, want: dict) -> str | None:
+    """'missing [...] (n), unexpected [...] (n), shapes [...]' between stored and model leaf shapes; None if equal."""
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = [f"{k} {have[k]} (stored) vs {want[k]} (model)" for k in sorted(set(have) & set(want))
+              if have[k] != want[k]]
+    if not (missing or extra or shapes):
+        return None
+    return (f"missing {missing[:5]} ({len(missing)}), unexpected {extra[:5]} ({len(extra)}), "
+            f"shapes {shapes[:5]}")
+
+
 def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
     """'params/layers_1_3/block_0/attn/w_uk' -> shape, for every array leaf of a state or its metadata."""
     def name(key) -> str:
@@ -165,14 +171,8 @@ def restore_converted(directory: str | Path, state_target: Any) -> dict:
         raise CheckpointError(f"{directory} is not a converted checkpoint (no params/ inside; make one with "
                               "`deepseek-jax convert import SRC OUT`)")
     target = {"params": state_target.params, "router": state_target.router}
-    have = {k: v[0] for k, v in stored_shapes(params_dir).items()}
-    want = _leaf_shapes(target)
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    shapes = [f"{k} {have[k]} (stored) vs {want[k]} (model)" for k in sorted(set(have) & set(want))
-              if tuple(have[k]) != tuple(want[k])]
-    if missing or extra or shapes:
-        raise CheckpointError(
-            f"converted checkpoint {directory} does not fit this model: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {extra[:5]} ({len(extra)}), shapes {shapes[:5]}. Use the model section of "
-            f"{directory / 'config.yaml'}")
+    diff = _tree_diff({k: tuple(v[0]) for k, v in stored_shapes(params_dir).items()}, _leaf_shapes(target))
+    if diff is not None:
+        raise CheckpointError(f"converted checkpoint {directory} does not fit this model: {diff}. Use the model "
+                              f"section of {directory / 'config.yaml'}")
     return restore_tree(params_dir, target)

@@ -31,7 +31,7 @@ from deepseek_jax.convert.importer import (
 )
 from deepseek_jax.convert.safetensors import write_sharded
 from deepseek_jax.convert.staging import staging_dir
-from deepseek_jax.convert.table import Entry, Family, ckpt_array, entries
+from deepseek_jax.convert.table import Entry, Family, ckpt_array, entries, get_leaf
 
 FP8_BLOCK = (128, 128)
 
@@ -86,10 +86,7 @@ def _plan(family: Family, cfg: ModelConfig, layout: str, quant: str, dtype: str)
     out = []
     for ent in entries(family, cfg):
         name, shape = ent.name(layout), expected_shape(ent, abstract, cfg)
-        leaf = abstract
-        for k in ent.leaves[0]:
-            leaf = leaf[k]
-        if np.issubdtype(leaf.dtype, np.integer):
+        if np.issubdtype(get_leaf(abstract, ent.leaves[0]).dtype, np.integer):
             out.append((name, "I64", shape, ent, "plain"))
         elif quant == "fp8" and _stored_fp8(family, ent) and len(shape) == 2:
             grid = tuple(-(-n // b) for n, b in zip(shape, FP8_BLOCK))
@@ -118,7 +115,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
         raise ConversionError(f"--layout {layout!r}: {family.name} exports {list(family.layouts[:2])}")
     plan = _plan(family, cfg, layout, quant, dtype)
     scales: dict = {}  # scale name -> the scale its weight's quantisation made (written right after it)
-    pow2 = family.scale_fmt == "ue8m0" or family.pow2_scales(cfg)
+    pow2 = _pow2_scales(family, cfg)
 
     def produce(name: str) -> np.ndarray:
         _, code, _, ent, role = by_name[name]
@@ -147,8 +144,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, layout: str = "hf", 
     return out
 
 
+def _pow2_scales(family: Family, cfg: ModelConfig) -> bool:
+    """FP8 scales rounded up to powers of two (ue8m0): stored as E8M0 bytes, or as F32 (V3.2)."""
+    return family.scale_fmt == "ue8m0" or family.pow2_scales(cfg)
+
+
 def _config_json(family: Family, cfg: ModelConfig, quant: str, dtype: str) -> dict:
-    pow2 = family.scale_fmt == "ue8m0" or family.pow2_scales(cfg)
+    pow2 = _pow2_scales(family, cfg)
     hf = family.config_to_json(cfg)
     hf["dtype"] = dtype
     if quant == "fp8":

@@ -35,7 +35,7 @@ from deepseek_jax.convert.orbax_writer import LazyArray, write_tree
 from deepseek_jax.convert.safetensors import DTYPES
 from deepseek_jax.convert.source import Source, open_source
 from deepseek_jax.convert.staging import staging_dir
-from deepseek_jax.convert.table import Entry, iter_leaves, leaf_pieces
+from deepseek_jax.convert.table import Entry, get_leaf, iter_leaves, leaf_pieces
 from deepseek_jax.models import build_model
 
 PARAMS_DIR, CONFIG_FILE, INFO_FILE = "params", "config.yaml", "convert.json"
@@ -58,13 +58,8 @@ def _ckpt_shape(rule, slice_shapes: tuple[tuple[int, ...], ...], cfg: ModelConfi
 
 def expected_shape(ent: Entry, abstract: dict, cfg: ModelConfig) -> tuple[int, ...]:
     """The checkpoint shape of `ent`'s tensor, from the model's own variables."""
-    shapes = []
-    for leaf in ent.leaves:
-        node = abstract
-        for k in leaf:
-            node = node[k]
-        shapes.append(tuple(node.shape[len(ent.index):]))
-    return _ckpt_shape(ent.rule, tuple(shapes), cfg)
+    shapes = tuple(tuple(get_leaf(abstract, leaf).shape[len(ent.index):]) for leaf in ent.leaves)
+    return _ckpt_shape(ent.rule, shapes, cfg)
 
 
 def _logical(src: Source, name: str) -> tuple[tuple[int, ...], str, str | None]:
@@ -90,7 +85,7 @@ def check_tensors(src: Source, abstract: dict) -> None:
         name = ent.name(src.layout)
         shape, code, quant = _logical(src, name)
         want = expected_shape(ent, abstract, src.cfg)
-        integer = np.issubdtype(_leaf(abstract, ent.leaves[0]).dtype, np.integer)
+        integer = np.issubdtype(get_leaf(abstract, ent.leaves[0]).dtype, np.integer)
         if shape != want:  # (an odd FP4 width would unpack one column too many: refused too)
             bad.append(f"{name}: shape {list(shape)}, the model needs {list(want)}")
         elif integer and (DTYPES[code].kind not in "iu" or quant):
@@ -100,12 +95,6 @@ def check_tensors(src: Source, abstract: dict) -> None:
             bad.append(f"{name}: {what} where the model needs floats")
     if bad:
         raise ConversionError(f"{src.directory}: {len(bad)} tensors do not fit the model: " + "; ".join(bad[:6]))
-
-
-def _leaf(tree: dict, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
 
 
 def _checked(src: Source, name: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -137,7 +126,7 @@ def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
     if uncovered:
         raise ConversionError(f"the {src.family.name} table does not cover {uncovered[:6]} of this model")
     for leaf, pieces in pieces_of.items():
-        struct = _leaf(abstract, leaf)
+        struct = get_leaf(abstract, leaf)
         out_dtype = _leaf_dtype(src, leaf, pieces, struct, dtype)
 
         def produce(ent: Entry, k: int, out_dtype=out_dtype) -> np.ndarray:

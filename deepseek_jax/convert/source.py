@@ -10,7 +10,7 @@ tensor against the model before any data is touched.
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +155,6 @@ def open_source(directory: str | Path, **overrides) -> Source:
     check_names(set(refs), {e.name(layout) for e in src.entries()}, family.skipped, str(directory))
     return src
 
-
-def with_config(src: Source, cfg: ModelConfig) -> Source:
-    return replace(src, cfg=cfg)
 
 
 def split_fused(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -108,8 +108,10 @@ def entries(family: Family, cfg: ModelConfig) -> list[Entry]:
     return out
 
 
-def names(family: Family, cfg: ModelConfig, layout: str) -> list[str]:
-    return [e.name(layout) for e in entries(family, cfg)]
+def in_block(rule: Rule) -> Rule:
+    """`rule` for the block inside an MTP layer: our paths moved under `block/` (router ones too)."""
+    ours = tuple(f"router:block/{p[7:]}" if p.startswith("router:") else f"block/{p}" for p in rule.ours)
+    return Rule(ours, rule.names, rule.to_ours, rule.to_ckpt, rule.when, rule.experts)
 
 
 def leaf_pieces(ents: Iterable[Entry]) -> dict[tuple[str, ...], list[tuple[tuple[int, ...], Entry, int]]]:
@@ -151,7 +153,7 @@ def _stack(slices: Mapping[tuple[int, ...], np.ndarray]) -> np.ndarray:
 
 def from_variables(variables: Mapping, family: Family, cfg: ModelConfig, layout: str) -> dict[str, np.ndarray]:
     """Our variables -> {checkpoint name of `layout`: numpy array} (in memory; exporter.py streams it)."""
-    return {e.name(layout): ckpt_array(e, lambda leaf, idx: np.asarray(_get(variables, leaf))[idx], cfg)
+    return {e.name(layout): ckpt_array(e, lambda leaf, idx: np.asarray(get_leaf(variables, leaf))[idx], cfg)
             for e in entries(family, cfg)}
 
 
@@ -181,16 +183,13 @@ def _set(tree: dict, keys: tuple[str, ...], value) -> None:
     tree[keys[-1]] = value
 
 
-def _get(tree: Mapping, keys: tuple[str, ...]):
+def get_leaf(tree: Mapping, keys: tuple[str, ...]):
+    """The value at `keys` (e.g. an Entry's leaf path) in a nested dict; an error naming the path if absent."""
     for k in keys:
         if not isinstance(tree, Mapping) or k not in tree:
             raise ConversionError(f"our variables lack {'/'.join(keys)}")
         tree = tree[k]
     return tree
-
-
-def get_leaf(tree: Mapping, keys: tuple[str, ...]):
-    return _get(tree, keys)
 
 
 def iter_leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:

@@ -25,7 +25,7 @@ from deepseek_jax.convert.config_json import (
     rope_section,
 )
 from deepseek_jax.convert.errors import ConversionError
-from deepseek_jax.convert.table import Family, Rule, Scope, concat, linear, vector
+from deepseek_jax.convert.table import Family, Rule, Scope, concat, in_block, linear, vector
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments
 
 _OFFICIAL = {
@@ -116,12 +116,7 @@ MOE = ATTN + (
 )
 
 
-def _in_block(rule: Rule) -> Rule:
-    ours = tuple(f"router:block/{p[7:]}" if p.startswith("router:") else f"block/{p}" for p in rule.ours)
-    return Rule(ours, rule.names, rule.to_ours, rule.to_ckpt, rule.when, rule.experts)
-
-
-MTP = tuple(map(_in_block, MOE)) + (
+MTP = tuple(map(in_block, MOE)) + (
     vector("enorm/scale", _n("enorm.weight")),
     vector("hnorm/scale", _n("hnorm.weight")),
     linear("w_eh", _n("eh_proj.weight")),

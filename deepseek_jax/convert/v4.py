@@ -28,7 +28,7 @@ from deepseek_jax.convert.config_json import (
     rope_section,
 )
 from deepseek_jax.convert.errors import ConversionError
-from deepseek_jax.convert.table import Family, Rule, Scope, same_ckpt, same_ours, t_ckpt, t_ours
+from deepseek_jax.convert.table import Family, Rule, Scope, in_block, same_ckpt, same_ours, t_ckpt, t_ours
 from deepseek_jax.models.common import LayerKind, layer_kinds, layer_segments, mtp_kind
 
 CSA_RATIO = 4
@@ -145,12 +145,7 @@ HEAD = tuple(  # the mHC head that merges the streams before the final norm
 )
 
 
-def _in_block(rule: Rule) -> Rule:
-    ours = tuple(f"router:block/{p[7:]}" if p.startswith("router:") else f"block/{p}" for p in rule.ours)
-    return Rule(ours, rule.names, rule.to_ours, rule.to_ckpt, rule.when, rule.experts)
-
-
-MTP = tuple(map(_in_block, BLOCK)) + tuple(  # MTP's own head: `hc_head_fn` officially, `hc_head.hc_fn` in HF
+MTP = tuple(map(in_block, BLOCK)) + tuple(  # MTP's own head: `hc_head_fn` officially, `hc_head.hc_fn` in HF
     Rule(r.ours, {"official": r.names["official"], "hf": r.names["official"],
                   "hf_memory": r.names["hf_memory"].removeprefix("model.")}, r.to_ours, r.to_ckpt)
     for r in HEAD

@@ -33,6 +33,7 @@ from deepseek_jax.config import load_model_config
 from deepseek_jax.convert import table, v3, v4
 from deepseek_jax.convert.importer import abstract_variables, expected_shape
 from deepseek_jax.convert.source import split_fused
+from tests.parity.test_parity_v4 import HF_CONFIG as V4_PARITY_CONFIG
 
 pytestmark = pytest.mark.parity
 
@@ -184,22 +185,8 @@ def test_saved_names_and_shapes(key):
             assert name in theirs, name
 
 
-# Tiny V4 with every path (copied from tests/parity/test_parity_v4.py, no MTP)
-HF_CONFIG_V4 = {
-    "vocab_size": 96, "hidden_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "head_dim": 32, "partial_rotary_factor": 0.25, "q_lora_rank": 24,
-    "o_groups": 2, "o_lora_rank": 12, "sliding_window": 8, "index_n_heads": 16, "index_head_dim": 16,
-    "index_topk": 3, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
-    "rms_norm_eps": 1e-6, "routed_scaling_factor": 1.5, "swiglu_limit": 1.0, "hc_mult": 4,
-    "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "num_nextn_predict_layers": 0,
-    "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                    "compressed_sparse_attention"],
-    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-    "mlp_layer_types": ["hash_moe", "hash_moe", "moe", "moe"],
-    "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "max_position_embeddings": 128,
-    "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                        "beta_fast": 32.0, "beta_slow": 1.0},
-}  # fmt: skip
+# Tiny V4 with every path (tests/parity/test_parity_v4.py's), no MTP
+HF_CONFIG_V4 = {**V4_PARITY_CONFIG, "num_nextn_predict_layers": 0}
 
 
 def _tiny_hf_config(which: str) -> dict:
