@@ -36,13 +36,16 @@ from deepseek_jax.config.run import (
     OptimConfig,
     TrainConfig,
 )
+from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
 __all__ = [
     "CHECKS",
     "MESH_AXES",
     "Config",
     "ConfigError",
+    "DSparkConfig",
     "DataConfig",
+    "EngramConfig",
     "IndexerConfig",
     "MHCConfig",
     "MLAConfig",
@@ -52,6 +55,7 @@ __all__ = [
     "OptimConfig",
     "Remat",
     "RopeConfig",
+    "SharedKVConfig",
     "TrainConfig",
     "V4AttentionConfig",
     "build",

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deepseek_jax.config.errors import require as _check
+from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +119,8 @@ class MoEConfig:
     swiglu_limit: float = 0.0  # clamp of routed and shared SwiGLUs: gate <= lim, |up| <= lim (V4: 10); 0 = off
     weight_before_down: bool = False  # routing weight scales silu(gate)*up before w_down (V4), not after (V3)
     n_hash_layers: int = 0  # the first MoE layers route by token id via a fixed table `tid2eid` (V4: 3)
+    gate_temp: float = 1.0  # router logits are divided by it before the score function (V4.1 `gate_temp`)
+    vl_bias: bool = False  # a second selection bias `bias_vl` for tokens inside image spans (V4.1)
 
     def __post_init__(self):
         E, A, P = self.n_routed_experts, self.n_activated_experts, self.n_expert_groups
@@ -142,6 +145,7 @@ class MoEConfig:
         _check(self.capacity_factor >= 0, f"moe.capacity_factor must be >= 0, got {self.capacity_factor}")
         _check(self.swiglu_limit >= 0, f"moe.swiglu_limit must be >= 0 (0 = off), got {self.swiglu_limit}")
         _check(self.n_hash_layers >= 0, f"moe.n_hash_layers must be >= 0, got {self.n_hash_layers}")
+        _check(self.gate_temp > 0, f"moe.gate_temp must be > 0, got {self.gate_temp}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +156,9 @@ class MHCConfig:
     hc_mult: int = 4  # I, residual streams (V4: 4)
     hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp row/column rounds projecting comb (V4: 20)
     hc_eps: float = 1e-6  # added to pre, to the softmax and to every Sinkhorn denominator (V4: 1e-6)
+    # V4.1: a sub-layer's input is collapsed with the previous site's `pre` (layer 0: stream 0), and
+    # the final read uses the last site's, so there is no head of its own (`hc_head`)
+    single_pass: bool = False
 
     def __post_init__(self):
         _check(self.hc_mult >= 1, f"mhc.hc_mult must be >= 1, got {self.hc_mult}")
@@ -217,6 +224,9 @@ class ModelConfig:
     mhc: MHCConfig | None = None  # hyper-connection residual streams; None = plain residual (v4 needs mhc)
     # FP8/FP4 fake-quant of the released numerics (quant.py, README); "none" = exact float math
     quant_sim: Literal["none", "fp8", "fp8_fp4"] = "none"
+    shared_kv: SharedKVConfig | None = None  # V4.1 attention and its cross-layer schedule (needs v4)
+    engram: EngramConfig | None = None  # Engram memory before the listed blocks
+    dspark: DSparkConfig | None = None  # the MTP layers are DSpark stages (V4.1; needs shared_kv)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "inter_dim", "n_layers", "max_seq_len"):
@@ -244,6 +254,7 @@ class ModelConfig:
         else:
             _check(not self.compress_ratios, "model.compress_ratios (V4 SWA/CSA/HCA per layer) needs model.v4")
             _check(self.quant_sim == "none", "model.quant_sim is wired for V4 models only (model.v4)")
+        self._check_v41()
 
     def _check_v4(self):
         n = self.n_layers + self.num_nextn_predict_layers
@@ -255,6 +266,23 @@ class ModelConfig:
         _check(all(r >= 0 for r in self.compress_ratios), "model.compress_ratios must be >= 0")
         _check(self.mhc is not None, "model.v4 needs model.mhc (V4 blocks run on hyper-connection streams)")
         _check(self.n_dense_layers == 0, "model.v4: every V4 block is MoE, set n_dense_layers: 0")
+
+    def _check_v41(self):
+        if self.shared_kv is not None:
+            _check(self.v4 is not None, "model.shared_kv (V4.1 attention) needs model.v4")
+            self.shared_kv.check_schedule(self.compress_ratios, self.n_layers, self.v4.index_topk)
+        if self.engram is not None:
+            for layer in self.engram.layer_ids:
+                _check(0 <= layer < self.n_layers, f"engram.layer_ids: {layer} is not a layer of {self.n_layers}")
+            _check(self.engram.pad_id < self.vocab_size, f"engram.pad_id must be < vocab_size ({self.vocab_size})")
+        if self.dspark is not None:
+            _check(self.shared_kv is not None, "model.dspark (V4.1 drafting) needs model.shared_kv")
+            _check(self.num_nextn_predict_layers > 0, "model.dspark needs num_nextn_predict_layers > 0 (its stages)")
+            for layer in self.dspark.target_layers:
+                _check(0 <= layer < self.n_layers, f"dspark.target_layers: {layer} is not a layer of {self.n_layers}")
+            _check(self.dspark.noise_token_id < self.vocab_size, "dspark.noise_token_id must be < vocab_size")
+        if self.mhc is not None and self.mhc.single_pass:
+            _check(self.shared_kv is not None, "mhc.single_pass is V4.1's mHC: it needs model.shared_kv")
 
     @property
     def n_moe_layers(self) -> int:
