@@ -8,6 +8,7 @@ Stages (`build_dataset`), on the grain 0.2.18 dataset API:
   .to_iter_dataset()
   ConcatThenSplitIterDataset          concatenates documents and cuts rows of exactly T tokens
   .batch(B_local, batch_fn=Collate)   pads the tail, adds loss_mask
+  .map(EngramRows)                    only for a model with Engram: its hashed n-gram row ids
   .mp_prefetch(worker_count)          optional worker processes (each packs its own slice)
 
 Packing: a document longer than the room left in a row is split; the rest continues in the next row
@@ -17,6 +18,8 @@ row or a document boundary, so the one target per cut is lost. Only a stream's l
 Batch (per process, B = global_batch_size // process_count, T = seq_len):
   tokens [B, T] int32, positions [B, T] int32, segment_ids [B, T] int32 (1, 2, ... ; 0 = padding),
   loss_mask [B, T] float32: 1 where token t+1 is in the same row and segment (targets = tokens[:, 1:]).
+  engram_rows [B, T, L_engram, U] int32, only with `engram`: Engram table rows (engram_hash.py), whose
+  n-grams restart at every segment and never read padding; the compressed map is the tokenizer's.
 
 The iterator's state (Grain's, as JSON) is saved with the model state, tied to a fingerprint of the
 data config and process layout, so a resume continues at the next batch or raises naming what changed.
@@ -24,14 +27,16 @@ data config and process layout, so a resume continues at the next batch or raise
 
 import dataclasses
 import gc
+import weakref
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
 
-from deepseek_jax.config import DataConfig
+from deepseek_jax.config import DataConfig, EngramConfig
 from deepseek_jax.data.sources import list_documents
+from deepseek_jax.engram_hash import EngramLayout, check_compressed_vocab, compressed_vocab, engram_layout, hash_rows
 from deepseek_jax.tokenizer import DataError, Tokenize, Tokenizer
 
 
@@ -58,16 +63,47 @@ class Collate:
         return out
 
 
-def padding_batch(cfg: DataConfig, process_count: int, pad_id: int) -> dict[str, np.ndarray]:
+class EngramRows(grain.transforms.Map):
+    """Grain stage after batching: adds `engram_rows` [B, T, L, U] int32, hashed in numpy int64 from
+    the batch's tokens and segment_ids (engram_hash.hash_rows; segment 0 is dead)."""
+
+    def __init__(self, layout: EngramLayout, cmap_V: np.ndarray):
+        self.layout, self.cmap_V = layout, cmap_V
+
+    def map(self, batch: dict) -> dict:
+        rows = hash_rows(self.layout, self.cmap_V, batch["tokens"], batch["segment_ids"])
+        return {**batch, "engram_rows": rows}
+
+
+_ENGRAM_STAGES = weakref.WeakKeyDictionary()  # tokenizer -> {EngramConfig: EngramRows}
+
+
+def engram_stage(engram: EngramConfig | None, tokenizer: Tokenizer) -> EngramRows | None:
+    """The EngramRows stage of a model's `engram` config (None without Engram), with the tokenizer's
+    compressed map checked against `engram.compressed_vocab_size`; built once per tokenizer."""
+    if engram is None:
+        return None
+    stages = _ENGRAM_STAGES.setdefault(tokenizer, {})
+    if engram not in stages:
+        cmap_V = compressed_vocab(tokenizer)
+        check_compressed_vocab(engram, cmap_V)
+        stages[engram] = EngramRows(engram_layout(engram), cmap_V)
+    return stages[engram]
+
+
+def padding_batch(
+    cfg: DataConfig, process_count: int, pad_id: int, engram: EngramRows | None = None
+) -> dict[str, np.ndarray]:
     """A batch of this process's shape that is all padding: no token is a target (see Collate)."""
     shape = (cfg.global_batch_size // process_count, cfg.seq_len)
     zeros = np.zeros(shape, np.int32)
-    return {
+    batch = {
         "tokens": np.full(shape, pad_id, np.int32),
         "positions": zeros,
         "segment_ids": zeros,
         "loss_mask": np.zeros(shape, np.float32),
     }
+    return batch if engram is None else engram.map(batch)
 
 
 def build_dataset(
@@ -79,8 +115,10 @@ def build_dataset(
     process_count: int = 1,
     repeat: bool = True,
     shuffle: bool = True,
+    engram: EngramRows | None = None,
 ) -> grain.IterDataset:
-    """The named Grain stages of the module docstring; validation never shuffles nor repeats."""
+    """The named Grain stages of the module docstring; validation never shuffles nor repeats.
+    `engram` (from `engram_stage`): the model's Engram hashing, a stage after batching."""
     if cfg.global_batch_size % process_count or not 0 <= process_index < process_count:
         raise DataError(
             f"data.global_batch_size={cfg.global_batch_size} must split evenly over "
@@ -108,6 +146,8 @@ def build_dataset(
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
     B = cfg.global_batch_size // process_count
     ds = ds.batch(B, batch_fn=Collate(B, tokenizer.pad_id))
+    if engram is not None:  # before the workers: they hash in parallel
+        ds = ds.map(engram)
     if cfg.worker_count:
         from absl import flags  # Grain reads its absl flags when starting workers
 
@@ -165,15 +205,17 @@ def make_iterator(
     process_count: int = 1,
     repeat: bool = True,
     shuffle: bool = True,
+    engram: EngramRows | None = None,
 ) -> DataIterator:
     """This process's batches of `split`; validation ignores shuffle/repeat (one fixed pass).
 
     With `worker_count > 0`, Grain spawns worker processes, so the calling script needs an
     `if __name__ == "__main__":` guard; call `close()` to stop them. The state is tied to the data
-    config and process layout: `set_state` raises DataError naming what changed.
+    config and process layout: `set_state` raises DataError naming what changed. `engram` adds
+    `engram_rows` to every batch (a pure function of it: not part of the resume state).
     """
     kw = {"process_index": process_index, "process_count": process_count, "repeat": repeat}
-    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, **kw)
+    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, **kw)
     fingerprint = {"split": split, "shuffle": shuffle, **kw, **dataclasses.asdict(cfg)}
     return DataIterator(ds, fingerprint)
 
