@@ -29,6 +29,7 @@ PARAM_AXES = frozenset(
         "kv_latent",  # C (and C+R for the fused down projection)
         "experts",  # E
         "layers",  # L, the scan axis
+        "engram_rows",  # rows of an Engram table (hashed n-gram memory; sharded by row, looked up in place)
     }
 )
 ACT_AXES = frozenset(

@@ -8,7 +8,14 @@
 Which group a parameter joins is decided by its name (the last path element) from two tables:
 `MUON_MATRICES` (hidden projections, with their input/output axes) and `ADAMW_PARAMS`. A
 parameter of two or more dimensions in neither table raises, so a new weight cannot silently land
-in the wrong group or skip its weight-decay decision.
+in the wrong group or skip its weight-decay decision. Inside an Engram module (a path element
+`engram…`) the names are looked up in `ENGRAM_MUON` / `ENGRAM_ADAMW` instead (its `w_kv`, `w_k`
+have other shapes than attention's), and its hashed tables `table` form a third group:
+
+    table group:  Adam with η_t · table_lr_multiplier;  decoupled decay λ only if table_weight_decay
+                  (the Engram paper: Adam at 5x the base rate, no decay), under AdamW and Muon alike
+
+with both settings read from `model.engram` (`make_optimizer(..., engram=cfg.model.engram)`).
 
 Frozen parameters (DeepSeek-V3.2's dense warm-up trains the lightning indexers alone): an optional
 `trainable` tree splits the parameters with `optax.partition`; the frozen ones get zero updates and
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
-from deepseek_jax.config import OptimConfig
+from deepseek_jax.config import EngramConfig, OptimConfig
 
 MUON_MOMENTUM = 0.95  # β of Muon's Nesterov momentum (Keller Jordan, Moonlight); not cfg.b1
 MUON_RMS = 0.2  # target update RMS, matching AdamW's (Moonlight §2.2)
@@ -60,8 +67,23 @@ MUON_MATRICES = {
     "fn": (2, 1),  # [I, D, Z] mHC mixing map (and the head's [I, D, I])
     "w_e": (1, 1),  # [D, D] MTP embedding projection
     "w_h": (1, 1),  # [D, D] MTP stream projection
+    "main_proj": (1, 1),  # [n·D, D] DSpark's projection of the captured target-layer inputs (V4.1)
 }
 MAX_BATCH_AXES = 2  # "layers" and "experts"
+
+# Engram (layers/engram.py), by name inside an `engram` scope. X = K·H, the flattened memory width.
+ENGRAM_MUON = {
+    "w_kv": (1, 2),  # [X, I+1, D]: the fused key/value projection, one matrix (official `engram.wkv`)
+    "w_k": (1, 2),  # [X, I, D] paper variant: the I key projections, fused as the paper notes
+    "w_v": (1, 1),  # [X, D] paper variant: the shared value
+}
+# the tables are their own group (TABLE); the rest are gains and biases: no decay. The paper's depthwise
+# conv [W, I, D] is a per-channel filter (W taps per channel), not a map between spaces: no decay either
+ENGRAM_ADAMW = {
+    "q_weight": False, "k_weight": False, "q_norm": False, "k_norm": False, "conv_norm": False,
+    "b_k": False, "b_v": False, "conv": False,
+}
+TABLE = "table"
 
 # AdamW parameters by name -> whether weight decay applies. The embedding is a lookup table whose
 # rows of rare tokens see few gradients, so decay would mostly shrink them towards zero; the config
@@ -76,6 +98,9 @@ ADAMW_PARAMS = {
     "embedding": False, "w_head": True, "w_router": True, "w_weights": True, "scale": False, "bias": False,
     "ape": False,  # V4 compressor's learned position bias [m, c·X]: a bias table, not a map
     "sink": False, "base": False,  # V4 attention sinks [N]; mHC static biases [Z]
+    # DSpark (V4.1): the Markov head's token table [V, r] is a lookup like the embedding, its [r, V]
+    # output and the confidence head [D + r, 1] are matrices like the LM head (rank <= r, and 1)
+    "markov_embed": False, "markov_head": True, "confidence": True,
 }
 
 
@@ -106,11 +131,20 @@ def _leaf_name(path) -> str:
     return _path_name(path).rsplit("/", 1)[-1]
 
 
+def _in_engram(path) -> bool:
+    return any(part.startswith("engram") for part in _path_name(path).split("/")[:-1])
+
+
+def _muon_axes(path) -> tuple[int, int] | None:
+    """(input axes, output axes) of a Muon matrix by name (from ENGRAM_MUON inside an Engram module)."""
+    return (ENGRAM_MUON if _in_engram(path) else MUON_MATRICES).get(_leaf_name(path))
+
+
 def _classify(path, leaf) -> str:
-    """'muon' | 'adamw' for one parameter; raises for an unknown matrix."""
+    """'muon' | 'adamw' | 'table' (an Engram table) for one parameter; raises for an unknown matrix."""
     name, ndim = _leaf_name(path), len(leaf.shape)
-    if name in MUON_MATRICES:
-        matrix_axes = sum(MUON_MATRICES[name])
+    if _muon_axes(path) is not None:
+        matrix_axes = sum(_muon_axes(path))
         if not matrix_axes <= ndim <= matrix_axes + MAX_BATCH_AXES:
             raise ValueError(
                 f"parameter {_path_name(path)} has shape {leaf.shape}: a {name} has "
@@ -118,23 +152,26 @@ def _classify(path, leaf) -> str:
                 " axes"
             )
         return "muon"
-    if name in ADAMW_PARAMS or ndim <= 1:
+    if _in_engram(path) and name == TABLE:
+        return "table"
+    if name in (ENGRAM_ADAMW if _in_engram(path) else ADAMW_PARAMS) or ndim <= 1:
         return "adamw"
+    where = "ENGRAM_MUON or ENGRAM_ADAMW" if _in_engram(path) else "MUON_MATRICES or ADAMW_PARAMS"
     raise ValueError(
         f"parameter {_path_name(path)} (shape {leaf.shape}) is in no optimizer group: add "
-        f"{name!r} to MUON_MATRICES or ADAMW_PARAMS in deepseek_jax/optim.py"
+        f"{name!r} to {where} in deepseek_jax/optim.py"
     )
 
 
 def param_groups(params):
-    """'muon' or 'adamw' for every leaf of `params` (same tree), by parameter name."""
+    """'muon', 'adamw' or 'table' for every leaf of `params` (same tree), by parameter name."""
     return jax.tree_util.tree_map_with_path(_classify, params)
 
 
 def _dimension_numbers(path, leaf) -> MuonDimensionNumbers | None:
     if _classify(path, leaf) != "muon":
         return None
-    n_in, n_out = MUON_MATRICES[_leaf_name(path)]
+    n_in, n_out = _muon_axes(path)
     ndim = len(leaf.shape)
     first = ndim - n_in - n_out  # leading batch axes are listed in neither
     reduction, output = range(first, first + n_in), range(ndim - n_out, ndim)
@@ -146,21 +183,32 @@ def muon_dimension_numbers(params):
     return jax.tree_util.tree_map_with_path(_dimension_numbers, params)
 
 
-def _decays(path, leaf) -> bool:
-    _classify(path, leaf)  # raises for an unknown matrix: it needs a weight-decay decision too
-    name = _leaf_name(path)
-    return name in MUON_MATRICES or (ADAMW_PARAMS.get(name, False) and len(leaf.shape) >= 2)
+def _decays(path, leaf, engram: EngramConfig | None = None) -> bool:
+    group = _classify(path, leaf)  # raises for an unknown matrix: it needs a weight-decay decision too
+    if group == "table":
+        return engram is not None and engram.table_weight_decay
+    adamw = ENGRAM_ADAMW if _in_engram(path) else ADAMW_PARAMS
+    return group == "muon" or (adamw.get(_leaf_name(path), False) and len(leaf.shape) >= 2)
 
 
-def decay_mask(params):
-    """True where decoupled weight decay applies: Muon matrices, w_head, w_router."""
-    return jax.tree_util.tree_map_with_path(_decays, params)
+def decay_mask(params, engram: EngramConfig | None = None):
+    """True where decoupled weight decay applies: Muon matrices, w_head, w_router; Engram tables
+    only with `engram.table_weight_decay`."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _decays(path, leaf, engram), params)
 
 
 def _adamw(cfg: OptimConfig, schedule, mask) -> optax.GradientTransformation:
     return optax.adamw(
         schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
     )
+
+
+def _table_adam(cfg: OptimConfig, engram: EngramConfig, total_steps: int) -> optax.GradientTransformation:
+    """The Engram tables' Adam: the base schedule × table_lr_multiplier (the decay, when on, scales
+    with it as everywhere: p <- p - η·mult·(u + λp))."""
+    schedule = lr_schedule(cfg, total_steps, cfg.lr * engram.table_lr_multiplier)
+    decay = cfg.weight_decay if engram.table_weight_decay else 0.0
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=decay)
 
 
 def _masked_tree(tree):
@@ -202,9 +250,10 @@ def indexer_only(params):
 
 
 def make_optimizer(
-    cfg: OptimConfig, params, total_steps: int, trainable=None
+    cfg: OptimConfig, params, total_steps: int, trainable=None, engram: EngramConfig | None = None
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW for all (`adamw`) or the Muon/AdamW split (`muon`).
+    """Global-norm clipping, then AdamW for all (`adamw`) or the Muon/AdamW split (`muon`); Engram
+    tables, if any, get their own Adam (module docstring), which needs `engram` (`cfg.model.engram`).
 
     `params` may be arrays or ShapeDtypeStructs; only their paths and shapes are read.
     `trainable`: an optional bool tree like `params`; False leaves are frozen (zero updates).
@@ -213,16 +262,24 @@ def make_optimizer(
         labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
         kept = jax.tree.map(lambda p, t: p if t else optax.MaskedNode(), params, trainable)
         return optax.partition(  # the inner chain is built on the trained leaves' tree only
-            {"train": make_optimizer(cfg, kept, total_steps), "frozen": optax.set_to_zero()}, labels
+            {"train": make_optimizer(cfg, kept, total_steps, engram=engram), "frozen": optax.set_to_zero()},
+            labels,
         )
+    groups = param_groups(params)  # raises for an unknown matrix
     adamw_lr = lr_schedule(cfg, total_steps, cfg.lr)
+    transforms = {"adamw": _adamw(cfg, adamw_lr, decay_mask)}
+    if "table" in jax.tree.leaves(groups):
+        if engram is None:
+            raise ValueError("the parameters hold Engram tables: pass make_optimizer(..., engram=cfg.model.engram), "
+                             "whose table_lr_multiplier and table_weight_decay set their optimizer")
+        transforms["table"] = _table_adam(cfg, engram, total_steps)
     if cfg.name == "adamw":
-        inner = _adamw(cfg, adamw_lr, decay_mask(params))  # raises for an unknown matrix
+        groups = jax.tree.map(lambda g: "adamw" if g == "muon" else g, groups)
     else:
-        muon_lr = lr_schedule(cfg, total_steps, cfg.muon_lr or cfg.lr)
-        inner = optax.partition(
-            {"muon": _muon(cfg, muon_lr, params), "adamw": _adamw(cfg, adamw_lr, decay_mask)},
-            param_groups(params),  # raises for an unknown matrix
-        )
+        transforms["muon"] = _muon(cfg, lr_schedule(cfg, total_steps, cfg.muon_lr or cfg.lr), params)
+    if cfg.name == "adamw" and len(transforms) == 1:  # one group: the plain chain (its state layout)
+        inner = _adamw(cfg, adamw_lr, decay_mask(params))
+    else:
+        inner = optax.partition(transforms, groups)
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity()
     return optax.chain(clip, inner)

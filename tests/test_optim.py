@@ -10,7 +10,7 @@ import optax
 import pytest
 from optax.contrib import MuonDimensionNumbers as Dims
 
-from deepseek_jax.config import OptimConfig, load_model_config
+from deepseek_jax.config import EngramConfig, OptimConfig, load_model_config
 from deepseek_jax.models import build_model
 from deepseek_jax.optim import (
     MUON_MATRICES,
@@ -208,3 +208,87 @@ def test_steps_reduce_a_quadratic(name):
         params, state, value = step(params, state)
         losses.append(float(value))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Engram: its tables are their own Adam group (lr × table_lr_multiplier, decay only if asked)
+
+X, I, D, R, H = 12, 2, 8, 16, 4  # memory width K·H, streams, model width, table rows, row width
+
+
+def engram_params(variant="v41"):
+    names = {"v41": {"table": (R, H), "w_kv": (X, I + 1, D), "q_weight": (I, D), "k_weight": (I, D)},
+             "paper": {"table": (R, H), "w_k": (X, I, D), "b_k": (I, D), "w_v": (X, D), "b_v": (D,),
+                       "q_norm": (I, D), "k_norm": (I, D), "conv_norm": (I, D), "conv": (3, I, D)}}[variant]
+    return {"layers_1": {"engram": {k: jnp.ones(s) for k, s in names.items()},
+                         "attn": {"w_kv": jnp.ones((D, 6))}}, "w_head": jnp.ones((D, 5))}
+
+
+def engram_cfg(multiplier=5.0, decay=False):
+    return EngramConfig(layer_ids=(1,), num_embeddings=(R,), max_ngram_size=3, n_heads=2, head_dim=H,
+                        compressed_vocab_size=50, table_lr_multiplier=multiplier, table_weight_decay=decay)
+
+
+@pytest.mark.parametrize("variant", ["v41", "paper"])
+def test_engram_groups(variant):
+    """The tables form the `table` group; Engram's projections are Muon matrices with their own axes
+    (its w_kv [X, I+1, D] is one [X, (I+1)·D] matrix, attention's w_kv [D, X'] stays [D, X'])."""
+    params = engram_params(variant)
+    groups = flat(param_groups(params))
+    dims = flat(muon_dimension_numbers(params), is_leaf=lambda x: isinstance(x, Dims))
+    mask = flat(decay_mask(params, engram_cfg()))
+    assert groups["layers_1/engram/table"] == "table" and not mask["layers_1/engram/table"]
+    assert flat(decay_mask(params, engram_cfg(decay=True)))["layers_1/engram/table"]
+    assert groups["layers_1/attn/w_kv"] == "muon" and dims["layers_1/attn/w_kv"] == Dims((0,), (1,))
+    muon = {"v41": {"w_kv": Dims((0,), (1, 2))}, "paper": {"w_k": Dims((0,), (1, 2)), "w_v": Dims((0,), (1,))}}
+    for name, group in groups.items():
+        leaf = name.rsplit("/", 1)[-1]
+        if name.startswith("layers_1/engram/") and leaf != "table":
+            want = "muon" if leaf in muon[variant] else "adamw"
+            assert group == want, name
+            assert mask[name] == (want == "muon"), name  # gains, biases and the depthwise conv: no decay
+            if want == "muon":
+                assert dims[name] == muon[variant][leaf], name
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_engram_table_lr_multiplier(name):
+    """A table's first step is Adam's -lr·mult·g/(|g| + eps) (m̂ = g, v̂ = g²), exactly mult × its step
+    at multiplier 1, under AdamW and under Muon (no orthogonalisation); the other leaves do not move
+    with the multiplier."""
+    cfg = OptimConfig(name=name, lr=0.01, warmup_steps=0, clip_norm=0.0, weight_decay=0.1)
+    params = engram_params()
+    grads = random_like(params, seed=5)
+
+    def updates(multiplier):
+        opt = make_optimizer(cfg, params, 10, engram=engram_cfg(multiplier))
+        return flat(jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)[0])
+
+    one, five = updates(1.0), updates(5.0)
+    g = np.asarray(grads["layers_1"]["engram"]["table"])
+    np.testing.assert_allclose(five["layers_1/engram/table"], -0.01 * 5.0 * g / (np.abs(g) + cfg.eps), rtol=1e-6)
+    np.testing.assert_allclose(five["layers_1/engram/table"], 5.0 * one["layers_1/engram/table"], rtol=1e-6)
+    for key in one:
+        if key != "layers_1/engram/table":
+            np.testing.assert_array_equal(five[key], one[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_engram_table_weight_decay(name):
+    """Zero gradients: a table keeps its values unless table_weight_decay (then p·(1 − lr·mult·wd))."""
+    cfg = OptimConfig(name=name, lr=0.1, weight_decay=0.1, warmup_steps=0)
+    params = engram_params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for decay, want in ((False, 1.0), (True, 1.0 - 0.1 * 3.0 * 0.1)):
+        opt = make_optimizer(cfg, params, 10, engram=engram_cfg(3.0, decay))
+        new = flat(optax.apply_updates(params, opt.update(zeros, opt.init(params), params)[0]))
+        np.testing.assert_allclose(new["layers_1/engram/table"], want, rtol=1e-6, err_msg=str(decay))
+        np.testing.assert_allclose(new["w_head"], 1.0 - 0.1 * 0.1, rtol=1e-6)  # the base decay, unchanged
+
+
+def test_engram_tables_need_their_config():
+    params = engram_params()
+    with pytest.raises(ValueError, match="engram=cfg.model.engram"):
+        make_optimizer(OptimConfig(), params, 10)
+    frozen = jax.tree.map(lambda _: True, params)  # the frozen-parameter path passes it through
+    make_optimizer(OptimConfig(), params, 10, trainable=frozen, engram=engram_cfg())
