@@ -9,6 +9,7 @@ output shapes and dtypes, with a line saying why the concrete pass was skipped.
 
 import os
 import time
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -94,8 +95,9 @@ def inspect(
     tokens_BT = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
     check_tokens(tokens_BT, cfg)
     tokens_spec = jax.ShapeDtypeStruct(tokens_BT.shape, jnp.int32)
-    variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(seed), tokens_spec))
-    out = jax.eval_shape(model.apply, variables, tokens_spec)
+    kw = engram_inputs(cfg, tokens_BT.shape, seed)
+    variables = nn.unbox(jax.eval_shape(partial(model.init, **kw), jax.random.key(seed), tokens_spec))
+    out = jax.eval_shape(partial(model.apply, **kw), variables, tokens_spec)
     param_bytes, out_bytes = _nbytes(variables), _nbytes(out)
     where = "a budget given by the caller"
     if budget_bytes is None:
@@ -116,6 +118,16 @@ def inspect(
     return {**result, **_run_forward(model, cfg, tokens_BT, seed), "abstract": False}
 
 
+def engram_inputs(cfg: ModelConfig, shape: tuple[int, int], seed: int) -> dict:
+    """Random Engram row ids [B, T, L, K] inside each layer's table (a smoke input: no hashing)."""
+    if cfg.engram is None:
+        return {}
+    rng = np.random.default_rng(seed)
+    e = cfg.engram
+    rows = np.stack([rng.integers(0, n, (*shape, e.n_columns)) for n in e.num_embeddings], axis=2)
+    return {"engram_rows": jnp.asarray(rows, jnp.int32)}
+
+
 def _print_outputs(rows) -> None:
     for name, shape, dtype in rows:
         print(f"  {name:<28}{shape!s:<28}{dtype}")
@@ -124,10 +136,11 @@ def _print_outputs(rows) -> None:
 def _run_forward(model, cfg: ModelConfig, tokens_BT: np.ndarray, seed: int) -> dict:
     """Initialises the parameters, runs one jitted forward twice (compile, then steady state)."""
     t0 = time.perf_counter()
-    variables = nn.unbox(jax.jit(model.init)(jax.random.key(seed), jnp.asarray(tokens_BT)))
+    kw = engram_inputs(cfg, tokens_BT.shape, seed)
+    variables = nn.unbox(jax.jit(partial(model.init, **kw))(jax.random.key(seed), jnp.asarray(tokens_BT)))
     jax.block_until_ready(variables)
     t_init = time.perf_counter() - t0
-    forward = jax.jit(model.apply)
+    forward = jax.jit(partial(model.apply, **kw))
     t0 = time.perf_counter()
     out = jax.block_until_ready(forward(variables, jnp.asarray(tokens_BT)))
     t_first = time.perf_counter() - t0

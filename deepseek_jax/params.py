@@ -7,37 +7,46 @@ Every parameter falls in one category, by its path and logical axes:
     dense_ffn   SwiGLU of the dense blocks    routed     experts (leaves with an `experts` axis)
     shared      shared experts                router     the [D, E] gate
     mhc         V4 hyper-connection maps (attn_hc, ffn_hc, hc_head)
-    mtp_routed, mtp_other   everything under `mtp_*`, split into routed experts and the rest (MTP
-                shares the embedding and head, so the checkpoint's copies of them are not counted)
+    engram_table  Engram's hashed n-gram tables (their real rows; `engram_padding` counts the zero rows
+                a table is padded with so that it shards evenly, layers/engram.py `table_rows`)
+    engram      Engram's projections and gate weights
+    mtp_routed, mtp_other   everything under `mtp_*` and `dspark` (V4.1's drafter), split into routed
+                experts and the rest (MTP shares the embedding and head, so the checkpoint's copies of
+                them are not counted)
 
 Activated parameters per token count the routed experts at A/E (top-A of E) and everything else in
-the main model in full; `active` includes the embedding table, `active_no_embedding` leaves it out
+the main model in full, except Engram tables, of which a token reads (N − 1)·n_heads rows per Engram
+layer; `active` includes the embedding table, `active_no_embedding` leaves it out
 (a lookup, not a matmul; DeepSeek's published 36.6B ≈ "37B" is this one, see
 tests/test_param_count.py). `mtp_active` is the same for the MTP modules, without embedding or head.
 """
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.models import LayerKind, build_model, layer_kinds, mtp_kind
+from deepseek_jax.models import LayerKind, build_model, init_inputs, layer_kinds, mtp_kind
 
 CATEGORIES = (
     "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "mhc", "head",
-    "mtp_routed", "mtp_other",
+    "engram_table", "engram", "mtp_routed", "mtp_other",
 )
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
     """'a/b/c' -> (shape, logical axes) for every parameter, from an abstract init."""
-    tokens_BT = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    abstract = jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens_BT)
+    tokens, kw = init_inputs(cfg)
+    abstract = jax.eval_shape(functools.partial(build_model(cfg).init, **kw), jax.random.key(0), tokens)
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"], is_leaf=is_boxed):
+    # the selection biases are released tensors (`ffn.gate.bias`, `bias_vl`): counted with the router
+    leaves = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract["params"], is_leaf=is_boxed)]
+    leaves += [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+        abstract.get("router", {}), is_leaf=is_boxed) if str(getattr(path[-1], "key", "")).startswith("bias")]
+    for path, leaf in leaves:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         axes = tuple(leaf.names) if is_boxed(leaf) else (None,) * len(leaf.shape)
         out[name] = (tuple(nn.unbox(leaf).shape), axes)
@@ -47,8 +56,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
 def category(name: str, axes: tuple) -> str:
     """The CATEGORIES entry of parameter `name` (a '/'-joined path) with logical `axes`."""
     parts = name.split("/")
-    if parts[0].startswith("mtp_"):
+    if parts[0].startswith("mtp_") or parts[0] == "dspark":
         return "mtp_routed" if "experts" in axes else "mtp_other"
+    if "engram" in parts:
+        return "engram_table" if parts[-1] == "table" else "engram"
     if parts[0] in ("embedding", "w_head"):
         return {"embedding": "embedding", "w_head": "head"}[parts[0]]
     if "attn" in parts:
@@ -57,7 +68,7 @@ def category(name: str, axes: tuple) -> str:
         return "routed"
     if "shared" in parts:
         return "shared"
-    if parts[-1] == "w_router":
+    if parts[-1] in ("w_router", "bias", "bias_vl"):
         return "router"
     if any(p in ("attn_hc", "ffn_hc", "hc_head") for p in parts):
         return "mhc"
@@ -79,18 +90,25 @@ def count_by_category(cfg: ModelConfig) -> dict[str, int]:
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Per-category counts + `main mtp total active active_no_embedding mtp_active`."""
     counts = count_by_category(cfg)
+    e = cfg.engram
+    rows = 0 if e is None else sum(e.num_embeddings) * e.head_dim  # the real rows; the rest is padding
+    padding, counts["engram_table"] = counts["engram_table"] - rows, rows
     mtp = counts["mtp_routed"] + counts["mtp_other"]
     main = sum(counts.values()) - mtp
     A, E = cfg.moe.n_activated_experts, cfg.moe.n_routed_experts
-    active = main - counts["routed"] + counts["routed"] * A // E
+    read = 0 if e is None else len(e.layer_ids) * e.n_columns * e.head_dim  # table rows a token reads
+    active = main - counts["routed"] + counts["routed"] * A // E - rows + read
+    dspark = cfg.dspark
+    mtp_A_E = (A, E) if dspark is None else (dspark.n_activated_experts, dspark.n_routed_experts)
     return {
         **counts,
+        "engram_padding": padding,
         "main": main,
         "mtp": mtp,
         "total": main + mtp,
         "active": active,
         "active_no_embedding": active - counts["embedding"],
-        "mtp_active": counts["mtp_other"] + counts["mtp_routed"] * A // E,
+        "mtp_active": counts["mtp_other"] + counts["mtp_routed"] * mtp_A_E[0] // mtp_A_E[1],
     }
 
 
@@ -111,6 +129,8 @@ def param_summary(cfg: ModelConfig) -> str:
         _row("MoE shared experts, per layer", per("shared", Lm), f"x {Lm}"),
         _row("MoE router, per layer", per("router", Lm), f"x {Lm}"),
         _row("mHC maps (all)", c["mhc"]),
+        *([_row("Engram tables (real rows)", c["engram_table"], f"+ {c['engram_padding']:,} padding"),
+           _row("Engram projections", c["engram"])] if cfg.engram else []),
         _row("norms (all)", c["norms"]),
         _row("head [D, V]", c["head"]),
         _row("main model", c["main"]),

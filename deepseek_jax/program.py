@@ -8,6 +8,7 @@ with explicit in/out shardings).
     abstract state   TrainState of ShapeDtypeStructs      (params f32, router, optimizer state, ...)
     state shardings  TrainState of NamedShardings          (logical axes -> mesh axes by the rules)
     batch            [B, T] int32/float32 arrays, B split over the `act_batch` rule's mesh axes
+                     (+ engram_rows [B, T, L_engram, U] int32 for a model with Engram)
 """
 
 import contextlib
@@ -22,7 +23,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from deepseek_jax.config import Config
-from deepseek_jax.models import build_model
+from deepseek_jax.models import build_model, init_inputs
 from deepseek_jax.optim import indexer_only, lr_schedule, make_optimizer
 from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, replicated
 from deepseek_jax.train import TrainState, eval_step, train_step
@@ -56,9 +57,14 @@ class Program:
                             self.abstract_state, self.state_shardings)
 
     def batch_specs(self) -> dict:
-        """One global batch [B, T] as ShapeDtypeStructs in the batch sharding."""
+        """One global batch [B, T] as ShapeDtypeStructs in the batch sharding (with Engram also its
+        host-hashed `engram_rows` [B, T, L_engram, U] int32)."""
         B, T = self.cfg.data.global_batch_size, self.cfg.data.seq_len
-        return {k: jax.ShapeDtypeStruct((B, T), dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
+        specs = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
+        if (engram := self.cfg.model.engram) is not None:
+            shape = (B, T, len(engram.layer_ids), engram.n_columns)
+            specs["engram_rows"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        return specs
 
     def lower(self) -> jax.stages.Lowered:
         """The jitted, state-donating train step lowered on abstract inputs (nothing allocated)."""
@@ -73,11 +79,11 @@ class Program:
     def init_state(self) -> TrainState:
         """A fresh state, created directly in its shardings (no host-side copy of the parameters)."""
         model, optimizer = self.model, self.optimizer
-        tokens = jnp.zeros((1, min(8, self.cfg.data.seq_len)), jnp.int32)
+        tokens, kw = init_inputs(self.cfg.model, min(8, self.cfg.data.seq_len))
 
         def init(seed):
             init_key, state_key = jax.random.split(jax.random.key(seed))
-            variables = nn.unbox(model.init(init_key, tokens, mutable=["params", "router"]))
+            variables = nn.unbox(model.init(init_key, tokens, mutable=["params", "router"], **kw))
             return TrainState(
                 step=jnp.int32(0), params=variables["params"], router=variables["router"],
                 opt_state=optimizer.init(variables["params"]), rng=jax.random.key_data(state_key),
@@ -105,11 +111,11 @@ class Program:
 def build_program(cfg: Config, mesh, mesh_rules) -> Program:
     """The Program of `cfg` on `mesh` (concrete or abstract) under `mesh_rules`; nothing is allocated."""
     model = build_model(cfg.model)
-    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"]), jax.random.key(0),
-                           jnp.zeros((1, 8), jnp.int32))
+    tokens, kw = init_inputs(cfg.model, 8)
+    boxed = jax.eval_shape(partial(model.init, mutable=["params", "router"], **kw), jax.random.key(0), tokens)
     params, index = nn.unbox(boxed)["params"], cfg.model.index
     trainable = indexer_only(params) if index is not None and index.index_dense_warmup else None
-    optimizer = make_optimizer(cfg.optim, params, cfg.train.steps, trainable)
+    optimizer = make_optimizer(cfg.optim, params, cfg.train.steps, trainable, engram=cfg.model.engram)
     schedule = lr_schedule(cfg.optim, cfg.train.steps)
     abstract, shardings = state_shardings(boxed, optimizer, mesh, mesh_rules)
     return Program(

@@ -164,6 +164,26 @@ def fake_quant_fp4(x: jax.Array, block: int = FP4_BLOCK, *, axis: int = -1) -> j
     return _ste(functools.partial(_fake_axis, fmt="fp4", block=block, ue8m0=True, axis=axis), x)
 
 
+def _fake_fp4_e4m3(x, block: int):
+    """e2m1 codes with an e4m3 scale per block: s = e4m3(max(amax, 6·2^-9) / 6), x̂ = e2m1(x / s)·s."""
+    N = x.shape[-1]
+    W = -(-N // block)
+    x_WZ = jnp.pad(x.astype(jnp.float32), [(0, 0)] * (x.ndim - 1) + [(0, W * block - N)])
+    x_WZ = x_WZ.reshape(*x.shape[:-1], W, block)
+    amax_W1 = jnp.maximum(jnp.max(jnp.abs(x_WZ), axis=-1, keepdims=True), FP4_MAX * 2.0**-9)
+    s_W1 = (amax_W1 / FP4_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    xq = round_sat(x_WZ / s_W1, "fp4").astype(jnp.float32) * s_W1
+    return xq.reshape(*x.shape[:-1], -1)[..., :N].astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def fake_quant_fp4_e4m3(x: jax.Array, block: int = 16) -> jax.Array:
+    """e2m1 quantise-dequantise in 1×`block` blocks along the last dim with e4m3 scales (NVFP4-style;
+    V4.1's compressed-KV QAT, blocks of 16); straight-through gradient."""
+    _check_block(block)
+    return _ste(functools.partial(_fake_fp4_e4m3, block=block), x)
+
+
 # ----------------------------------------------------------------------------------------------
 # Weights: Z×Z tiles over the flattened [in, out] matrix
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +278,18 @@ def sim_kv(kv: jax.Array, mode: str, *, n_rope: int = 0, block: int = ACT_BLOCK)
     C = kv.shape[-1]
     nope = fake_quant_fp8(kv[..., : C - n_rope], block)
     return jnp.concatenate([nope, kv[..., C - n_rope :]], axis=-1) if n_rope else nope
+
+
+def qat_v41(x: jax.Array, site: str) -> jax.Array:
+    """V4.1's fake-quant, applied even in float32 (HF and the release): "window" kv e4m3 1×32 ue8m0
+    over the whole vector, "entry" compressed kv e2m1 1×16 with e4m3 scales, "index" indexer q / k
+    e2m1 1×32 ue8m0. Skipped when the last dim is not a multiple of the block (as HF does)."""
+    block = {"window": 32, "entry": 16, "index": FP4_BLOCK}[site]
+    if x.shape[-1] % block:
+        return x
+    if site == "window":
+        return fake_quant_fp8(x, block)
+    return fake_quant_fp4_e4m3(x, block) if site == "entry" else fake_quant_fp4(x, block)
 
 
 def sim_indexer(x: jax.Array, mode: str) -> jax.Array:

@@ -108,7 +108,8 @@ def test_tiny_counts_match_closed_form():
     # w_dq, q_norm, w_uq, w_dkv, kv_norm, w_uk, w_uv, w_o
     attn = D * Q + Q + Q * N * (H + R) + D * (C + R) + C + C * N * H + C * N * O + N * O * D
     routed = mo.n_routed_experts * 3 * D * mo.moe_inter_dim
-    moe = routed + mo.n_shared_experts * 3 * D * mo.moe_inter_dim + D * mo.n_routed_experts
+    # + the router weight and its selection bias (the router collection's `bias`, a released tensor)
+    moe = routed + mo.n_shared_experts * 3 * D * mo.moe_inter_dim + (D + 1) * mo.n_routed_experts
     want = {
         "embedding": V * D, "head": D * V, "attention": cfg.n_layers * attn,
         "dense_ffn": cfg.n_dense_layers * 3 * D * F, "routed": cfg.n_moe_layers * routed,

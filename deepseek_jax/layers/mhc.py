@@ -11,6 +11,10 @@ with all of the mHC math in float32:
     y      = Σ_i pre_i X_i                                   the sub-layer input (its own RMSNorm follows)
     X'_j   = post_j F(y) + Σ_i comb_ij X_i                   comb applied transposed: the sum runs over i
 
+Single-pass (V4.1, `MHCConfig.single_pass`): the maps of a site come from the streams at that site, but
+the sub-layer input is y = Σ_i pre'_i X_i with pre' the previous site's pre (layer 0's attention: stream
+0 alone); the final read is the last site's pre, so there is no head (models/block.py, decoder.py).
+
 Sinkhorn exactly as released (V4 `hc_split_sinkhorn`, transformers `DeepseekV4HyperConnection`):
 comb = softmax_j(L) + ε; comb /= (colsum + ε); then (iters − 1) times comb /= (rowsum + ε),
 comb /= (colsum + ε). The last step normalises columns, so columns sum to 1 − O(ε) and rows to 1 up to
@@ -140,6 +144,13 @@ class HyperConnection(nn.Module):
             iters=self.sinkhorn_iters, hc_eps=self.hc_eps, norm_eps=self.norm_eps,
         )
         return constrain(y_BTD, ("act_batch", "act_seq", "act_embed")), post_BTI, comb_BTIJ
+
+    def maps(self, x_BTID: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(pre_BTI, post_BTI, comb_BTIJ) of this site, float32, without collapsing (single-pass mHC:
+        the sub-layer input is collapsed with the previous site's pre)."""
+        x_BTID = constrain(x_BTID, STREAMS)
+        return split_mixes(mixes(x_BTID, self.fn_IDZ, self.norm_eps), self.scale_3, self.base_Z,
+                           self.hc_mult, self.sinkhorn_iters, self.hc_eps)
 
     def hc_post(self, f_BTD, x_BTID, post_BTI, comb_BTIJ) -> jax.Array:
         """The new streams [B, T, I, D] (in X's dtype) from the sub-layer output F and the old streams."""

@@ -13,6 +13,8 @@ import numpy as np
 
 from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.layers.attention import init_mla_cache, init_v4_attention_cache
+from deepseek_jax.layers.attention.v41 import init_v41_attention_cache
+from deepseek_jax.layers.engram import init_engram_cache
 from deepseek_jax.models.common import (
     LayerKind,
     ModelOutput,
@@ -34,6 +36,7 @@ __all__ = [
     "build_model",
     "check_remat_backend",
     "converter",
+    "init_inputs",
     "layer_kinds",
     "layer_segments",
     "mtp_kind",
@@ -45,7 +48,22 @@ def build_model(cfg: ModelConfig) -> Decoder:
     return Decoder(cfg)
 
 
+def init_inputs(cfg: ModelConfig, T: int = 8) -> tuple[jax.Array, dict]:
+    """A one-row dummy batch for `model.init`: tokens [1, T] and the keyword arguments the model
+    requires with them (Engram: all-zero row ids [1, T, L_engram, K])."""
+    tokens = jnp.zeros((1, T), jnp.int32)
+    if cfg.engram is None:
+        return tokens, {}
+    return tokens, {"engram_rows": jnp.zeros((1, T, len(cfg.engram.layer_ids), cfg.engram.n_columns), jnp.int32)}
+
+
 def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dtype):
+    if kind.memory != "none":  # (attention, memory) caches
+        streams = 1 if cfg.mhc is None else cfg.mhc.hc_mult
+        memory = init_engram_cache(cfg.engram, streams, cfg.dim, batch, dtype)
+        return _layer_cache(cfg, kind._replace(memory="none"), batch, max_len, dtype), memory
+    if kind.attention == "v4" and cfg.shared_kv is not None:
+        return init_v41_attention_cache(cfg.v4, kind.ratio, kind.share, batch, max_len, dtype)
     if kind.attention == "v4":
         return init_v4_attention_cache(cfg.v4, kind.ratio, batch, max_len, dtype)
     return init_mla_cache(
@@ -72,12 +90,13 @@ class BiasRows(NamedTuple):
     """A selection bias in the `router` collection and the routing counts that update it."""
 
     path: tuple[str, ...]  # e.g. ("layers_3_42", "block_1", "ffn", "bias"), stacked [R, E]
-    source: str  # "main": ModelOutput.routing.counts; "mtp": ModelOutput.mtp.routing.counts
+    source: str  # "main": ModelOutput.routing.counts; "mtp": .mtp.routing.counts; "dspark": .dspark.routing.counts
     rows: tuple[int, ...] | int  # the counts' rows, in the bias's order (an int: an unstacked [E])
 
 
 def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
-    """Every learned-routing MoE layer's bias, MTP included (hash-routed and dense layers have none)."""
+    """Every learned-routing MoE layer's bias, MTP (or DSpark's stages) included (hash-routed and dense
+    layers have none)."""
     kinds = layer_kinds(cfg)
     moe_row = np.cumsum([k.ffn != "dense" for k in kinds]) - 1  # layer -> row of routing.counts
     rows = []
@@ -92,21 +111,24 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
                     )
                 )
     for k in range(cfg.num_nextn_predict_layers):
-        rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
+        if cfg.dspark is not None:  # V4.1: the MTP layers are DSpark stages (models/dspark.py)
+            rows.append(BiasRows(("dspark", f"stage_{k}", "ffn", "bias"), "dspark", k))
+        else:
+            rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
     return rows
 
 
 def converter(cfg: ModelConfig):
     """The checkpoint family (convert/table.py `Family`) of this composition: `convert.v3.FAMILY`
-    (DeepSeek-V3 / V3.2: MLA blocks on a plain residual) or `convert.v4.FAMILY` (DeepSeek-V4: V4
-    attention on mHC streams)."""
-    from deepseek_jax.convert import v3, v4  # the converters read the registry's layer plan
+    (DeepSeek-V3 / V3.2: MLA blocks on a plain residual), `convert.v4.FAMILY` (DeepSeek-V4: V4
+    attention on mHC streams) or `convert.v41.FAMILY` (DeepSeek-V4.1: the same with `shared_kv`)."""
+    from deepseek_jax.convert import v3, v4, v41  # the converters read the registry's layer plan
 
     attention = {k.attention for k in layer_kinds(cfg)}
     if attention <= {"mla", "dsa"} and cfg.mhc is None:
         return v3.FAMILY
     if attention == {"v4"} and cfg.mhc is not None:
-        return v4.FAMILY
+        return v4.FAMILY if cfg.shared_kv is None else v41.FAMILY
     raise ConfigError(
         f"no released checkpoint layout holds this composition (attention {sorted(attention)}, "
         f"residual {'mHC' if cfg.mhc else 'plain'}): it can be trained and saved with Orbax, not converted"

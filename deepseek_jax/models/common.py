@@ -31,7 +31,15 @@ class LayerKind(NamedTuple):
     attention: str  # "mla" | "dsa" (MLA + lightning indexer) | "v4" (shared-KV; by `ratio`)
     ratio: int  # V4 compress ratio: 0 sliding window only, 4 CSA, other HCA; 0 for MLA kinds
     ffn: str  # "dense" (SwiGLU) | "moe" (learned routing) | "hash" (token-id routing)
-    memory: str = "none"  # a memory read before the block (Engram lands here); "none" = nothing
+    memory: str = "none"  # a memory read before the block: "engram_j" (table j of model.engram) | "none"
+    share: str = "none"  # V4.1 shared-KV role (layers/attention/v41.py): source | candidate | reindex |
+    # reuse; "none" otherwise (V4, MLA, ratio-0 layers)
+    capture: bool = False  # the block's input (mean of the streams) is handed to DSpark (V4.1)
+
+    @property
+    def produces(self) -> bool:
+        """A layer whose state (entries, keys, picks) later layers read: it is its own scan segment."""
+        return self.share in ("source", "candidate", "reindex")
 
 
 class Segment(NamedTuple):
@@ -56,14 +64,30 @@ def attention_kind(cfg: ModelConfig, layer: int) -> tuple[str, int]:
     return ("mla" if cfg.index is None else "dsa"), 0
 
 
+def share_role(cfg: ModelConfig, layer: int) -> str:
+    """A main layer's role in V4.1's shared-KV schedule (`LayerKind.share`)."""
+    s = cfg.shared_kv
+    if s is None or layer >= cfg.n_layers or cfg.compress_ratios[layer] == 0:
+        return "none"
+    if layer == s.candidate_source_layer:
+        return "candidate"
+    if layer in s.kv_source_layers:
+        return "source"
+    return "reindex" if layer in s.index_source_layers else "reuse"
+
+
 def layer_kinds(cfg: ModelConfig) -> list[LayerKind]:
     """The kind of each main-model layer: the first n_dense_layers have a dense FFN, the next
-    moe.n_hash_layers route by token id, the rest by the learned router."""
+    moe.n_hash_layers route by token id, the rest by the learned router; Engram before the layers
+    `engram.layer_ids` lists; V4.1's shared-KV role."""
     kinds = []
+    engram = () if cfg.engram is None else cfg.engram.layer_ids
     for layer in range(cfg.n_layers):
         moe_index = layer - cfg.n_dense_layers
         ffn = "dense" if moe_index < 0 else "hash" if moe_index < cfg.moe.n_hash_layers else "moe"
-        kinds.append(LayerKind(*attention_kind(cfg, layer), ffn))
+        memory = f"engram_{engram.index(layer)}" if layer in engram else "none"
+        capture = cfg.dspark is not None and layer in cfg.dspark.target_layers
+        kinds.append(LayerKind(*attention_kind(cfg, layer), ffn, memory, share_role(cfg, layer), capture))
     return kinds
 
 
@@ -73,11 +97,19 @@ def mtp_kind(cfg: ModelConfig, k: int) -> LayerKind:
 
 
 def layer_segments(kinds: list[LayerKind]) -> list[Segment]:
-    """Greedy run-length encoding: period 1 if it repeats, else period 2 if that repeats, else 1."""
+    """Greedy run-length encoding: period 1 if it repeats, else period 2 if that repeats, else 1.
+    A kind that produces shared state (V4.1 sources and indexers) is always a segment of its own."""
+    produces = lambda kind: getattr(kind, "produces", False)  # noqa: E731 (any hashable kind encodes)
     segments, i = [], 0
     while i < len(kinds):
+        if produces(kinds[i]):
+            segments.append(Segment(i, (kinds[i],), 1))
+            i += 1
+            continue
         for period in (1, 2):
             pattern, reps = tuple(kinds[i : i + period]), 1
+            if any(map(produces, pattern)):
+                continue
             while tuple(kinds[i + reps * period : i + (reps + 1) * period]) == pattern:
                 reps += 1
             if reps >= 2:
@@ -119,6 +151,8 @@ class ModelOutput(NamedTuple):
     )  # per MoE layer in layer order: counts [L_moe, E], balance_loss, dropped [L_moe]
     index_loss: jax.Array | None  # [L_dsa] per-layer indexer KL (DSA blocks, index_loss=True)
     mtp: MTPOutput | None  # None without MTP modules, with mtp=False, or when decoding
+    captures: jax.Array | None = None  # [B, T, n_targets · D]: DSpark's target-layer inputs (V4.1)
+    dspark: Any = None  # models/dspark.py DSparkOutput: teacher-forced drafts of every position (training)
 
 
 class LayerStats(NamedTuple):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import dense_init, param
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers.mhc import HyperHead, expand_streams
+from deepseek_jax.layers.mhc import HyperHead, collapse, expand_streams
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.models.block import BlockInputs, Pattern
 from deepseek_jax.models.common import (
@@ -34,13 +34,14 @@ from deepseek_jax.models.common import (
     mtp_kind,
     scan_segment,
 )
+from deepseek_jax.models.dspark import DSpark
 from deepseek_jax.models.mtp import mtp_module, run_mtp
 
 
 class Decoder(nn.Module):
     cfg: ModelConfig
 
-    def check_call(self, positions_BT, cache_start_B, index_loss: bool) -> None:
+    def check_call(self, positions_BT, cache_start_B, index_loss: bool, engram_rows, tokens_shape) -> None:
         """Arguments this model cannot honour are errors, never silently ignored."""
         cfg = self.cfg
         if cfg.row_positions and (positions_BT is not None or cache_start_B is not None):
@@ -48,6 +49,14 @@ class Decoder(nn.Module):
                 "this model's V4 attention takes each row's own positions (cache_index + arange(T)): "
                 "pass positions_BT=None and cache_start_B=None (no per-document positions, no left padding)"
             )
+        if cfg.engram is not None:
+            L, K = len(cfg.engram.layer_ids), cfg.engram.n_columns
+            if engram_rows is None or engram_rows.shape[2:] != (L, K) or engram_rows.shape[:2] != tokens_shape:
+                got = None if engram_rows is None else tuple(engram_rows.shape)
+                raise ValueError(
+                    f"this model has Engram: engram_rows must be [B, T, {L}, {K}] int32 row ids for tokens "
+                    f"{tuple(tokens_shape)} (engram_hash.hash_rows), got {got}"
+                )
         if index_loss and not any(k.attention == "dsa" for k in layer_kinds(cfg)):
             raise ValueError(
                 "index_loss=True needs DSA blocks (model.index with model.mla); this model has none"
@@ -65,16 +74,20 @@ class Decoder(nn.Module):
         return_logits: bool = True,
         cache_start_B: jax.Array | None = None,
         index_loss: bool = False,
+        engram_rows: jax.Array | None = None,
+        span_BT: jax.Array | None = None,
     ) -> ModelOutput:
         """Full forward (cache None) or a decode step that appends T tokens at `cache_index`.
 
         segment_ids_BT: packed documents (MLA attention stays inside one; 0 marks padding, which the
         MoE statistics skip). With a cache, slots before cache_start_B[b] are never attended to
         (left-padded prompts). return_logits=False skips the head (the loss applies it in chunks
-        to `hidden`). index_loss=True also returns each DSA block's indexer KL.
+        to `hidden`). index_loss=True also returns each DSA block's indexer KL. engram_rows [B, T,
+        L_engram, K] int32: Engram's host-hashed rows (engram_hash.py), required when the model has
+        Engram. span_BT: True on media-span tokens (V4.1 router bias_vl; Engram gated off there).
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        self.check_call(positions_BT, cache_start_B, index_loss)
+        self.check_call(positions_BT, cache_start_B, index_loss, engram_rows, tokens_BT.shape)
         V, D = cfg.vocab_size, cfg.dim
         embedding_VD = param(
             self, "embedding", ("vocab", "embed"), (V, D), nn.initializers.normal(1.0)
@@ -83,21 +96,21 @@ class Decoder(nn.Module):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(cache_index + jnp.arange(T, dtype=jnp.int32), (B, T))
-        inputs = BlockInputs(tokens_BT, positions_BT, segment_ids_BT, cache_index, cache_start_B)
+        inputs = BlockInputs(tokens_BT, positions_BT, segment_ids_BT, cache_index, cache_start_B,
+                             engram_rows, span_BT)
 
         x = embed(embedding_VD, tokens_BT, dtype)
         if cfg.mhc is not None:
             x = expand_streams(x, cfg.mhc.hc_mult)
-        x, new_cache, routing, index_kl = self.layers(x, cache, inputs, index_loss)
-        h_BTD = (
-            x
-            if cfg.mhc is None
-            else HyperHead(cfg.mhc.hc_mult, D, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(x)
-        )
+        if cfg.mhc is not None and cfg.mhc.single_pass:  # layer 0's attention reads stream 0 alone
+            x = (x, jnp.broadcast_to(jax.nn.one_hot(0, cfg.mhc.hc_mult), (B, T, cfg.mhc.hc_mult)))
+        x, new_cache, routing, index_kl, captures = self.layers(x, cache, inputs, index_loss)
+        h_BTD = self.read_streams(x)
+        x = x[0] if isinstance(x, tuple) else x
         h_BTD = RMSNorm(D, cfg.norm_eps, "embed", dtype, name="final_norm")(h_BTD.astype(dtype))
 
-        mtp_out = None
-        if cfg.num_nextn_predict_layers and mtp and cache is None:
+        mtp_out, dspark_out = None, self.drafts(captures, embedding_VD, w_head_DV, inputs, mtp, cache, return_logits)
+        if cfg.num_nextn_predict_layers and mtp and cache is None and cfg.dspark is None:
             modules = [
                 mtp_module(cfg, mtp_kind(cfg, k), index_loss, f"mtp_{k}")
                 for k in range(cfg.num_nextn_predict_layers)
@@ -109,19 +122,47 @@ class Decoder(nn.Module):
             mtp_logits = jnp.stack([head(h, w_head_DV) for h in mtp_h]) if return_logits else None
             mtp_out = MTPOutput(mtp_logits, mtp_h, stats.routing, stats.index_loss)
         logits = head(h_BTD, w_head_DV) if return_logits else None
-        return ModelOutput(logits, h_BTD, new_cache, routing, index_kl, mtp_out)
+        return ModelOutput(logits, h_BTD, new_cache, routing, index_kl, mtp_out, captures, dspark_out)
+
+    def drafts(self, captures, embedding_VD, w_head_DV, inputs: BlockInputs, mtp: bool, cache, return_logits: bool):
+        """V4.1: the MTP layers are DSpark stages (dspark.py DSparkOutput), drafting at every position
+        when `mtp` and no cache (as MTP runs); None otherwise."""
+        if self.cfg.dspark is None or not mtp or cache is not None:
+            return None
+        return DSpark(self.cfg, name="dspark")(inputs.tokens_BT, captures, embedding_VD, w_head_DV,
+                                               inputs.segment_ids_BT, return_logits)
+
+    def read_streams(self, x):
+        """The final read [B, T, D]: x (plain residual), the HyperHead of the streams (mHC), or the
+        streams collapsed with the last site's pre (single-pass mHC: no head of its own)."""
+        cfg = self.cfg
+        if isinstance(x, tuple):
+            return collapse(*x)
+        if cfg.mhc is None:
+            return x
+        return HyperHead(cfg.mhc.hc_mult, cfg.dim, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(x)
 
     def layers(self, x, cache, inputs: BlockInputs, index_loss: bool):
-        """The scanned segments: (x, new cache or None, routing stats, indexer KLs) in layer order."""
-        new_cache, routing, kls = {}, [], []
+        """The scanned segments: (x, new cache or None, routing stats, indexer KLs, DSpark captures)
+        in layer order.
+        A segment that produces V4.1 shared KV (one layer) hands it to the segments after it."""
+        new_cache, routing, kls, captures = {}, [], [], []
         remat = (
             self.cfg.remat if cache is None else "none"
         )  # decoding keeps no activations for a backward
         for seg in layer_segments(layer_kinds(self.cfg)):
             stack = scan_segment(Pattern, seg, remat, cfg=self.cfg, index_loss=index_loss)
-            x, (seg_cache, seg_stats) = stack(x, None if cache is None else cache[seg.name], inputs)
+            x, (seg_cache, seg_stats, shared, seg_captures) = stack(
+                x, None if cache is None else cache[seg.name], inputs
+            )
+            if seg.kinds[0].produces:
+                inputs = inputs._replace(shared=jax.tree.map(lambda a: a[0], shared))
             new_cache[seg.name] = seg_cache
             for k, stats in enumerate(seg_stats):
                 routing.append((seg.layers(k), stats.routing))
                 kls.append((seg.layers(k), stats.index_loss))
-        return x, None if cache is None else new_cache, in_layer_order(routing), in_layer_order(kls)
+                captures.append((seg.layers(k), seg_captures[k]))
+        captured = in_layer_order(captures)  # [n_targets, B, T, D] -> [B, T, n_targets · D]
+        captured = None if captured is None else jnp.concatenate(list(captured), axis=-1)
+        new_cache = None if cache is None else new_cache
+        return x, new_cache, in_layer_order(routing), in_layer_order(kls), captured

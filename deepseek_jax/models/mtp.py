@@ -43,7 +43,7 @@ class ChainMTP(nn.Module):
         # the embedding half comes first, as in the released checkpoints' eh_proj
         both_BTZ = jnp.concatenate([norm("enorm")(emb_BTD), norm("hnorm")(h_BTD)], axis=-1)
         x_BTD = jnp.einsum("BTZ,ZD->BTD", both_BTZ, w_eh_ZD.astype(dtype))
-        x_BTD, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(
+        x_BTD, (_, stats, _, _) = Block(cfg, self.kind, self.index_loss, name="block")(
             x_BTD, None, inputs
         )
         h_BTD = norm("norm")(x_BTD)
@@ -68,7 +68,7 @@ class StreamMTP(nn.Module):
         e_BTD = jnp.einsum("BTD,DE->BTE", sim_act(norm("enorm")(emb_BTD), q), w_e_DD)
         h_BTID = jnp.einsum("BTID,DE->BTIE", sim_act(norm("hnorm")(x_BTID), q), w_h_DD)
         z_BTID = h_BTID + e_BTD[:, :, None, :]
-        z_BTID, (_, stats) = Block(cfg, self.kind, self.index_loss, name="block")(
+        z_BTID, (_, stats, _, _) = Block(cfg, self.kind, self.index_loss, name="block")(
             z_BTID, None, inputs
         )
         y_BTD = HyperHead(cfg.mhc.hc_mult, D, cfg.mhc.hc_eps, cfg.norm_eps, name="hc_head")(z_BTID)

@@ -186,6 +186,7 @@ class V4Attention(nn.Module):
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.bfloat16
     quant_sim: str = "none"  # the release's FP8/FP4 simulation: none | fp8 | fp8_fp4 (docstring)
+    q_head_norm: bool = True  # V4's weightless RMSNorm of each query head (V4.1 has none)
 
     def sim(self, site: str, x: jax.Array) -> jax.Array:
         """Quantisation simulation at an official cast point: "act" (a linear's input, blocks along
@@ -202,6 +203,14 @@ class V4Attention(nn.Module):
         """An FP8-stored projection [in..., out...] (n_in input axes), simulated, compute dtype."""
         return sim_weight(w, self.quant_sim, n_in=n_in).astype(self.dtype)
 
+    def rotary(self, positions_BT):
+        """(cos, sin) [B, T, R/2] at the positions and inv_freq of this layer type's RoPE (YaRN
+        without mscale: cos/sin unscaled)."""
+        r = self.rope
+        yarn = (r.rope_factor, r.original_seq_len, r.beta_fast, r.beta_slow)
+        inv_freq = yarn_inv_freq(self.cfg.rope_head_dim, r.rope_theta, *yarn)
+        return *rope_cos_sin(positions_BT, inv_freq), inv_freq
+
     def query(self, x_BTD, cos_BTr, sin_BTr):
         """c_q [B, T, Q] (the indexer's input too) and q [B, T, N, X], normed per head, rotated."""
         c, D = self.cfg, self.dim
@@ -213,7 +222,8 @@ class V4Attention(nn.Module):
         c_q_BTQ = jnp.einsum("BTD,DQ->BTQ", self.sim("act", x_BTD), self.weight(w_dq_DQ))
         c_q_BTQ = RMSNorm(Q, self.norm_eps, "q_latent", self.dtype, name="q_norm")(c_q_BTQ)
         q_BTNX = jnp.einsum("BTQ,QNX->BTNX", self.sim("act", c_q_BTQ), self.weight(w_uq_QNX))
-        q_BTNX = rms_normalize(q_BTNX, self.norm_eps)
+        if self.q_head_norm:
+            q_BTNX = rms_normalize(q_BTNX, self.norm_eps)
         q_BTNX = rope_tail(q_BTNX, cos_BTr[:, :, None], sin_BTr[:, :, None])
         return c_q_BTQ, constrain(q_BTNX, ("act_batch", "act_seq", "act_heads", None))
 
@@ -291,10 +301,7 @@ class V4Attention(nn.Module):
         c = self.cfg
         B, T, _ = x_BTD.shape
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
-        r = self.rope  # the layer type's RoPE; YaRN without mscale (cos/sin unscaled)
-        yarn = (r.rope_factor, r.original_seq_len, r.beta_fast, r.beta_slow)
-        inv_freq = yarn_inv_freq(c.rope_head_dim, r.rope_theta, *yarn)
-        cos_BTr, sin_BTr = rope_cos_sin(positions_BT, inv_freq)
+        cos_BTr, sin_BTr, inv_freq = self.rotary(positions_BT)
         c_q_BTQ, q_BTNX = self.query(x_BTD, cos_BTr, sin_BTr)
         kv_BTX = self.key_value(x_BTD, cos_BTr, sin_BTr)
 

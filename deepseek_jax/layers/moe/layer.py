@@ -50,8 +50,9 @@ class MoE(nn.Module):
     vocab_size: int = 0  # V, rows of `tid2eid`; needed with hash_routing
     quant_sim: str = "none"  # FP8/FP4 simulation of the experts (module docstring)
 
-    def _route(self, logits_ME, tokens_BT):
-        """(weights_MA float32, experts_MA int32) by the learned top-k or by the token-id table."""
+    def _route(self, logits_ME, tokens_BT, span_BT):
+        """(weights_MA float32, experts_MA int32) by the learned top-k or by the token-id table;
+        tokens inside media spans select with `bias_vl` (V4.1) where the config has it."""
         c = self.cfg
         E, A = c.n_routed_experts, c.n_activated_experts
         kw = dict(score_func=c.score_func, route_scale=c.route_scale, norm_topk_prob=c.norm_topk_prob)
@@ -65,15 +66,23 @@ class MoE(nn.Module):
         bias_E = self.variable(
             ROUTER_COLLECTION, "bias", nn.with_logical_partitioning(jnp.zeros, (None,)), (E,), jnp.float32
         ).value
+        if c.vl_bias:
+            bias_vl_E = self.variable(
+                ROUTER_COLLECTION, "bias_vl", nn.with_logical_partitioning(jnp.zeros, (None,)), (E,), jnp.float32
+            ).value
+            if span_BT is not None:
+                bias_E = jnp.where(span_BT.reshape(-1, 1), bias_vl_E, bias_E)  # [M, E]
         return route(logits_ME, bias_E, n_activated=A, n_groups=c.n_expert_groups,
                      n_limited_groups=c.n_limited_groups, **kw)
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, mask_BT: jax.Array | None = None, tokens_BT: jax.Array | None = None
+        self, x_BTD: jax.Array, mask_BT: jax.Array | None = None, tokens_BT: jax.Array | None = None,
+        span_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, MoEAux]:
         """mask_BT marks real tokens (False = padding) for the counts and the balance loss;
-        tokens_BT (int ids) are read only by a hash-routed layer."""
+        tokens_BT (int ids) are read only by a hash-routed layer; span_BT (media-span tokens) picks
+        `bias_vl` when moe.vl_bias."""
         c, D = self.cfg, self.dim
         E, F = c.n_routed_experts, c.moe_inter_dim
         B, T, _ = x_BTD.shape
@@ -83,8 +92,10 @@ class MoE(nn.Module):
         w_router_DE = param(self, "w_router", ("embed", None), (D, E), dense_init([0], [1]))
         with jax.named_scope("route"):  # router math in float32, as in the reference
             logits_ME = jnp.einsum("MD,DE->ME", x_MD.astype(jnp.float32), w_router_DE)
+            if c.gate_temp != 1.0:
+                logits_ME = logits_ME / c.gate_temp
             logits_ME = constrain(logits_ME, ("act_batch", None))  # top-k per token shard, never gathered
-            weights_MA, experts_MA = self._route(logits_ME, tokens_BT)
+            weights_MA, experts_MA = self._route(logits_ME, tokens_BT, span_BT)
         weights_MA, experts_MA = (constrain(a, ("act_batch", None)) for a in (weights_MA, experts_MA))
         self.sow("intermediates", "experts_MA", experts_MA)
 
