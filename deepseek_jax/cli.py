@@ -3,7 +3,8 @@
 Commands:
   train     train (or resume) a run; the default command, on the embedded default config
   eval      held-out loss and perplexity of a run's latest checkpoint
-  generate  complete prompts with a run's latest checkpoint (--prompt, repeatable)
+  generate  complete prompts with a run's latest checkpoint (--prompt, repeatable; --speculative: greedy
+            with DSpark drafts verified by the model, V4.1, and its acceptance rate)
   inspect   print the model's parameter table and run one forward pass (only its output shapes,
             from jax.eval_shape, when the parameters would not fit in a quarter of memory)
   config    print the resolved config as YAML (`config show CONFIG...` also works)
@@ -13,8 +14,10 @@ Commands:
   convert   `convert import SRC OUT`: a checkpoint directory (transformers or DeepSeek layout, FP8 / FP4
             or not) -> a converted checkpoint OUT that `train OUT/config.yaml`, `eval --checkpoint OUT`,
             `generate --checkpoint OUT` and `plan OUT/config.yaml` take (--dtype float32|bfloat16);
-            `convert export CKPT OUT [--layout hf|official] [--quant none|fp8]`: a converted checkpoint
-            or run directory -> safetensors + config.json that transformers loads
+            `convert export CKPT OUT [--layout hf|official|hf_text] [--quant none|fp8|release]`: a converted
+            checkpoint or run directory -> safetensors + config.json that transformers loads (the layouts
+            a family writes: V3 / V4 hf (default), official; V4.1 official (default), hf_text; `--quant fp8`
+            on V4.1, or `release`: the release's dtypes and blocks per tensor, FP8 32×32 / FP4 experts)
 --checkpoint DIR (eval, generate): a converted checkpoint's weights and config instead of a run's.
 --mesh FILE merges a mesh file last; --cpu-devices N gives JAX N fake CPU devices (try meshes on a CPU).
 No logic lives here: each command calls one library function.
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--speculative", action="store_true",
+                   help="generate: greedy decoding with DSpark drafts (V4.1), printing the acceptance rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=2, help="inspect: batch size")
     p.add_argument("--seq-len", type=int, default=64, help="inspect: sequence length")
@@ -49,8 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="eval / generate: a converted checkpoint directory (convert import OUT)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="convert: stored parameter dtype (import) / tensor dtype (export)")
-    p.add_argument("--layout", choices=("hf", "official"), default="hf", help="convert export: tensor names")
-    p.add_argument("--quant", choices=("none", "fp8"), default="none", help="convert export: FP8 block weights")
+    p.add_argument("--layout", choices=("hf", "official", "hf_text"),
+                   help="convert export: tensor names (default: the family's first, hf; V4.1 official)")
+    p.add_argument("--quant", choices=("none", "fp8", "release"), default="none",
+                   help="convert export: fp8 = the FP8 block weights of the releases (V3 / V4 128×128; V4.1 as "
+                        "released, FP4 experts included); release = as released (V4.1 only)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="convert export: safetensors shard size")
     p.add_argument("--distributed", action="store_true",
                    help="multi-process: jax.distributed.initialize() detects coordinator, process count and id "
@@ -108,11 +116,15 @@ def _dispatch(ns) -> int:
 
         s, state = _load(cfg, ns.checkpoint)
         prompts = ns.prompt or list(cfg.train.sample_prompts)
-        variables = {"params": state.params, "router": state.router}
+        variables, stats = {"params": state.params, "router": state.router}, {}
         texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
-                       ns.top_p, ns.seed)
+                       ns.top_p, ns.seed, ns.speculative, stats)
         for p, text in zip(prompts, texts):
             _print0(f"--- {p!r}\n{p}{text}")
+        if ns.speculative:
+            _print0(f"speculative: acceptance rate {stats['acceptance_rate']:.3f}, "
+                    f"{stats['accepted_per_step']:.2f} of {stats['drafted'] // max(stats['steps'], 1)} drafts "
+                    f"accepted per step ({stats['steps']} steps)")
     elif ns.command == "plan":
         from deepseek_jax.plan import format_report, plan
 
@@ -140,8 +152,8 @@ def _convert(ns) -> int:
     from deepseek_jax.convert.importer import import_checkpoint
 
     if len(ns.args) != 3 or ns.args[0] not in ("import", "export"):
-        print("usage: deepseek-jax convert import SRC OUT | convert export CKPT OUT [--layout hf|official] "
-              "[--quant none|fp8]", file=sys.stderr)
+        print("usage: deepseek-jax convert import SRC OUT | convert export CKPT OUT [--layout hf|official|hf_text] "
+              "[--quant none|fp8|release]", file=sys.stderr)
         return 2
     what, src, out = ns.args
     if what == "import":

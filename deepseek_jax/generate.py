@@ -2,18 +2,23 @@
 
 Prompts of different lengths are left-padded to a common length P; each row's padding slots are
 excluded from attention (`cache_start_B`) and its positions start at 0 at its first real token.
-One jitted prefill over the prompts, then one jitted step per new token.
+One jitted prefill over the prompts, then one jitted step per new token. A model with Engram gets its
+n-gram table rows hashed on the host (engram_hash.EngramHashState: the prompt at prefill, then each
+new token), with the left padding dead so a row hashes as if unpadded. A model with DSpark (V4.1) can
+decode greedily with speculation (`speculative=True`, `speculative_generate`): drafts verified in one
+pass, the same tokens as greedy decoding, fewer main-model passes when the drafts are right.
 """
 
+import copy
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import flax.linen as nn
-
-from deepseek_jax.models import build_cache
+from deepseek_jax.engram_hash import EngramHashState, compressed_vocab, engram_layout
+from deepseek_jax.models import build_cache, dspark
 
 
 def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
@@ -32,19 +37,33 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
 
 
 @partial(jax.jit, static_argnames=("model",))
-def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B):
-    out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=0, cache_start_B=start_B, mtp=False)
-    return out.logits[:, -1], out.cache
+def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None):
+    out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=0, cache_start_B=start_B, mtp=False,
+                      engram_rows=engram_rows)
+    return out.logits[:, -1], out.cache, out.captures  # captures: DSpark's windows (speculative decoding)
 
 
 @partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def _step(model: nn.Module, variables, token_B, position_B, cache, index, start_B):
+def _step(model: nn.Module, variables, token_B, position_B, cache, index, start_B, engram_rows=None):
     positions_B1 = None if position_B is None else position_B[:, None]
     out = model.apply(
         variables, token_B[:, None], positions_B1, cache=cache, cache_index=index,
-        cache_start_B=start_B, mtp=False,
+        cache_start_B=start_B, mtp=False, engram_rows=engram_rows,
     )
-    return out.logits[:, -1], out.cache
+    return out.logits[:, -1], out.cache, out.captures
+
+
+def _engram_state(cfg, engram_map: np.ndarray | None, batch_size: int) -> EngramHashState | None:
+    """The host-side Engram hash state of a model with Engram (None without)."""
+    if cfg.engram is None:
+        return None
+    if engram_map is None:
+        raise ValueError("the model has Engram (model.engram): generate needs engram_map, the tokenizer's "
+                         "compressed vocabulary (engram_hash.compressed_vocab(tokenizer))")
+    cmap_V = np.asarray(engram_map, np.int64)
+    # ids past the tokenizer's (an embedding larger than the vocabulary) can be sampled: they fold to the pad
+    cmap_V = np.pad(cmap_V, (0, max(cfg.vocab_size - len(cmap_V), 0)), constant_values=cmap_V[cfg.engram.pad_id])
+    return EngramHashState(engram_layout(cfg.engram), cmap_V, batch_size)
 
 
 def generate(
@@ -57,9 +76,17 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    engram_map: np.ndarray | None = None,
+    speculative: bool = False,
+    stats: dict | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (eos excluded), at most `max_new_tokens` each."""
+    """New token ids for each prompt (eos excluded), at most `max_new_tokens` each. engram_map: the
+    tokenizer's compressed vocabulary (`engram_hash.compressed_vocab`), needed iff the model has Engram.
+    speculative=True (a DSpark model, greedy): `speculative_generate`, the same tokens; its acceptance
+    statistics go into `stats` when given."""
     cfg = model.cfg
+    if speculative:  # DSpark drafts verified by the main model: greedy decoding's tokens
+        return _speculative(model, variables, prompts, max_new_tokens, eos_id, temperature, engram_map, stats)
     B, P = len(prompts), max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -67,14 +94,16 @@ def generate(
         raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     start_B = np.array([P - len(p) for p in prompts], np.int32)
     if cfg.row_positions and start_B.any():  # row positions admit no left padding: one prompt at a time
-        return [generate(model, variables, [p], max_new_tokens, eos_id, pad_id, temperature, top_p, seed + i)[0]
-                for i, p in enumerate(prompts)]
+        return [generate(model, variables, [p], max_new_tokens, eos_id, pad_id, temperature, top_p, seed + i,
+                         engram_map)[0] for i, p in enumerate(prompts)]
     tokens_BP = np.array([[pad_id] * s + list(p) for s, p in zip(start_B, prompts)], np.int32)
     positions_BP = np.maximum(np.arange(P)[None, :] - start_B[:, None], 0).astype(np.int32)
+    engram = _engram_state(cfg, engram_map, B)  # left padding is dead: n-grams start at the prompt
+    engram_rows = None if engram is None else engram.step(tokens_BP, np.arange(P)[None, :] < start_B[:, None])
     cache = build_cache(cfg, B, P + max_new_tokens)
     rows = cfg.row_positions  # the model derives each row's positions itself and takes no start slots
     positions_BP, start_B = (None, None) if rows else (positions_BP, start_B)
-    logits_BV, cache = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B)
+    logits_BV, cache, _ = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B, engram_rows)
     key = jax.random.key(seed)
     done = np.zeros(B, bool)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -90,14 +119,129 @@ def generate(
         if done.all() or i == max_new_tokens - 1:
             break
         position_B = None if rows else jnp.asarray(P + i - start_B, jnp.int32)
-        logits_BV, cache = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B)
+        engram_rows = None if engram is None else engram.step(token_np[:, None])
+        logits_BV, cache, _ = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B,
+                                    engram_rows)
     return out
 
 
 def sample(model: nn.Module, variables, tokenizer, prompts: list[str], max_new_tokens: int,
-           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
+           stats: dict | None = None) -> list[str]:
     """Completions of text prompts (`generate` on their token ids, decoded back to text)."""
     ids = [tokenizer.encode(p) for p in prompts]
+    engram_map = None if model.cfg.engram is None else compressed_vocab(tokenizer)
     new = generate(model, variables, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                   temperature, top_p, seed)
+                   temperature, top_p, seed, engram_map, speculative, stats)
     return [tokenizer.decode(n) for n in new]
+
+
+# ----------------------------------------------------------------------------------------------
+# Speculative decoding with DSpark drafts (V4.1; models/dspark.py)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _forward(model: nn.Module, variables, tokens_BT, cache, index, engram_rows=None):
+    """Logits [B, T, V], the new cache and DSpark's captures [B, T, C] of T tokens appended at `index`.
+    Nothing is donated: verification must leave the cache it started from intact."""
+    out = model.apply(variables, tokens_BT, cache=cache, cache_index=index, mtp=False, engram_rows=engram_rows)
+    return out.logits, out.cache, out.captures
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _draft(cfg, variables, y_B, rows_BPC, state: dspark.DraftState, n_new):
+    """(Z greedy drafts [B, Z] after y, new DraftState): models/dspark.py `draft`."""
+    drafts_BZ, _, state = dspark.draft(cfg, variables, y_B, rows_BPC, state, n_new)
+    return drafts_BZ, state
+
+
+def _speculative(model, variables, prompts, max_new_tokens, eos_id, temperature, engram_map, stats):
+    """`generate(..., speculative=True)`: the tokens of `speculative_generate`, its statistics into `stats`."""
+    if temperature > 0:
+        raise ValueError("speculative decoding is greedy only: pass temperature=0")
+    tokens, spec_stats = speculative_generate(model, variables, prompts, max_new_tokens, eos_id, engram_map)
+    if stats is not None:
+        stats.update(spec_stats)
+    return tokens
+
+
+def _accepted(greedy_BT: np.ndarray, drafts_BZ: np.ndarray) -> int:
+    """Drafts every row accepts: the longest prefix where the main model's greedy token (after y,
+    d_1, …) equals the draft, minimised over rows (rows share one cache position)."""
+    match_BZ = greedy_BT[:, : drafts_BZ.shape[1]] == drafts_BZ
+    return int(np.cumprod(match_BZ, axis=1).sum(axis=1).min())
+
+
+def _spec_stats(steps: int, accepted: int, Z: int) -> dict:
+    return {"steps": steps, "drafted": steps * Z, "accepted": accepted,
+            "accepted_per_step": accepted / max(steps, 1), "acceptance_rate": accepted / max(steps * Z, 1)}
+
+
+def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                         engram_map: np.ndarray | None = None) -> tuple[list[list[int]], dict]:
+    """Greedy decoding with DSpark drafting: (new tokens per prompt, eos excluded, exactly those of greedy
+    `generate`; stats: steps, drafted, accepted, accepted_per_step, acceptance_rate).
+
+    Each step drafts Z tokens from the last token y, verifies [y, d_1 … d_Z] in ONE main-model pass on
+    the current cache, accepts the longest prefix d_1 … d_n the main model's greedy tokens agree with, and
+    commits by re-running [y, d_1 … d_n] on the cache from before verification (caches are values, so it
+    is still there; V4.1's windows and compressor states cannot be rolled back otherwise); when all Z are
+    accepted the verification pass is the commit, when none is, greedy decoding's own step. Its last
+    logits give the next y (n + 1 new tokens per step) and its captures the rows DSpark's windows take.
+    The prefill is greedy decoding's too. Rows of a batch share one position: they accept the fewest
+    drafts any of them does. Prompts of different lengths run one at a time."""
+    cfg = model.cfg
+    if cfg.dspark is None:
+        raise ValueError("speculative decoding drafts with DSpark: the model has no model.dspark")
+    if len({len(p) for p in prompts}) > 1:  # row positions: no left padding
+        runs = [speculative_generate(model, variables, [p], max_new_tokens, eos_id, engram_map) for p in prompts]
+        steps, accepted = sum(r[1]["steps"] for r in runs), sum(r[1]["accepted"] for r in runs)
+        return [r[0][0] for r in runs], _spec_stats(steps, accepted, cfg.dspark.block_size)
+    B, P, Z = len(prompts), len(prompts[0]), cfg.dspark.block_size
+    if P == 0 or P + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompts need 1 … {cfg.max_seq_len - max_new_tokens} tokens, got {P}")
+    tokens_BP = np.array(prompts, np.int32)
+    engram = _engram_state(cfg, engram_map, B)
+    # the cache of greedy `generate`: verification past the budget writes nothing that is read (dropped)
+    cache = build_cache(cfg, B, P + max_new_tokens)
+    last_BV, cache, rows_BPC = _prefill(model, variables, tokens_BP, None, cache, None,
+                                        None if engram is None else engram.step(tokens_BP))
+    y_B = jnp.argmax(last_BV, axis=-1).astype(jnp.int32)
+    state, n_new, pos = dspark.init_draft_state(cfg, B), P, P  # pos: y's position
+    out, done = [[] for _ in range(B)], np.zeros(B, bool)
+    _emit(out, done, np.asarray(y_B)[:, None], eos_id, max_new_tokens)
+    steps = accepted = 0
+    while pos + 1 - P < max_new_tokens and not done.all():
+        drafts_BZ, state = _draft(cfg, variables, y_B, rows_BPC, state, jnp.int32(n_new))
+        verify_BT = jnp.concatenate([y_B[:, None], drafts_BZ], axis=1)
+        before = copy.deepcopy(engram)
+        logits_BTV, cache_v, rows_v = _forward(model, variables, verify_BT, cache, jnp.int32(pos),
+                                               None if engram is None else engram.step(np.asarray(verify_BT)))
+        n = _accepted(np.asarray(jnp.argmax(logits_BTV, axis=-1)), np.asarray(drafts_BZ))
+        last_BV = logits_BTV[:, -1]
+        if n < Z:  # commit [y, d_1 … d_n] from the cache verification started from
+            engram = before
+            rows_e = None if engram is None else engram.step(np.asarray(verify_BT[:, : n + 1]))
+            if n == 0:  # greedy decoding's step (it may take the old cache's buffers: nothing else reads it)
+                last_BV, cache_v, rows_v = _step(model, variables, y_B, None, cache, jnp.int32(pos), None, rows_e)
+            else:
+                logits_BTV, cache_v, rows_v = _forward(model, variables, verify_BT[:, : n + 1], cache,
+                                                       jnp.int32(pos), rows_e)
+                last_BV = logits_BTV[:, -1]
+        cache, y_B = cache_v, jnp.argmax(last_BV, axis=-1).astype(jnp.int32)
+        _emit(out, done, np.concatenate([np.asarray(drafts_BZ[:, :n]), np.asarray(y_B)[:, None]], 1), eos_id,
+              max_new_tokens)
+        rows_BPC = jnp.pad(rows_v, ((0, 0), (0, Z - n), (0, 0)))  # one draft shape: Z + 1 rows, n + 1 real
+        steps, accepted, n_new, pos = steps + 1, accepted + n, n + 1, pos + n + 1
+    return out, _spec_stats(steps, accepted, Z)
+
+
+def _emit(out: list[list[int]], done: np.ndarray, tokens_BN: np.ndarray, eos_id: int, limit: int) -> None:
+    """Appends new tokens to each unfinished row (an eos finishes it; at most `limit` per row)."""
+    for b, row in enumerate(tokens_BN):
+        for token in row:
+            if done[b] or len(out[b]) >= limit:
+                break
+            done[b] = token == eos_id
+            if not done[b]:
+                out[b].append(int(token))

@@ -4,12 +4,16 @@
     MTP depth k   L_k the same with y_t = t_{t+k+1};  L_MTP = λ/K Σ_k L_k          (V3 §2.2)
     indexer KL    L_I = mean_t KL(p_t ‖ softmax(I_t)) per DSA layer, summed over layers with weight λ_I
                   (V3.2 §2.1; computed inside the attention, layers/attention/indexer.py, added up in train.py)
+    DSpark        L_z the same for draft slot z of every position p, y = t_{p+2+z} (valid iff every hop
+                  t_p … t_{p+2+z} stays in one document), logits = [h ; E_M[t_{p+1+z}]] [W_head ; W_M];
+                  L_DSpark = mean_z L_z in place of L_MTP (same λ), plus c · BCE(conf_z, 1[argmax = y]),
+                  the target detached. Ours: the release has no DSpark loss (V4.1 reference §6.9)
 
 Everything is pure and computed in float32. The cross-entropy returns masked sums, not means, so
 the caller can add up chunks, MTP depths and data-parallel shards before a single division.
 The routing statistics (balance loss, aux-free bias update) live with the router, layers/moe/balance.py.
 Reference: DeepSeek-V3 technical report, arXiv:2412.19437, §2.2.
-Local letters: P chunks, U tokens per chunk.
+Local letters: P chunks, U tokens per chunk; DSpark: Z draft slots, Y Markov rank, W = D + Y.
 """
 
 import jax
@@ -76,3 +80,47 @@ def next_token_targets(
     for j in range(1, k):  # hop j: from t + j to t + j + 1
         valid_BT = valid_BT & shift_left(loss_mask_BT, j)
     return shift_left(tokens_BT, k), valid_BT
+
+
+DSPARK_CONFIDENCE_WEIGHT = 0.1  # c: the confidence BCE next to the draft cross-entropy (both times λ)
+
+
+def chunked_nll_and_hits(
+    h_MD: jax.Array, w_head_DV: jax.Array, targets_M: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """(NLL [M], argmax == target [M] bool, no gradient) chunk by chunk, as chunked_cross_entropy (its
+    strided chunks, each under remat): never [M, V] logits."""
+    M, D = h_MD.shape
+    U = min(chunk, M)
+    P = -(-M // U)
+    w_head_DV = constrain(w_head_DV.astype(h_MD.dtype), (None, "act_vocab"))
+    h_PUD = jnp.pad(h_MD, ((0, U * P - M), (0, 0))).reshape(U, P, D).swapaxes(0, 1)
+    targets_PU = jnp.pad(targets_M, (0, U * P - M)).reshape(U, P).T
+
+    @jax.checkpoint
+    def chunk_stats(xs):
+        h_UD, targets_U = xs
+        logits_UV = jnp.einsum("UD,DV->UV", h_UD, w_head_DV, preferred_element_type=jnp.float32)
+        target_logit_U = jnp.take_along_axis(logits_UV, targets_U[:, None], axis=-1)[:, 0]
+        hit_U = jax.lax.stop_gradient(jnp.argmax(logits_UV, axis=-1) == targets_U)
+        return jax.nn.logsumexp(logits_UV, axis=-1) - target_logit_U, hit_U
+
+    nll_PU, hit_PU = jax.lax.map(chunk_stats, (h_PUD, targets_PU))
+    return nll_PU.T.reshape(-1)[:M], hit_PU.T.reshape(-1)[:M]
+
+
+def dspark_losses(hidden_BTZD, markov_BTZY, conf_BTZ, w_head_DV, w_markov_YV, tokens_BT, loss_mask_BT, chunk: int):
+    """(mean over slots z of the masked mean NLL of t_{p+2+z}, masked mean confidence BCE): the DSpark
+    loss (module docstring; models/dspark.py DSparkOutput gives hidden, markov and conf)."""
+    B, T, Z, D = hidden_BTZD.shape
+    feats_MW = jnp.concatenate([hidden_BTZD, markov_BTZY.astype(hidden_BTZD.dtype)], axis=-1).reshape(B * T * Z, -1)
+    w_WV = jnp.concatenate([w_head_DV, w_markov_YV], axis=0)  # the Markov term is linear in E_M[out]
+    targets, masks = zip(*(next_token_targets(tokens_BT, loss_mask_BT, z + 2) for z in range(Z)))
+    mask_BTZ = jnp.stack(masks, axis=-1)
+    targets_BTZ = jnp.where(mask_BTZ, jnp.stack(targets, axis=-1), 0)
+    nll_M, hit_M = chunked_nll_and_hits(feats_MW, w_WV, targets_BTZ.reshape(-1), chunk)
+    m_BTZ = mask_BTZ.astype(jnp.float32)
+    per_slot_Z = (nll_M.reshape(B, T, Z) * m_BTZ).sum((0, 1)) / jnp.maximum(m_BTZ.sum((0, 1)), 1)
+    conf_BTZ = conf_BTZ.astype(jnp.float32)  # BCE with logits: softplus(c) − y·c
+    bce_BTZ = jax.nn.softplus(conf_BTZ) - hit_M.reshape(B, T, Z).astype(jnp.float32) * conf_BTZ
+    return per_slot_Z.mean(), (bce_BTZ * m_BTZ).sum() / jnp.maximum(m_BTZ.sum(), 1)

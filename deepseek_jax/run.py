@@ -105,9 +105,10 @@ def evaluate(s: Session, state) -> dict:
     different steps; since an eval step is collective they step together until all have run out
     (or `eval_batches` steps), one that has run out feeding an all-padding batch (no targets)."""
     cfg, n_proc = s.program.cfg, jax.process_count()
+    engram = data_lib.engram_stage(cfg.model.engram, s.tokenizer)  # None without Engram
     it = data_lib.make_iterator(cfg.data, "validation", s.tokenizer, repeat=False, shuffle=False,
-                                process_index=jax.process_index(), process_count=n_proc)
-    padding = data_lib.padding_batch(cfg.data, n_proc, s.tokenizer.pad_id)
+                                process_index=jax.process_index(), process_count=n_proc, engram=engram)
+    padding = data_lib.padding_batch(cfg.data, n_proc, s.tokenizer.pad_id, engram)
     ce_sum = tokens = mtp = 0.0
     n = 0
     while n < cfg.train.eval_batches:
@@ -245,7 +246,8 @@ def run(cfg: Config) -> dict:
         if is_main:
             (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
         it = data_lib.make_iterator(cfg.data, "train", s.tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(),
+                                    engram=data_lib.engram_stage(cfg.model.engram, s.tokenizer))
         if data_state is not None:
             it.set_state(data_state)
         start = int(state.step)

@@ -1,6 +1,7 @@
 """The train state and the pure, jitted train and eval steps.
 
     loss = CE(next token) + λ · mean_k CE_k(MTP depth k) + α · Σ_layers L_bal + λ_I · Σ_layers L_I
+           (V4.1: DSpark's draft slots take the MTP depths' place, plus λ·c·BCE of its confidence; losses.py)
     params <- optimizer(grads)                         (AdamW | Muon + AdamW, clipped)
     b_e    <- b_e + γ · sign(mean load - load_e)       (router biases, outside the optimizer)
 
@@ -49,6 +50,7 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
         {"params": params, "router": router}, batch["tokens"],
         None if mcfg.row_positions else batch["positions"], batch["segment_ids"],
         return_logits=False, index_loss=index_loss and mcfg.index is not None,
+        engram_rows=batch.get("engram_rows"),  # host-hashed Engram rows (data/pipeline.py); None without
     )  # fmt: skip
     B, T, D = out.hidden.shape
     w_head_DV = params["w_head"].astype(out.hidden.dtype)
@@ -66,7 +68,13 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
     mtp_losses = [s / jnp.maximum(n, 1) for s, n in
                   (cross_entropy(h, k + 2) for k, h in enumerate([] if mtp is None else mtp.hidden))]
     terms["mtp"] = jnp.mean(jnp.stack(mtp_losses)) if mtp_losses else jnp.float32(0)
-    routing = [r for r in (out.routing, None if mtp is None else mtp.routing) if r is not None]
+    ds = out.dspark  # V4.1: DSpark drafts take MTP's place (losses.dspark_losses; ours, the release has none)
+    if ds is not None:
+        w_markov_YV = params["dspark"]["markov_head"].astype(out.hidden.dtype)
+        terms["mtp"], terms["confidence"] = losses.dspark_losses(
+            ds.hidden, ds.markov, ds.confidence, w_head_DV, w_markov_YV, batch["tokens"], batch["loss_mask"], chunk)
+    routing = [r for r in (out.routing, None if mtp is None else mtp.routing, None if ds is None else ds.routing)
+               if r is not None]
     terms["balance"] = sum(r.balance_loss.sum() for r in routing) if routing else jnp.float32(0)
     index = [kl.sum() for kl in (out.index_loss, None if mtp is None else mtp.index_loss) if kl is not None]
     terms["index"] = sum(index) if index else jnp.float32(0)
@@ -74,7 +82,8 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
     # share of real (token, expert) pairs a capacity-limited dispatch dropped (0 when dropless)
     terms["dropped_frac"] = dropped / jnp.maximum(routed, 1) if routing else jnp.float32(0)
     counts = {"main": None if out.routing is None else out.routing.counts,
-              "mtp": None if mtp is None else mtp.routing.counts}
+              "mtp": None if mtp is None else mtp.routing.counts,
+              "dspark": None if ds is None else ds.routing.counts}
     return terms, counts
 
 
@@ -83,6 +92,8 @@ def loss_fn(params, router, batch, model: nn.Module, cfg: Config):
     t = cfg.train
     total = terms["ce"] + t.mtp_loss_weight * terms["mtp"] + t.balance_loss_weight * terms["balance"]
     total = total + t.index_loss_weight * terms["index"]
+    if "confidence" in terms:  # DSpark's confidence head, next to its drafts' cross-entropy
+        total = total + t.mtp_loss_weight * losses.DSPARK_CONFIDENCE_WEIGHT * terms["confidence"]
     return total, (terms, counts)
 
 
@@ -133,6 +144,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     }
     if index is not None:
         metrics["index_loss"] = terms["index"]  # Σ over DSA layers of the mean per-token KL
+    if "confidence" in terms:
+        metrics["dspark_confidence_loss"] = terms["confidence"]
     if counts["main"] is not None:
         metrics["load_max_over_mean"] = _load_stats(counts["main"])  # [L_moe]
         biases = [functools.reduce(dict.__getitem__, row.path, new_state.router)
