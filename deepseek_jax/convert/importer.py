@@ -8,8 +8,10 @@ and layout convert/source.py knows, FP8 / FP4 or not) -> a converted checkpoint 
 
 Streaming: every array is written slice by slice (one layer, or one (layer, expert) pair) as each
 checkpoint tensor is read, dequantised and transformed; the stacked arrays never exist in memory
-(convert/orbax_writer.py), and each tensor's mapped pages are dropped once consumed. Peak memory is
-a constant plus a few checkpoint tensors.
+(convert/orbax_writer.py), and each tensor's mapped pages are dropped once consumed. A row-local leaf
+(`ROW_LOCAL`: the Engram tables, 384M rows) whose slice exceeds `row_block_bytes` as float32 is read,
+dequantised, zero-padded and written in blocks of rows instead. Peak memory is a constant plus a few
+checkpoint tensors or row blocks.
 
 Every tensor's name, shape and dtype is checked against the model before any data is read; an
 interrupted import leaves only a hidden `.OUT.partial-*` directory, never OUT.
@@ -18,6 +20,7 @@ interrupted import leaves only a hidden `.OUT.partial-*` directory, never OUT.
 import functools
 import hashlib
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable
@@ -36,17 +39,21 @@ from deepseek_jax.convert.safetensors import DTYPES
 from deepseek_jax.convert.source import Source, open_source
 from deepseek_jax.convert.staging import staging_dir
 from deepseek_jax.convert.table import Entry, get_leaf, iter_leaves, leaf_pieces
-from deepseek_jax.models import build_model
+from deepseek_jax.models import build_model, init_inputs
 
 PARAMS_DIR, CONFIG_FILE, INFO_FILE = "params", "config.yaml", "convert.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+ROW_BLOCK_BYTES = 256 * 2**20  # float32 bytes of one row block of a row-streamed leaf
+# Leaves whose rule keeps checkpoint row i as our row i and adds zero rows past the checkpoint's (v41.py
+# `_pad_rows`): any block of rows converts on its own, so a big one is read and written by rows.
+ROW_LOCAL = re.compile(r"(^|/)engram/table$")
 
 
 def abstract_variables(cfg: ModelConfig) -> dict:
     """{"params", "router"} of the model as ShapeDtypeStructs (nothing allocated)."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
-    out = nn.unbox(jax.eval_shape(build_model(cfg).init, jax.random.key(0), tokens))
+    tokens, kw = init_inputs(cfg)
+    out = nn.unbox(jax.eval_shape(functools.partial(build_model(cfg).init, **kw), jax.random.key(0), tokens))
     return {k: out[k] for k in ("params", "router") if k in out}
 
 
@@ -117,9 +124,9 @@ def _leaf_dtype(src: Source, leaf: tuple[str, ...], pieces, struct, dtype) -> np
     return np.dtype(np.float32) if keep32 else np.dtype(dtype)
 
 
-def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
-    """{"params", "router"} of LazyArrays that read, dequantise and transform one tensor per slice;
-    every leaf of the model must be covered."""
+def lazy_tree(src: Source, abstract: dict, dtype, row_block_bytes: int = ROW_BLOCK_BYTES) -> dict:
+    """{"params", "router"} of LazyArrays that read, dequantise and transform one tensor per slice (or
+    one block of rows, see `_block_rows`); every leaf of the model must be covered."""
     tree: dict = {}
     pieces_of = leaf_pieces(src.entries())
     uncovered = sorted("/".join(p) for p, _ in iter_leaves(abstract) if p not in pieces_of)
@@ -128,24 +135,67 @@ def lazy_tree(src: Source, abstract: dict, dtype) -> dict:
     for leaf, pieces in pieces_of.items():
         struct = get_leaf(abstract, leaf)
         out_dtype = _leaf_dtype(src, leaf, pieces, struct, dtype)
-
-        def produce(ent: Entry, k: int, out_dtype=out_dtype) -> np.ndarray:
-            name = ent.name(src.layout)
-            a = _checked(src, name, src.load(name), src.cfg)
-            a = a.astype(np.int32, copy=False) if a.dtype.kind in "iu" else a  # floats: transform as stored
-            out = np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype, copy=False)
-            out = out if not np.shares_memory(out, a) else out.copy()  # never a view of the mapped file
-            src.release(name)  # its pages leave RSS (see SafetensorsDir.release)
-            return out
-
-        def listed(pieces=pieces, produce=produce):
-            return [(idx, functools.partial(produce, ent, k)) for idx, ent, k in pieces]
-
+        rows = _block_rows(leaf, pieces, struct.shape, row_block_bytes)
+        if rows is None:
+            listed = functools.partial(_slices, src, pieces, out_dtype)
+        else:
+            listed = functools.partial(_row_blocks, src, pieces, struct.shape[len(pieces[0][0]):], out_dtype, rows)
         node = tree
         for key in leaf[:-1]:
             node = node.setdefault(key, {})
-        node[leaf[-1]] = LazyArray(struct.shape, out_dtype, listed)
+        node[leaf[-1]] = LazyArray(struct.shape, out_dtype, listed, rows)
     return tree
+
+
+def _slices(src: Source, pieces, out_dtype) -> list:
+    return [(idx, functools.partial(_produce, src, ent, k, out_dtype)) for idx, ent, k in pieces]
+
+
+def _produce(src: Source, ent: Entry, k: int, out_dtype) -> np.ndarray:
+    """Our slice from one whole checkpoint tensor."""
+    name = ent.name(src.layout)
+    a = _checked(src, name, src.load(name), src.cfg)
+    a = a.astype(np.int32, copy=False) if a.dtype.kind in "iu" else a  # floats: transform as stored
+    out = np.ascontiguousarray(ent.rule.to_ours(a, src.cfg)[k]).astype(out_dtype, copy=False)
+    out = out if not np.shares_memory(out, a) else out.copy()  # never a view of the mapped file
+    src.release(name)  # its pages leave RSS (see SafetensorsDir.release)
+    return out
+
+
+def _block_rows(leaf: tuple[str, ...], pieces, shape: tuple[int, ...], budget: int) -> int | None:
+    """Rows per block of a `ROW_LOCAL` leaf whose [rows, width] slices exceed `budget` bytes as float32
+    (None: written slice by slice)."""
+    slice_shape = shape[len(pieces[0][0]):]
+    if (not ROW_LOCAL.search("/".join(leaf)) or len(slice_shape) != 2 or any(len(e.leaves) != 1 for _, e, _ in pieces)
+            or math.prod(slice_shape) * 4 <= budget):
+        return None
+    return max(1, budget // (slice_shape[1] * 4))
+
+
+def _row_blocks(src: Source, pieces, shape: tuple[int, int], out_dtype, rows: int) -> list:
+    """(index, produce) per block of `rows` rows of each slice [P, H] (LazyArray.rows)."""
+    out = []
+    for idx, ent, _ in pieces:
+        name = ent.name(src.layout)
+        have = _logical(src, name)[0]
+        if len(have) != 2 or have[1] != shape[1] or have[0] > shape[0]:
+            raise ConversionError(f"{src.directory}: {src.where(name)} is {list(have)}; its rows do not fit "
+                                  f"our {list(shape)} row by row")
+        for b in range(-(-shape[0] // rows)):
+            r0, r1 = b * rows, min((b + 1) * rows, shape[0])
+            out.append(((*idx, b), functools.partial(_produce_rows, src, name, have[0], shape[1], out_dtype, r0, r1)))
+    return out
+
+
+def _produce_rows(src: Source, name: str, n: int, width: int, out_dtype, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of our slice: the checkpoint's rows there (of its `n`) dequantised, zeros past them."""
+    out = np.empty((r1 - r0, width), out_dtype)
+    m = max(0, min(r1, n) - r0)
+    if m:
+        out[:m] = _checked(src, name, src.load(name, rows=(r0, r0 + m)), src.cfg)  # a copy, cast as the slice path
+        src.release(name, rows=(r0, r0 + m))
+    out[m:] = 0
+    return out
 
 
 def run_config(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Config:
@@ -156,8 +206,10 @@ def run_config(cfg: ModelConfig, out: Path, tokenizer: Path | None) -> Config:
 
 
 def import_checkpoint(src_dir: str | Path, out: str | Path, *, dtype: str = "float32",
-                      log: Callable[[str], None] = print, **overrides) -> Path:
-    """Converts SRC into OUT (which must not exist); returns OUT. `overrides`: ModelConfig fields."""
+                      log: Callable[[str], None] = print, row_block_bytes: int = ROW_BLOCK_BYTES,
+                      **overrides) -> Path:
+    """Converts SRC into OUT (which must not exist); returns OUT. `overrides`: ModelConfig fields;
+    `row_block_bytes`: float32 bytes per row block of a row-streamed leaf (`_block_rows`)."""
     out = Path(out).expanduser().absolute()
     if out.exists():
         raise ConversionError(f"{out} already exists; choose a new output directory")
@@ -169,7 +221,7 @@ def import_checkpoint(src_dir: str | Path, out: str | Path, *, dtype: str = "flo
     abstract = abstract_variables(src.cfg)
     check_tensors(src, abstract)
     log(f"{src.directory}: {src.family.name}, layout {src.layout!r}, {len(src.refs)} tensors -> {out}")
-    tree = lazy_tree(src, abstract, jnp.dtype(dtype))
+    tree = lazy_tree(src, abstract, jnp.dtype(dtype), row_block_bytes)
     staging = staging_dir(out)
     try:
         write_tree(staging / PARAMS_DIR, tree)

@@ -2,11 +2,13 @@
 
 A converted DeepSeek checkpoint holds arrays such as `w_up[L=58, E=256, D=7168, F=2048]`, bigger than
 host memory. Each leaf here is a `LazyArray`: its shape, dtype and a callable listing its pieces, each
-a leading-axis index (a layer, or a (layer, expert) pair) and a callback producing that slice. The
-writer opens the leaf's TensorStore with a chunk grid that divides one slice, so each slice write
-covers whole chunks (no chunk is read, modified and rewritten in memory), and keeps at most
-`in_flight` slices being written while the next one is produced: peak host memory is a constant
-plus a few slices, whatever the tree's size.
+a leading-axis index (a layer, or a (layer, expert) pair) and a callback producing that slice. A leaf
+whose slices are themselves too big (V4.1's Engram tables: 393 GB as float32 in one slice) is written
+in blocks of `rows` rows of the axis after the indexed ones instead. The writer opens the leaf's
+TensorStore with a chunk grid that divides one slice (or one row block), so each write covers whole
+chunks (no chunk is read, modified and rewritten in memory), and keeps at most `in_flight` pieces
+being written while the next one is produced: peak host memory is a constant plus a few pieces,
+whatever the tree's size.
 
 The result is an ordinary Orbax PyTree checkpoint (OCDBT; zarr v2 like `StandardCheckpointHandler`,
 or zarr3) whose leaves are typed `np.ndarray`: stock `ocp.StandardCheckpointer().restore(path,
@@ -53,15 +55,22 @@ Piece = tuple[Index, Callable[[], np.ndarray]]
 class LazyArray:
     """An array written piece by piece: `pieces()` yields `(index, produce)` pairs whose indices (all of
     one length k, integers on the leading k axes) cover `shape[:k]` exactly once; `produce()` returns the
-    slice `array[index]`, of shape `shape[k:]` and dtype `dtype`, and is called once, when it is written."""
+    slice `array[index]`, of shape `shape[k:]` and dtype `dtype`, and is called once, when it is written.
+
+    With `rows`, the last entry of an index numbers a block of `rows` rows of axis k - 1 instead:
+    `(*lead, b)` stands for `array[(*lead, slice(b·rows, (b+1)·rows))]` (the last block may be shorter),
+    and the indices cover `(*shape[:k-1], ⌈shape[k-1] / rows⌉)` exactly once."""
 
     shape: tuple[int, ...]
     dtype: Any  # anything np.dtype accepts, bfloat16 included (ml_dtypes)
     pieces: Callable[[], Iterable[Piece]]
+    rows: int | None = None  # rows per block of axis k - 1 (see above); None: whole slices
 
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.rows is not None and self.rows < 1:
+            raise ValueError(f"LazyArray.rows must be >= 1, got {self.rows}")
 
     @property
     def size(self) -> int:
@@ -102,49 +111,73 @@ async def _write_array(value: LazyArray, info, in_flight: int, chunk_bytes: int 
             " (Orbax stores no zero-size arrays; a non-empty one needs pieces)"
         )
     k = len(first[0])
+    grid = _grid(info.name, value, k)
     store = await _open_store(value, info, k, chunk_bytes)
 
-    async def write(index: Index, piece: np.ndarray) -> None:
+    async def write(where: tuple, piece: np.ndarray) -> None:
         # TensorStore may reference `piece` instead of copying it; it is ours until the write commits.
-        await store[index].write(piece, can_reference_source_data_indefinitely=True)
+        await store[where].write(piece, can_reference_source_data_indefinitely=True)
 
     seen: set[Index] = set()
     pending: set[asyncio.Task] = set()
     try:
         for index, produce in itertools.chain([first], pieces):
-            index = _checked_index(info.name, index, value.shape[:k], seen)
+            index = _checked_index(info.name, index, grid, seen)
+            where, shape = _block(value, index)
             piece = await asyncio.to_thread(produce)  # the event loop keeps writing meanwhile
-            piece = _checked_piece(f"{info.name}{list(index)}", piece, value.shape[k:], value.dtype)
+            piece = _checked_piece(f"{info.name}{list(index)}", piece, shape, value.dtype)
             while len(pending) >= in_flight:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # a failed write stops the array here
-            pending.add(asyncio.create_task(write(index, piece)))
+            pending.add(asyncio.create_task(write(where, piece)))
             del piece
         await asyncio.gather(*pending)
     finally:  # on an error too, started writes end before the caller removes the directory
         await asyncio.gather(*pending, return_exceptions=True)
-    if len(seen) != math.prod(value.shape[:k]):
-        missing = next(i for i in np.ndindex(*value.shape[:k]) if i not in seen)
+    if len(seen) != math.prod(grid):
+        missing = next(i for i in np.ndindex(*grid) if i not in seen)
         raise ConversionError(
-            f"{info.name}: {math.prod(value.shape[:k]) - len(seen)} slices of "
+            f"{info.name}: {math.prod(grid) - len(seen)} {'row blocks' if value.rows else 'slices'} of "
             f"{value.shape} were never produced, e.g. {list(missing)}"
         )
 
 
+def _grid(name: str, value: LazyArray, k: int) -> tuple[int, ...]:
+    """The bounds of the piece indices: `shape[:k]`, the last one counting row blocks if `rows` is set."""
+    if k > len(value.shape) or (value.rows is not None and k == 0):
+        what = "row blocks need at least one" if k == 0 else f"the array {value.shape} has fewer"
+        raise ConversionError(f"{name}: piece indices have {k} axes; {what}")
+    if value.rows is None:
+        return value.shape[:k]
+    return (*value.shape[: k - 1], -(-value.shape[k - 1] // value.rows))
+
+
+def _block(value: LazyArray, index: Index) -> tuple[tuple, tuple[int, ...]]:
+    """Where piece `index` goes (a TensorStore index) and the shape `produce()` must return."""
+    k = len(index)
+    if value.rows is None:
+        return index, value.shape[k:]
+    *lead, b = index
+    r0 = b * value.rows
+    r1 = min(r0 + value.rows, value.shape[k - 1])
+    return (*lead, slice(r0, r1)), (r1 - r0, *value.shape[k:])
+
+
 async def _open_store(value: LazyArray, info, k: int, chunk_bytes: int | None) -> ts.TensorStore:
-    """Creates the array with Orbax's own write spec, its chunks dividing one slice `(1,)*k + shape[k:]`:
-    every slice write then covers whole chunks, so no chunk is read back, modified and rewritten.
-    `chunk_bytes` only splits a big slice further (a sharded restore then reads fewer unneeded bytes)."""
-    if k > len(value.shape):
-        raise ConversionError(
-            f"{info.name}: piece indices have {k} axes, the array {value.shape} fewer"
-        )
+    """Creates the array with Orbax's own write spec, its chunks dividing one slice `(1,)*k + shape[k:]`
+    (or one row block `(1,)*(k-1) + (rows,) + shape[k:]`): every write then covers whole chunks (the
+    last row block ends at the array's edge, where a chunk may overhang), so no chunk is read back,
+    modified and rewritten. `chunk_bytes` only splits a big piece further (a sharded restore then
+    reads fewer unneeded bytes)."""
+    local = (1,) * k + value.shape[k:]
+    if value.rows is not None:  # _grid has checked 1 <= k <= ndim
+        local = (1,) * (k - 1) + (min(value.rows, value.shape[k - 1]),) + value.shape[k:]
     spec = ts_utils.build_array_write_spec(
         info,
         ocp.SaveArgs(chunk_byte_size=chunk_bytes),
         global_shape=value.shape,
-        local_shape=(1,) * k + value.shape[k:],
+        local_shape=local,
         dtype=value.dtype,
         use_ocdbt=info.is_ocdbt_checkpoint,
         process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
@@ -192,8 +225,9 @@ def write_tree(
     Args:
       use_zarr3: zarr v3 instead of v2 (the format `StandardCheckpointHandler` writes); restore reads
         either.
-      in_flight: slice writes running at once; host memory peaks near (3 in_flight + 1) slices (a
-        piece, its encoded copy and zstd's buffer per write, plus the piece being produced).
+      in_flight: piece writes running at once; host memory peaks near (3 in_flight + 1) pieces (a
+        piece, its encoded copy and zstd's buffer per write, plus the piece being produced): slices,
+        or row blocks for a LazyArray with `rows`.
       chunk_bytes: largest stored chunk; a slice bigger than this is split into several chunks.
       compress: zstd, as Orbax does by default (about 1.5x slower on 2 cores, ~10% smaller on f32)."""
     directory = Path(directory).absolute()

@@ -7,12 +7,11 @@ https://github.com/huggingface/safetensors#format):
     file  = u64 little-endian N | N bytes of UTF-8 JSON header (space-padded) | byte buffer
     header: {name: {"dtype": "F8_E4M3", "shape": [..], "data_offsets": [begin, end)}, "__metadata__": {..}}
     index = model.safetensors.index.json: {"metadata": {"total_size": ..}, "weight_map": {name: shard}}
-
-Reading parses headers only and validates them eagerly; a tensor is a read-only zero-copy view of a
-file-backed `mmap` of its shard (one per shard, opened lazily); `release` drops a consumed tensor's
-pages. Writing streams one tensor at a time: the caller lists every tensor
-first (name, dtype, shape) so each shard's header precedes its data, then `produce(name)` is called
-once per tensor, in order. Files appear under their final names only when complete, the index last.
+Reading parses headers only, validates them eagerly; a tensor is a read-only zero-copy view of a
+file-backed `mmap` of its shard (one per shard, opened lazily); `release` drops consumed pages. Writing
+streams one tensor at a time: the caller lists every tensor first (name, dtype, shape) so each shard's
+header precedes its data, then `produce(name)` is called once per tensor, in order. Files appear under
+their final names only when complete, the index last.
 """
 
 import json
@@ -251,13 +250,14 @@ class SafetensorsDir:
             if info.nbytes:
                 self._map(info.file).madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
 
-    def release(self, name: str) -> None:
-        """Drops this tensor's pages from the process (madvise DONTNEED; a view still alive re-reads them
-        from the file). Otherwise every page touched stays in RSS and an import's RSS grows with its size."""
+    def release(self, name: str, byte_range: tuple[int, int] | None = None) -> None:
+        """Drops this tensor's pages (or those of its bytes [b0, b1), rounded out to pages) from the process
+        (madvise DONTNEED; a live view re-reads them from the file): else every page read stays in RSS."""
         info = self.info(name)
-        if info.nbytes and hasattr(mmap, "MADV_DONTNEED"):
-            start = info.offset - info.offset % mmap.PAGESIZE
-            self._map(info.file).madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        b0, b1 = byte_range or (0, info.nbytes)
+        if b1 > b0 and hasattr(mmap, "MADV_DONTNEED"):
+            start = info.offset + b0 - (info.offset + b0) % mmap.PAGESIZE
+            self._map(info.file).madvise(mmap.MADV_DONTNEED, start, info.offset + b1 - start)
 
     def close(self) -> None:
         """Drops the mappings; arrays already returned keep their own shard mapped until they are freed."""

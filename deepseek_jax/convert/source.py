@@ -16,20 +16,23 @@ from pathlib import Path
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.convert import v3, v4
+from deepseek_jax.convert import v3, v4, v41
 from deepseek_jax.convert.config_json import quant_block
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.formats import dequant
 from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.convert.table import Entry, Family, check_names, entries
 
-FAMILIES: tuple[Family, ...] = (v3.FAMILY, v4.FAMILY)
+FAMILIES: tuple[Family, ...] = (v3.FAMILY, v4.FAMILY, v41.FAMILY)
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 _SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
 
 
 def family_of(hf: Mapping, where: str = "config.json") -> Family:
     model_type = hf.get("model_type")
+    if model_type is None and {"dim", "n_layers", "kv_source_layers"} <= set(hf):
+        model_type = "deepseek_v41"  # V4.1's inference/config.json: flat official keys, no model_type
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
@@ -61,9 +64,10 @@ class Source:
     def entries(self) -> list[Entry]:
         return entries(self.family, self.cfg)
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """The tensor `name` (this layout's spelling): FP8 / FP4 dequantised to float32, other floats
-        as stored, integers exact."""
+        as stored, integers exact. `rows` = (r0, r1): only those rows of [..., out, in] (and the scale
+        rows they need) are read."""
         ref = self.refs[name]
         a = self.files.read(ref.tensor)
         if ref.part is not None:
@@ -71,7 +75,7 @@ class Source:
             F = a.shape[1] // 2
             a = a[e, :F] if kind == "gate" else a[e, F:] if kind == "up" else a[e]
         scale = None if ref.scale is None else self.files.read(ref.scale)
-        return dequant(self.where(name), a, scale, config_block=self.block)
+        return dequant(self.where(name), a, scale, config_block=self.block, rows=rows)
 
     def where(self, name: str) -> str:
         """'tensor (expert e of fused tensor) in shard file' for messages."""
@@ -79,22 +83,42 @@ class Source:
         part = "" if ref.part is None else f" ({ref.part[0]} part of expert {ref.part[1]})"
         return f"{ref.tensor}{part} in {self.files.info(ref.tensor).file.name}"
 
-    def release(self, name: str) -> None:
-        """Drops the pages of `name` (and its scale) once its values are consumed: see SafetensorsDir.release."""
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drops the pages of `name` (and its scale) once its values are consumed: see SafetensorsDir.release.
+        `rows` = (r0, r1) of a 2-D tensor: only the pages of those rows (and of the scale rows they need)."""
         ref = self.refs[name]
         for tensor in (ref.tensor, ref.scale):
-            if tensor is not None:
+            if tensor is None:
+                continue
+            if rows is None:
                 self.files.release(tensor)
+            else:
+                _release_rows(self.files, tensor, rows, self.files.info(ref.tensor).shape[0])
 
 
-def _refs(files: SafetensorsDir) -> dict[str, Ref]:
-    """Logical names -> Ref: scales folded into their weights, fused experts split."""
+def _release_rows(files: SafetensorsDir, tensor: str, rows: tuple[int, int], n_rows: int) -> None:
+    """madvise DONTNEED over rows [r0, r1) of a weight of `n_rows` rows, in `tensor` (the weight, or its
+    scale grid with proportionally fewer rows), rounded out to whole pages: a page dropped that other
+    rows share is read from the file again if they are touched (the mapping is read-only)."""
+    info = files.info(tensor)
+    if not info.nbytes:
+        return
+    R, row_bytes = info.shape[0], info.nbytes // info.shape[0]
+    files.release(tensor, (rows[0] * R // n_rows * row_bytes, -(-rows[1] * R // n_rows) * row_bytes))
+
+
+def _refs(files: SafetensorsDir, family: Family) -> dict[str, Ref]:
+    """Logical names -> Ref: scales folded into their weights, fused experts split. A scale the family
+    skips stays a name of its own next to a float weight (V4.1's `engram.embed.scale` of a float table)."""
     names = set(files.names())
     scales = {}
     for n in names:
         for suffix in _SCALE_SUFFIXES:
             base = n[: -len(suffix)] + ".weight" if n.endswith(suffix) else None
-            if base is not None and base in names and base != n:
+            if base is None or base not in names or base == n:
+                continue
+            unused = files.info(base).dtype in _FLOAT_CODES and any(re.fullmatch(p, n) for p in family.skipped)
+            if not unused:
                 scales[base] = n
     refs = {}
     for n in sorted(names - set(scales.values())):
@@ -144,15 +168,19 @@ def open_source(directory: str | Path, **overrides) -> Source:
     family = family_of(hf, str(directory / "config.json"))
     cfg = family.config_from_json(hf, **overrides)
     files = SafetensorsDir(directory)
-    refs = _refs(files)
+    refs = _refs(files, family)
     notes = []
+    for d in family.dropped:  # tensors this model does not hold: one note each
+        hits = sorted(n for n in refs if re.fullmatch(d.pattern, n))
+        if hits:
+            notes.append(f"{directory}: {len(hits)} {d.what} tensors ({hits[0]}, ...) are skipped")
     if cfg.num_nextn_predict_layers and not any(family.is_mtp(n, cfg.n_layers) for n in refs):
         notes.append(f"{directory} holds no MTP tensors (config.json says num_nextn_predict_layers="
                      f"{cfg.num_nextn_predict_layers}): the model is loaded without MTP")
         cfg = family.config_from_json(hf, **{**overrides, "num_nextn_predict_layers": 0})
     layout = _pick_layout(family, cfg, set(refs), directory)
     src = Source(directory, hf, family, cfg, layout, files, refs, quant_block(hf), notes)
-    check_names(set(refs), {e.name(layout) for e in src.entries()}, family.skipped, str(directory))
+    check_names(set(refs), {e.name(layout) for e in src.entries()}, family.ignored, str(directory))
     return src
 
 

@@ -1,4 +1,5 @@
-"""One rule-table format and one walker for every checkpoint family (v3.py: V3 / V3.2, v4.py: V4).
+"""One rule-table format and one walker for every checkpoint family (v3.py: V3 / V3.2, v4.py: V4,
+v41.py: V4.1).
 
 A family's table is a sequence of `Scope`s (one per layer in the decoder's plan, MTP layers, the
 globals), each holding `Rule`s. A rule ties one checkpoint tensor to one or more of our arrays,
@@ -48,6 +49,15 @@ class Scope:
     prefix: Mapping[str, str]  # layout -> name prefix ("model.layers.7.")
     rules: tuple[Rule, ...]
     kind: LayerKind
+    n_experts: int | None = None  # routed experts of its `experts` rules (None: moe.n_routed_experts)
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Checkpoint tensors this model does not hold (e.g. a vision tower): skipped, with one note on import."""
+
+    pattern: str  # regex over checkpoint names
+    what: str  # for the note
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,12 @@ class Family:
     scale_fmt: str = "float32"  # FP8 block scales stored as "float32" (`weight_scale_inv`) | "ue8m0" (E8M0 bytes)
     pow2_scales: Callable[[ModelConfig], bool] = lambda cfg: False  # float32 scales that are powers of two
     scale_suffix: Mapping[str, str] | None = None  # layout -> the scale's name suffix after the base
+    dropped: tuple[Dropped, ...] = ()  # tensors skipped with a note (import) and in `to_variables`
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """Regexes of the checkpoint names that map to nothing of ours (`skipped` and `dropped`)."""
+        return (*self.skipped, *(d.pattern for d in self.dropped))
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,8 @@ def entries(family: Family, cfg: ModelConfig) -> list[Entry]:
                 continue
             leaves = tuple((col, *scope.keys, *keys) for col, keys in map(split_path, rule.ours))
             lead = () if scope.repeat is None else (scope.repeat,)
-            for e in range(cfg.moe.n_routed_experts) if rule.experts else [None]:
+            n_experts = cfg.moe.n_routed_experts if scope.n_experts is None else scope.n_experts
+            for e in range(n_experts) if rule.experts else [None]:
                 names = {lay: scope.prefix[lay] + n.format(e=e) for lay, n in rule.names.items()
                          if lay in scope.prefix}
                 out.append(Entry(names, leaves, lead if e is None else (*lead, e), rule))
@@ -129,7 +146,7 @@ def to_variables(state: Mapping[str, np.ndarray], family: Family, cfg: ModelConf
     streams the same walk for real checkpoints. Missing and unexpected tensors are errors."""
     ents = entries(family, cfg)
     want = {e.name(layout) for e in ents}
-    check_names(set(state), want, family.skipped, "the state dict")
+    check_names(set(state), want, family.ignored, "the state dict")
     variables: dict = {}
     for leaf, pieces in leaf_pieces(ents).items():
         slices = {idx: our_array(ent.rule, state[ent.name(layout)], cfg, k) for idx, ent, k in pieces}

@@ -1,5 +1,6 @@
 """The slice-by-slice Orbax writer: stock Orbax restores what it writes, exactly, under any sharding;
-each slice is produced once; a failing producer leaves nothing behind; memory stays a few slices."""
+each slice (or row block, `LazyArray.rows`) is produced once, into chunks that divide it; a failing
+producer leaves nothing behind; memory stays a few slices."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -191,6 +193,56 @@ def test_failing_producer_leaves_nothing_and_propagates(tmp_path):
 def test_a_broken_piece_list_is_refused(tmp_path, pieces, message):
     with pytest.raises(ConversionError, match=message):
         write_tree(tmp_path / "ckpt", {"x": LazyArray((2, 5), np.float32, pieces)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def row_blocks(array: np.ndarray, rows: int, calls: Counter) -> LazyArray:
+    """`array` [L, R, ...] as a LazyArray of blocks of `rows` rows of each of its L slices."""
+
+    def produce(index):
+        calls[index] += 1
+        layer, b = index
+        return array[layer, b * rows : (b + 1) * rows].copy()
+
+    n_blocks = -(-array.shape[1] // rows)
+    indices = [(layer, b) for layer in range(array.shape[0]) for b in range(n_blocks)]
+    return LazyArray(array.shape, array.dtype, lambda: [(i, lambda i=i: produce(i)) for i in indices], rows)
+
+
+def test_row_blocks_restore_exactly_in_chunks_dividing_a_block(tmp_path):
+    """Blocks of 300 of 1000 rows (the last one 100), chunks of at most 8 KiB: 75 rows, so the last
+    block's second chunk overhangs the array's edge."""
+    rng = np.random.default_rng(1)
+    want = {"t": rng.standard_normal((2, 1000, 24)).astype(np.float32),
+            "u": rng.standard_normal((1000, 8)).astype(jnp.bfloat16)}
+    calls = Counter()
+    u = LazyArray(want["u"].shape, want["u"].dtype,
+                  lambda: [((b,), lambda b=b: want["u"][b * 400 : (b + 1) * 400]) for b in range(3)], rows=400)
+    write_tree(tmp_path / "ckpt", {"t": row_blocks(want["t"], 300, calls), "u": u}, chunk_bytes=8192)
+    assert sorted(calls) == [(layer, b) for layer in range(2) for b in range(4)] and set(calls.values()) == {1}
+    got = restore_tree(tmp_path / "ckpt", abstract(want))
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(got[name]), want[name])
+    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path / 'ckpt'}/", "path": "t"}}
+    assert ts.open(spec, open=True, read=True).result().chunk_layout.write_chunk.shape == (1, 75, 24)
+
+
+@pytest.mark.parametrize(
+    "pieces, message",
+    [
+        (lambda: [((b,), lambda: np.zeros((4, 3), np.float32)) for b in range(3)], r"x\[2\]: produced \(4, 3\)"
+         r" float32, expected \(2, 3\)"),
+        (lambda: [((b,), lambda: np.zeros((4, 3), np.float32)) for b in range(2)], r"1 row blocks of \(10, 3\)"
+         r" were never produced, e.g. \[2\]"),
+        (lambda: [((3,), lambda: np.zeros((4, 3), np.float32))], r"index \[3\] is not an index of the leading"
+         r" axes \[3\]"),
+        (lambda: [((), lambda: np.zeros((10, 3), np.float32))], r"piece indices have 0 axes; row blocks need"),
+    ],
+    ids=["short_last_block", "missing", "out_of_range", "no_axis"],
+)
+def test_broken_row_blocks_are_refused(tmp_path, pieces, message):
+    with pytest.raises(ConversionError, match=message):
+        write_tree(tmp_path / "ckpt", {"x": LazyArray((10, 3), np.float32, pieces, rows=4)})
     assert list(tmp_path.iterdir()) == []
 
 
