@@ -1,5 +1,5 @@
 """Writes tests/golden/shardings/<model>__<mesh>.txt: the partition spec of every parameter of the
-tiny V3, V3.2 and V4 models (and of their `router` collection: selection biases, V4's tid2eid
+tiny V3, V3.2, V4 and V4.1 models (and of their `router` collection: selection biases, V4's tid2eid
 tables) under each configs/mesh/*.yaml on 8 devices (an abstract mesh: no device is needed).
 
     python tests/golden/regenerate_shardings.py      # then review `git diff tests/golden`
@@ -15,21 +15,21 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "shardings"
-MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4", "tiny_composed")}
+MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4", "tiny_composed", "tiny_v41")}
 N_DEVICES = 8
 
 
 @functools.cache
 def boxed_variables(model_cfg):
     """The abstract boxed variables (shapes + logical axes): mesh-independent, so traced once."""
-    from deepseek_jax.models import build_model
+    from deepseek_jax.models import build_model, init_inputs
 
-    return jax.eval_shape(partial(build_model(model_cfg).init, mutable=["params", "router"]),
-                          jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    tokens, kw = init_inputs(model_cfg)
+    return jax.eval_shape(partial(build_model(model_cfg).init, mutable=["params", "router"], **kw),
+                          jax.random.key(0), tokens)
 
 
 def render(model_name: str, mesh_path: Path) -> str:
