@@ -30,13 +30,21 @@ def state_memory(p: Program) -> dict[str, int]:
     a, sh = p.abstract_state, p.state_shardings
     other = sharded_bytes((a.router, a.step, a.rng, a.bad_step), (sh.router, sh.step, sh.rng, sh.bad_step))
     batch = p.batch_specs()
+    tables = _engram_tables(a.params)
     return {
+        "engram_tables": sharded_bytes(_engram_tables(a.params), _engram_tables(sh.params)) if tables else 0,
         "params": sharded_bytes(a.params, sh.params),
         "optimizer": sharded_bytes(a.opt_state, sh.opt_state),
         "other_state": other,
         "batch": sharded_bytes(batch, {k: v.sharding for k, v in batch.items()}),
         "params_unsharded": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(a.params)),
     }
+
+
+def _engram_tables(tree) -> list:
+    """The Engram tables' leaves (`.../engram/table`) of a params-shaped tree, in tree order."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return [x for path, x in leaves if [getattr(k, "key", None) for k in path[-2:]] == ["engram", "table"]]
 
 
 def spec_axes(spec) -> set[str]:
@@ -62,7 +70,7 @@ def estimate(p: Program) -> dict[str, Volume]:
         tensor = {a for n in ("act_heads", "act_mlp") for a in logical_mesh_axes(n, mesh)}
     tokens = set(ax.tokens[0]) | set(ax.tokens[1])
     M = p.cfg.data.global_batch_size * p.cfg.data.seq_len // _size(mesh, tokens)  # tokens per device
-    parts = _weight_parts(p, tokens, set(ax.expert))
+    parts = _weight_parts(p, tokens, set(ax.expert)) + _engram_parts(p, tokens, M)
     n_moe = mcfg.n_moe_layers + mcfg.num_nextn_predict_layers
     for kind, count, nbytes in _dispatch_parts(mcfg, M, _size(mesh, ax.expert), not set(ax.expert) <= tokens):
         parts.append((kind, count * n_moe, nbytes * n_moe))
@@ -87,7 +95,10 @@ def _weight_parts(p: Program, tokens: set[str], expert: set[str]) -> list[Part]:
     mesh, logical, parts = p.mesh, param_shapes(p.cfg.model), []
     leaves = jax.tree_util.tree_leaves_with_path(p.abstract_state.params)
     for (path, a), sh in zip(leaves, jax.tree.leaves(p.state_shardings.params), strict=True):
-        axes = logical["/".join(str(getattr(k, "key", k)) for k in path)][1]
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("engram/table"):  # never gathered: `_engram_parts`
+            continue
+        axes = logical[name][1]
         k = a.shape[0] if "layers" in axes else 1  # one collective per layer of a scanned stack
         split = {x for x in spec_axes(sh.spec) if mesh.shape[x] > 1}
         reduce = tokens - (expert if "experts" in axes else set())
@@ -97,6 +108,26 @@ def _weight_parts(p: Program, tokens: set[str], expert: set[str]) -> list[Part]:
         if reduce - split:
             parts.append(("all-reduce", k, k * shard))
     return parts
+
+
+def _engram_parts(p: Program, tokens: set[str], M: int) -> list[Part]:
+    """Engram's sharded lookup (layers/engram.py), per Engram layer, with G the table's row axes and g
+    the token shards among them: the ids [M·g, K] int32 all-gathered over G, the partial rows
+    [M·g, K, H] all-reduced (forward), their cotangent all-gathered (backward); the table's gradient
+    is all-reduced over the token axes outside G (a scatter-add is local)."""
+    e = p.cfg.model.engram
+    if e is None:
+        return []
+    mesh = p.mesh
+    with p.activate():
+        rows = {a for a in logical_mesh_axes("engram_rows", mesh) if mesh.shape[a] > 1}
+    g, K, H = _size(mesh, rows & tokens), e.n_columns, e.head_dim
+    parts = [("all-gather", 1, M * g * K * 4), ("all-reduce", 1, M * g * K * H * 4),
+             ("all-gather", 1, M * g * K * H * 4)] if rows else []
+    if tokens - rows:  # the gradient of this device's table shard, summed over the other token shards
+        shard = sum(n for n in e.num_embeddings) * H * 4 // max(_size(mesh, rows), 1) // len(e.num_embeddings)
+        parts.append(("all-reduce", 1, shard))
+    return [(kind, n * len(e.layer_ids), b * len(e.layer_ids)) for kind, n, b in parts]
 
 
 def _dispatch_parts(mcfg, M: int, ep: int, replicated_tokens: bool) -> list[Part]:

@@ -173,6 +173,8 @@ def _memory_rows(r: PlanResult) -> list[str]:
     lines = [
         "per-device memory, from the shardings:",
         row("parameters (f32)", m["params"], f"   (unsharded {_size(m['params_unsharded'])})"),
+        *([row("  of which Engram", m["engram_tables"], "   (tables: rows split by the `engram_rows` rule)")]
+          if m.get("engram_tables") else []),
         row("optimizer state", m["optimizer"]),
         row("router/step/rng", m["other_state"]),
         row("batch", m["batch"]),

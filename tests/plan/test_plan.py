@@ -203,3 +203,18 @@ def test_ablation_core_on_two_meshes():
     assert_close(fsdp["loss"], single["loss"], **TOL["resharded_f32"], what="first-step loss")
     assert single["step_s"] > 0 and fsdp["compile_s"] > 0
     assert "| fsdp |" in ablation.markdown_table(rows)
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow  # ~18 s: the abstract V4.1-Flash program
+def test_plan_reports_engram_tables_per_device():
+    """V4.1-Flash on 256 devices (fsdp_ep: tables split over all of them), lowered on an abstract mesh:
+    the Engram rows per device are the 196.6B real rows (plus padding to 1024-row blocks) / 256, f32."""
+    cfg = load_config([MODEL / "deepseek_v41_flash.yaml", MESH / "fsdp_ep.yaml"],
+                      ["data.global_batch_size=256", "data.seq_len=64"])
+    m = state_memory(build_program(cfg, abstract_mesh(cfg.mesh, 256), rules(cfg.mesh)))
+    rows = sum(-(-n // 1024) * 1024 for n in cfg.model.engram.num_embeddings)
+    assert m["engram_tables"] == rows * 256 * 4 // 256  # 2.86 GiB
+    assert m["engram_tables"] < m["params"]
+    print(f"V4.1-Flash on fsdp_ep x256: Engram tables {m['engram_tables'] / 2**30:.2f} GiB of "
+          f"{m['params'] / 2**30:.2f} GiB parameters per device")
