@@ -11,6 +11,8 @@ the 2 × 24 table rows a token reads, the head: 16.79B, 16.13B without the input
 
 import functools
 
+import pytest
+
 from deepseek_jax.config import load_model_config
 from deepseek_jax.params import count_params, param_summary
 from tests.utils import ROOT
@@ -41,6 +43,7 @@ def test_v41_flash_total_is_the_shape_derived_count():
     assert 0 <= c["engram_padding"] < 2 * 1024 * 256  # < one row block per table
 
 
+@pytest.mark.slow  # the abstract V4.1-Flash init (~10 s); the total is in the inner loop
 def test_v41_flash_activated_per_token():
     cfg, c = flash()
     assert c["active"] == ACTIVE  # 16.79B

@@ -196,7 +196,7 @@ _READ = {
 }  # fmt: skip
 
 
-_REQUIRED = (
+REQUIRED = (  # the keys every V4-style config.json must have (V4.1's text_config too)
     "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
     "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
     "hc_mult", "hc_sinkhorn_iters", "hc_eps", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
@@ -206,7 +206,7 @@ _REQUIRED = (
 
 def _check_semantics(hf) -> None:
     check_keys(hf, _READ)
-    require(hf, _REQUIRED)
+    require(hf, REQUIRED)
     expect(hf, "hidden_act", ("silu",), "silu")
     expect(hf, "scoring_func", ("sqrtsoftplus", "sigmoid", "softmax"), "sqrtsoftplus")
     expect(hf, "topk_method", ("noaux_tc",), "noaux_tc")

@@ -161,14 +161,8 @@ _ENGRAM = {k: (f"engram_{k}", d) for k, d in (("max_ngram_size", 4), ("n_heads",
 _DSPARK = {"target_layers": ("dspark_target_layer_ids", None), "block_size": ("dspark_block_size", 5),
            "noise_token_id": ("dspark_noise_token_id", 128799), "n_routed_experts": ("dspark_n_routed_experts", 128),
            "markov_rank": ("dspark_markov_rank", 256), "n_activated_experts": ("dspark_num_experts_per_tok", 3)}
-_REQUIRED = (
-    "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-    "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
-    "hc_mult", "hc_sinkhorn_iters", "hc_eps", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-    "routed_scaling_factor", "swiglu_limit", "rms_norm_eps", "norm_topk_prob",
-)  # fmt: skip
 _READ = {
-    *_REQUIRED, "model_type", "max_position_embeddings", "num_nextn_predict_layers", "num_key_value_heads",
+    *v4.REQUIRED, "model_type", "max_position_embeddings", "num_nextn_predict_layers", "num_key_value_heads",
     "qk_rope_head_dim", "partial_rotary_factor", "compress_rope_theta", "rope_theta", "rope_parameters",
     "rope_scaling", "layer_types", "compress_ratios", "kv_source_layer_ids", "index_source_layer_ids",
     "candidate_source_layer_id", "candidate_topk_blocks", "candidate_block_size", "num_hash_layers", "scoring_func",
@@ -207,7 +201,7 @@ _ALLOWED = {  # values the model implements (absent: the first)
 
 def _check_semantics(t) -> None:
     check_keys(t, _READ, "config.json text_config")
-    require(t, _REQUIRED, "config.json text_config")
+    require(t, v4.REQUIRED, "config.json text_config")
     for key, allowed in _ALLOWED.items():
         expect(t, key, allowed, None, "config.json text_config")
     quant_block(t, "config.json text_config")

@@ -134,6 +134,7 @@ def flash():
     return cfg, ents, abstract, [expected_shape(e, abstract, cfg) for e in ents]
 
 
+@pytest.mark.slow  # the inner loop keeps the in-memory round trips
 def test_full_size_official_inventory(flash):
     cfg, ents, abstract, shapes = flash
     assert converter(cfg) is v41.FAMILY
@@ -225,6 +226,7 @@ def test_tiny_round_trip_in_memory(tiny, layout):
     assert state[table_name].shape == (rows, cfg.engram.head_dim)  # the release's rows, no padding
 
 
+@pytest.mark.slow  # the inner loop keeps the in-memory round trips
 def test_tiny_files_import_export(tiny, tmp_path):
     """official float32 files -> import -> export official and hf_text: every tensor back bit for bit;
     nonzero padding rows in our table never reach a file, and import pads with zeros."""
@@ -415,6 +417,7 @@ def released(tmp_path_factory):
     return cfg, abstract, table.from_variables(variables, v41.FAMILY, cfg, "official"), fp8, back, again
 
 
+@pytest.mark.slow  # the inner loop keeps the in-memory round trips
 def test_release_export_stores_every_tensor_as_released(released):
     """Every file tensor's dtype and shape is the inventory rule's (`release_specs`), and its bytes are
     `quantize_as_released` of the whole tensor: the tables, written in row chunks, without padding rows."""
@@ -448,6 +451,7 @@ def test_release_export_stores_every_tensor_as_released(released):
     assert _like(v41.config_from_json(hf), cfg) == cfg
 
 
+@pytest.mark.slow  # the inner loop keeps the in-memory round trips
 def test_release_export_imports_exactly_and_reexports_the_same_bytes(released):
     """Importing the export gives exactly its dequantised values; exporting that import (`--quant release`)
     writes byte-identical files."""

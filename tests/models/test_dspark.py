@@ -292,6 +292,7 @@ def test_a_drafter_that_is_right_is_accepted_every_time(tiny_v41, greedy, monkey
     assert stats["steps"] == (N_NEW - 1) // (Z + 1)
 
 
+@pytest.mark.slow  # ~5 s; greedy equality stays in the inner loop
 def test_a_partly_right_drafter_commits_its_prefix(tiny_v41, greedy, monkeypatch):
     """d_1 right, d_2 wrong: each step commits [y, d_1] from the cache verification started from."""
     _, model, v = tiny_v41

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import cli
 from deepseek_jax.config import load_config
+from deepseek_jax.models import router_bias_rows
 from deepseek_jax.plan import (
     CPU_PLAN_COMPILER_OPTIONS,
     KINDS,
@@ -137,7 +138,10 @@ def test_plan_tiny_fsdp_compiled():
     lowered = state_memory(build_program(cfg, abstract_mesh(cfg.mesh, 8), rules(cfg.mesh)))  # no devices
     m = got.memory
     assert got.method == "compiled" and got.mesh_shape["fsdp"] == 8
-    assert m["params"] * 8 == m["params_unsharded"] == 4 * got.params["total"]  # every f32 weight split 8 ways
+    # every f32 weight split 8 ways; the count also holds the selection biases (router collection, not params)
+    biases = sum(len(b.rows) if isinstance(b.rows, tuple) else 1 for b in router_bias_rows(cfg.model))
+    n_params = got.params["total"] - biases * cfg.model.moe.n_routed_experts
+    assert m["params"] * 8 == m["params_unsharded"] == 4 * n_params
     assert m["optimizer"] == pytest.approx(2 * m["params"], abs=64)  # AdamW's two moments (+ a step count)
     # the donated state is the executable's arguments and outputs: what the shardings say, up to the batch
     state = m["params"] + m["optimizer"] + m["other_state"]

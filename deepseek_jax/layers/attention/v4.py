@@ -81,6 +81,18 @@ from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
 from deepseek_jax.quant import V4_KV_BLOCK, sim_act, sim_indexer, sim_kv, sim_weight
 
 
+class WindowKeys(NamedTuple):
+    """What every V4 / V4.1 layer computes before its compressed entries (`V4Attention.window_keys`)."""
+
+    c_q: jax.Array  # [B, T, Q] the query latent (the indexer's input too)
+    q: jax.Array  # [B, T, N, X] rotated queries
+    kv: jax.Array  # [B, T, X] the new tokens' rotated K=V
+    rope: tuple  # (cos [B, T, R/2], sin, inv_freq) at the query positions
+    start: jax.Array | int  # the new tokens' first slot
+    source: jax.Array  # [B, S, X] the key source so far: [ring buffer,] new tokens
+    slots: jax.Array  # [B, T, w] each query's window slots in it (−1 = none)
+
+
 class SWACache(NamedTuple):
     """Sliding-window-only layer (ratio 0)."""
 
@@ -289,6 +301,30 @@ class V4Attention(nn.Module):
         fn = lambda q, i: sink_attention(q, source_BSX, i, sink_N, c.head_dim**-0.5)  # noqa: E731
         return over_query_blocks(fn, c.q_block, q_BTNX, slots_BTU)
 
+    def window_keys(self, x_BTD, positions_BT, cache, cache_index) -> "WindowKeys":
+        """The layer's queries and its sliding-window key source (module docstring): the ring buffer's
+        w slots (decoding) then the T new tokens' kv, and each query's window slots in it."""
+        c = self.cfg
+        B, T, _ = x_BTD.shape
+        cos_BTr, sin_BTr, inv_freq = self.rotary(positions_BT)
+        c_q_BTQ, q_BTNX = self.query(x_BTD, cos_BTr, sin_BTr)
+        kv_BTX = self.key_value(x_BTD, cos_BTr, sin_BTr)
+        start = 0 if cache is None else cache_index
+        ring = 0 if cache is None else c.window_size
+        source_BSX = kv_BTX  # the key source: [ring buffer,] new tokens[, compressed entries]
+        if cache is not None:
+            source_BSX = jnp.concatenate([cache.window.astype(self.dtype), kv_BTX], axis=1)
+        slots_BTU = jnp.broadcast_to(window_slots(T, c.window_size, start, ring), (B, T, c.window_size))
+        return WindowKeys(c_q_BTQ, q_BTNX, kv_BTX, (cos_BTr, sin_BTr, inv_freq), start, source_BSX, slots_BTU)
+
+    def attend_and_project(self, w: "WindowKeys", source_BSX, slots_BTU) -> jax.Array:
+        """Sink attention of the queries over their slots, RoPE at −t, grouped output: [B, T, D]."""
+        cos_BTr, sin_BTr, _ = w.rope
+        o_BTNX = self.attend(w.q, source_BSX, slots_BTU)
+        o_BTNX = rope_tail(o_BTNX, cos_BTr[:, :, None], -sin_BTr[:, :, None])  # RoPE at −t
+        o_BTNX = constrain(o_BTNX, ("act_batch", "act_seq", "act_heads", None))
+        return self.output(o_BTNX)
+
     @nn.compact
     def __call__(
         self,
@@ -298,31 +334,16 @@ class V4Attention(nn.Module):
         cache_index: jax.Array | int = 0,
     ):
         """(out [B, T, D], updated cache or None). Without a cache, positions are slots 0 … T−1."""
-        c = self.cfg
-        B, T, _ = x_BTD.shape
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
-        cos_BTr, sin_BTr, inv_freq = self.rotary(positions_BT)
-        c_q_BTQ, q_BTNX = self.query(x_BTD, cos_BTr, sin_BTr)
-        kv_BTX = self.key_value(x_BTD, cos_BTr, sin_BTr)
-
-        start = 0 if cache is None else cache_index
-        ring = 0 if cache is None else c.window_size
-        source_BSX = kv_BTX  # the key source: [ring buffer,] new tokens[, compressed entries]
-        if cache is not None:
-            source_BSX = jnp.concatenate([cache.window.astype(self.dtype), kv_BTX], axis=1)
-        slots_TU = window_slots(T, c.window_size, start, ring)
-        slots_BTU = jnp.broadcast_to(slots_TU, (B, *slots_TU.shape))
-        fields = () if cache is None else (ring_write(cache.window, kv_BTX, start),)
+        w = self.window_keys(x_BTD, positions_BT, cache, cache_index)
+        source_BSX, slots_BTU = w.source, w.slots
+        fields = () if cache is None else (ring_write(cache.window, w.kv, w.start),)
         if self.compress_ratio:
-            rope_BT = (cos_BTr, sin_BTr, inv_freq)
             entries_BZX, cslots_BTU, cfields = self.compressed(
-                x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start, source_BSX.shape[1]
+                x_BTD, w.c_q, w.rope, positions_BT, cache, w.start, source_BSX.shape[1]
             )
             source_BSX = jnp.concatenate([source_BSX, entries_BZX.astype(self.dtype)], axis=1)
             slots_BTU = jnp.concatenate([slots_BTU, cslots_BTU], axis=-1)
             fields += cfields
-
-        o_BTNX = self.attend(q_BTNX, source_BSX, slots_BTU)
-        o_BTNX = rope_tail(o_BTNX, cos_BTr[:, :, None], -sin_BTr[:, :, None])  # RoPE at −t
-        o_BTNX = constrain(o_BTNX, ("act_batch", "act_seq", "act_heads", None))
-        return self.output(o_BTNX), None if cache is None else type(cache)(*fields)
+        out_BTD = self.attend_and_project(w, source_BSX, slots_BTU)
+        return out_BTD, None if cache is None else type(cache)(*fields)

@@ -43,7 +43,7 @@ from deepseek_jax.config import SharedKVConfig
 from deepseek_jax.layers.attention.compressor import CompressorState, compress_blocks, empty_state, write_entries
 from deepseek_jax.layers.attention.core import over_query_blocks, visible_entries
 from deepseek_jax.layers.attention.indexer import index_scores, select_topk
-from deepseek_jax.layers.attention.v4 import SWACache, V4Attention, ring_write, window_slots
+from deepseek_jax.layers.attention.v4 import SWACache, V4Attention, ring_write
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail
 from deepseek_jax.quant import qat_v41
@@ -232,28 +232,14 @@ class V41Attention(V4Attention):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, cache=None, cache_index=0, shared: SharedKV | None = None):
         """(out [B, T, D], updated cache or None, the SharedKV handed on). Positions are row slots."""
-        c = self.cfg
-        B, T, _ = x_BTD.shape
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
-        cos_BTr, sin_BTr, inv_freq = self.rotary(positions_BT)
-        c_q_BTQ, q_BTNX = self.query(x_BTD, cos_BTr, sin_BTr)
-        kv_BTX = self.key_value(x_BTD, cos_BTr, sin_BTr)
-        start = 0 if cache is None else cache_index
-        ring = 0 if cache is None else c.window_size
-        source_BSX = kv_BTX if cache is None else jnp.concatenate([cache.window.astype(self.dtype), kv_BTX], 1)
-        slots_BTU = jnp.broadcast_to(window_slots(T, c.window_size, start, ring), (B, T, c.window_size))
-        fields = ()
+        w = self.window_keys(x_BTD, positions_BT, cache, cache_index)
+        source_BSX, slots_BTU, fields = w.source, w.slots, ()
         if self.compress_ratio:
-            shared, fields = self.shared_state(
-                x_BTD, c_q_BTQ, (cos_BTr, sin_BTr, inv_freq), positions_BT, shared, cache, start
-            )
+            shared, fields = self.shared_state(x_BTD, w.c_q, w.rope, positions_BT, shared, cache, w.start)
             cslots_BTU = jnp.where(shared.topk >= 0, source_BSX.shape[1] + shared.topk, -1)
             source_BSX = jnp.concatenate([source_BSX, shared.entries.astype(self.dtype)], axis=1)
             slots_BTU = jnp.concatenate([slots_BTU, cslots_BTU], axis=-1)
-        o_BTNX = self.attend(q_BTNX, source_BSX, slots_BTU)
-        o_BTNX = rope_tail(o_BTNX, cos_BTr[:, :, None], -sin_BTr[:, :, None])  # RoPE at −t
-        o_BTNX = constrain(o_BTNX, ("act_batch", "act_seq", "act_heads", None))
-        new_cache = None
-        if cache is not None:
-            new_cache = type(cache)(ring_write(cache.window, kv_BTX, start), *fields)
-        return self.output(o_BTNX), new_cache, shared if self.role in INDEXERS else None
+        out_BTD = self.attend_and_project(w, source_BSX, slots_BTU)
+        new_cache = None if cache is None else type(cache)(ring_write(cache.window, w.kv, w.start), *fields)
+        return out_BTD, new_cache, shared if self.role in INDEXERS else None
