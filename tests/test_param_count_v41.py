@@ -33,6 +33,7 @@ def flash():
     return cfg, count_params(cfg)
 
 
+@pytest.mark.slow  # the abstract V4.1-Flash init (~10 s)
 def test_v41_flash_total_is_the_shape_derived_count():
     _, c = flash()
     assert c["total"] == TOTAL_WITH_VISION - VISION == 762_720_047_314
@@ -43,7 +44,7 @@ def test_v41_flash_total_is_the_shape_derived_count():
     assert 0 <= c["engram_padding"] < 2 * 1024 * 256  # < one row block per table
 
 
-@pytest.mark.slow  # the abstract V4.1-Flash init (~10 s); the total is in the inner loop
+@pytest.mark.slow  # shares the abstract init above
 def test_v41_flash_activated_per_token():
     cfg, c = flash()
     assert c["active"] == ACTIVE  # 16.79B

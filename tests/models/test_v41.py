@@ -132,7 +132,8 @@ def _decode(cfg, model, variables, tokens, rows, chunks):
     return jnp.concatenate(logits, axis=1)
 
 
-@pytest.mark.parametrize("qat", [False, pytest.param(True, marks=pytest.mark.slow)])  # each ~25 s
+@pytest.mark.slow  # ~25 s each; the inner loop decodes in test_decode_with_the_incremental_hash_state_...
+@pytest.mark.parametrize("qat", [False, True])
 def test_decode_in_chunks_equals_the_full_forward(qat):
     cfg, model, variables, tokens, rows = tiny(qat)
     full = jax.jit(model.apply)(variables, tokens, engram_rows=rows).logits
