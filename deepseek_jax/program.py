@@ -62,8 +62,8 @@ class Program:
         B, T = self.cfg.data.global_batch_size, self.cfg.data.seq_len
         specs = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
         if (engram := self.cfg.model.engram) is not None:
-            shape = (B, T, len(engram.layer_ids), engram.n_columns)
-            specs["engram_rows"] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+            specs["engram_rows"] = jax.ShapeDtypeStruct((B, T, *engram.rows_shape), jnp.int32,
+                                                        sharding=self.batch_sharding)
         return specs
 
     def lower(self) -> jax.stages.Lowered:

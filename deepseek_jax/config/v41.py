@@ -54,6 +54,11 @@ class EngramConfig:
         return (self.max_ngram_size - 1) * self.n_heads
 
     @property
+    def rows_shape(self) -> tuple[int, int]:
+        """The trailing shape of the model's `engram_rows` input [B, T, L_engram, K]: (L_engram, K)."""
+        return len(self.layer_ids), self.n_columns
+
+    @property
     def mem_dim(self) -> int:
         return self.n_columns * self.head_dim
 

@@ -54,7 +54,7 @@ def init_inputs(cfg: ModelConfig, T: int = 8) -> tuple[jax.Array, dict]:
     tokens = jnp.zeros((1, T), jnp.int32)
     if cfg.engram is None:
         return tokens, {}
-    return tokens, {"engram_rows": jnp.zeros((1, T, len(cfg.engram.layer_ids), cfg.engram.n_columns), jnp.int32)}
+    return tokens, {"engram_rows": jnp.zeros((1, T, *cfg.engram.rows_shape), jnp.int32)}
 
 
 def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dtype):

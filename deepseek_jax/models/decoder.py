@@ -50,8 +50,8 @@ class Decoder(nn.Module):
                 "pass positions_BT=None and cache_start_B=None (no per-document positions, no left padding)"
             )
         if cfg.engram is not None:
-            L, K = len(cfg.engram.layer_ids), cfg.engram.n_columns
-            if engram_rows is None or engram_rows.shape[2:] != (L, K) or engram_rows.shape[:2] != tokens_shape:
+            L, K = cfg.engram.rows_shape
+            if engram_rows is None or engram_rows.shape != (*tokens_shape, L, K):
                 got = None if engram_rows is None else tuple(engram_rows.shape)
                 raise ValueError(
                     f"this model has Engram: engram_rows must be [B, T, {L}, {K}] int32 row ids for tokens "
