@@ -36,9 +36,13 @@ from deepseek_jax.config.run import (
     OptimConfig,
     TrainConfig,
 )
+from deepseek_jax.config.media import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
 __all__ = [
+    "AudioConfig",
+    "VideoConfig",
+    "VisionConfig",
     "CHECKS",
     "MESH_AXES",
     "Config",

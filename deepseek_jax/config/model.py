@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from deepseek_jax.config.errors import require as _check
+from deepseek_jax.config.media import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
 
@@ -227,6 +228,9 @@ class ModelConfig:
     shared_kv: SharedKVConfig | None = None  # V4.1 attention and its cross-layer schedule (needs v4)
     engram: EngramConfig | None = None  # Engram memory before the listed blocks
     dspark: DSparkConfig | None = None  # the MTP layers are DSpark stages (V4.1; needs shared_kv)
+    vision: VisionConfig | None = None  # V4.1's ViT + aligner: images fused into the token stream
+    video: VideoConfig | None = None  # frames through the vision tower (ours; needs vision)
+    audio: AudioConfig | None = None  # log-mel + conv front-end (ours)
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "inter_dim", "n_layers", "max_seq_len"):
@@ -283,6 +287,17 @@ class ModelConfig:
             _check(self.dspark.noise_token_id < self.vocab_size, "dspark.noise_token_id must be < vocab_size")
         if self.mhc is not None and self.mhc.single_pass:
             _check(self.shared_kv is not None, "mhc.single_pass is V4.1's mHC: it needs model.shared_kv")
+        self._check_media()
+
+    def _check_media(self):
+        _check(self.video is None or self.vision is not None, "model.video runs frames through model.vision: set it")
+        ids = {"vision.image_token_id": None if self.vision is None else self.vision.image_token_id,
+               "video.video_token_id": None if self.video is None else self.video.video_token_id,
+               "audio.audio_token_id": None if self.audio is None else self.audio.audio_token_id}
+        ids = {k: v for k, v in ids.items() if v is not None}
+        for name, v in ids.items():
+            _check(v < self.vocab_size, f"model.{name} ({v}) must be < vocab_size ({self.vocab_size})")
+        _check(len(set(ids.values())) == len(ids), f"media placeholder ids must differ, got {ids}")
 
     @property
     def n_moe_layers(self) -> int:
