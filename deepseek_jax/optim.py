@@ -68,6 +68,15 @@ MUON_MATRICES = {
     "w_e": (1, 1),  # [D, D] MTP embedding projection
     "w_h": (1, 1),  # [D, D] MTP stream projection
     "main_proj": (1, 1),  # [n·D, D] DSpark's projection of the captured target-layer inputs (V4.1)
+    # media front-ends (layers/vision.py, layers/audio.py): ViT, aligner, audio convs and projector
+    "w_patch": (1, 1),  # [3p², W]
+    "w_qkv": (1, 3),  # [W, 3, N, Y]
+    "w_gate_up": (1, 2),  # [W, 2, F]
+    "w1": (2, 1),  # [W, r², F] aligner: the r² unshuffled patches are its fan-in
+    "w2": (1, 1),  # [F, D]
+    "w_proj1": (1, 1),  # [C, D]
+    "w_proj2": (1, 1),  # [D, D]
+    **{f"w_conv{i}": (2, 1) for i in range(8)},  # [3, I, C]: taps × input channels are the fan-in
 }
 MAX_BATCH_AXES = 2  # "layers" and "experts"
 
@@ -98,6 +107,7 @@ ADAMW_PARAMS = {
     "embedding": False, "w_head": True, "w_router": True, "w_weights": True, "scale": False, "bias": False,
     "ape": False,  # V4 compressor's learned position bias [m, c·X]: a bias table, not a map
     "sink": False, "base": False,  # V4 attention sinks [N]; mHC static biases [Z]
+    "b_qkv": False, "b_o": False, "video_frame": False,  # ViT biases (stacked [L, ...]); frame delimiters [G, D]
     # DSpark (V4.1): the Markov head's token table [V, r] is a lookup like the embedding, its [r, V]
     # output and the confidence head [D + r, 1] are matrices like the LM head (rank <= r, and 1)
     "markov_embed": False, "markov_head": True, "confidence": True,

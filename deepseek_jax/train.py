@@ -28,6 +28,7 @@ from flax import struct
 from deepseek_jax import losses
 from deepseek_jax.config import Config
 from deepseek_jax.layers.moe.balance import update_router_bias
+from deepseek_jax.media.slots import media_from_batch
 from deepseek_jax.models import BiasRows, router_bias_rows
 from deepseek_jax.sharding import batch_shards
 
@@ -51,6 +52,7 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
         None if mcfg.row_positions else batch["positions"], batch["segment_ids"],
         return_logits=False, index_loss=index_loss and mcfg.index is not None,
         engram_rows=batch.get("engram_rows"),  # host-hashed Engram rows (data/pipeline.py); None without
+        media=media_from_batch(batch),  # images / video / audio of the batch (media/slots.py); None for text
     )  # fmt: skip
     B, T, D = out.hidden.shape
     w_head_DV = params["w_head"].astype(out.hidden.dtype)

@@ -25,6 +25,7 @@ from deepseek_jax.models.common import (
     mtp_kind,
 )
 from deepseek_jax.models.decoder import Decoder
+from deepseek_jax.models.media import init_media
 
 __all__ = [
     "BiasRows",
@@ -50,11 +51,14 @@ def build_model(cfg: ModelConfig) -> Decoder:
 
 def init_inputs(cfg: ModelConfig, T: int = 8) -> tuple[jax.Array, dict]:
     """A one-row dummy batch for `model.init`: tokens [1, T] and the keyword arguments the model
-    requires with them (Engram: all-zero row ids [1, T, L_engram, K])."""
-    tokens = jnp.zeros((1, T), jnp.int32)
-    if cfg.engram is None:
-        return tokens, {}
-    return tokens, {"engram_rows": jnp.zeros((1, T, *cfg.engram.rows_shape), jnp.int32)}
+    requires with them (Engram: all-zero row ids [1, T, L_engram, K]; vision / video / audio: a
+    small dummy `media`, so that every media parameter is created)."""
+    tokens, kwargs = jnp.zeros((1, T), jnp.int32), {}
+    if cfg.engram is not None:
+        kwargs["engram_rows"] = jnp.zeros((1, T, *cfg.engram.rows_shape), jnp.int32)
+    if (media := init_media(cfg, T)) is not None:
+        kwargs["media"] = media
+    return tokens, kwargs
 
 
 def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dtype):

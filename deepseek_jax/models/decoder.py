@@ -22,6 +22,7 @@ from deepseek_jax.axes import dense_init, param
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.mhc import HyperHead, collapse, expand_streams
 from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.media.slots import MediaInputs
 from deepseek_jax.models.block import BlockInputs, Pattern
 from deepseek_jax.models.common import (
     ModelOutput,
@@ -35,15 +36,19 @@ from deepseek_jax.models.common import (
     scan_segment,
 )
 from deepseek_jax.models.dspark import DSpark
+from deepseek_jax.models.media import MediaEmbed, check_media
 from deepseek_jax.models.mtp import mtp_module, run_mtp
 
 
 class Decoder(nn.Module):
     cfg: ModelConfig
 
-    def check_call(self, positions_BT, cache_start_B, index_loss: bool, engram_rows, tokens_shape) -> None:
+    def check_call(self, positions_BT, cache_start_B, index_loss: bool, engram_rows, tokens_shape,
+                   media=None) -> None:
         """Arguments this model cannot honour are errors, never silently ignored."""
         cfg = self.cfg
+        if media is not None:
+            check_media(cfg, media, tuple(tokens_shape))
         if cfg.row_positions and (positions_BT is not None or cache_start_B is not None):
             raise ValueError(
                 "this model's V4 attention takes each row's own positions (cache_index + arange(T)): "
@@ -76,6 +81,7 @@ class Decoder(nn.Module):
         index_loss: bool = False,
         engram_rows: jax.Array | None = None,
         span_BT: jax.Array | None = None,
+        media: MediaInputs | None = None,
     ) -> ModelOutput:
         """Full forward (cache None) or a decode step that appends T tokens at `cache_index`.
 
@@ -85,9 +91,11 @@ class Decoder(nn.Module):
         to `hidden`). index_loss=True also returns each DSA block's indexer KL. engram_rows [B, T,
         L_engram, K] int32: Engram's host-hashed rows (engram_hash.py), required when the model has
         Engram. span_BT: True on media-span tokens (V4.1 router bias_vl; Engram gated off there).
+        media: images / video / audio (media/slots.py) merged into their spans; span_BT defaults to slots >= 0.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        self.check_call(positions_BT, cache_start_B, index_loss, engram_rows, tokens_BT.shape)
+        self.check_call(positions_BT, cache_start_B, index_loss, engram_rows, tokens_BT.shape, media)
+        span_BT = media.span_mask() if media is not None and span_BT is None else span_BT
         V, D = cfg.vocab_size, cfg.dim
         embedding_VD = param(
             self, "embedding", ("vocab", "embed"), (V, D), nn.initializers.normal(1.0)
@@ -99,11 +107,7 @@ class Decoder(nn.Module):
         inputs = BlockInputs(tokens_BT, positions_BT, segment_ids_BT, cache_index, cache_start_B,
                              engram_rows, span_BT)
 
-        x = embed(embedding_VD, tokens_BT, dtype)
-        if cfg.mhc is not None:
-            x = expand_streams(x, cfg.mhc.hc_mult)
-        if cfg.mhc is not None and cfg.mhc.single_pass:  # layer 0's attention reads stream 0 alone
-            x = (x, jnp.broadcast_to(jax.nn.one_hot(0, cfg.mhc.hc_mult), (B, T, cfg.mhc.hc_mult)))
+        x = self.embed_tokens(embedding_VD, tokens_BT, media, dtype)
         x, new_cache, routing, index_kl, captures = self.layers(x, cache, inputs, index_loss)
         h_BTD = self.read_streams(x)
         x = x[0] if isinstance(x, tuple) else x
@@ -123,6 +127,19 @@ class Decoder(nn.Module):
             mtp_out = MTPOutput(mtp_logits, mtp_h, stats.routing, stats.index_loss)
         logits = head(h_BTD, w_head_DV) if return_logits else None
         return ModelOutput(logits, h_BTD, new_cache, routing, index_kl, mtp_out, captures, dspark_out)
+
+    def embed_tokens(self, embedding_VD, tokens_BT, media: MediaInputs | None, dtype):
+        """The token embeddings, media spans merged in (models/media.py), then copied onto the mHC
+        streams (single-pass mHC carries (X, pre) with layer 0's attention reading stream 0 alone)."""
+        cfg, (B, T) = self.cfg, tokens_BT.shape
+        x = embed(embedding_VD, tokens_BT, dtype)
+        if media is not None:
+            x = MediaEmbed(cfg, name="media")(x, media)
+        if cfg.mhc is not None:
+            x = expand_streams(x, cfg.mhc.hc_mult)
+        if cfg.mhc is not None and cfg.mhc.single_pass:  # layer 0's attention reads stream 0 alone
+            x = (x, jnp.broadcast_to(jax.nn.one_hot(0, cfg.mhc.hc_mult), (B, T, cfg.mhc.hc_mult)))
+        return x
 
     def drafts(self, captures, embedding_VD, w_head_DV, inputs: BlockInputs, mtp: bool, cache, return_logits: bool):
         """V4.1: the MTP layers are DSpark stages (dspark.py DSparkOutput), drafting at every position
