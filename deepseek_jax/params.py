@@ -13,6 +13,8 @@ Every parameter falls in one category, by its path and logical axes:
     mtp_routed, mtp_other   everything under `mtp_*` and `dspark` (V4.1's drafter), split into routed
                 experts and the rest (MTP shares the embedding and head, so the checkpoint's copies of
                 them are not counted)
+    vision, aligner, audio, delimiters   the media front-ends under `media/` (models/media.py): the
+                ViT, its pixel-unshuffle aligner, the audio front-end, the learned span delimiters
 
 Activated parameters per token count the routed experts at A/E (top-A of E) and everything else in
 the main model in full, except Engram tables, of which a token reads (N − 1)·n_heads rows per Engram
@@ -32,8 +34,9 @@ from deepseek_jax.models import LayerKind, build_model, init_inputs, layer_kinds
 
 CATEGORIES = (
     "embedding", "attention", "norms", "dense_ffn", "routed", "shared", "router", "mhc", "head",
-    "engram_table", "engram", "mtp_routed", "mtp_other",
+    "engram_table", "engram", "mtp_routed", "mtp_other", "vision", "aligner", "audio", "delimiters",
 )
+MEDIA = ("vision", "aligner", "audio", "delimiters")  # front-ends: not in a text token's activated count
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
@@ -56,6 +59,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
 def category(name: str, axes: tuple) -> str:
     """The CATEGORIES entry of parameter `name` (a '/'-joined path) with logical `axes`."""
     parts = name.split("/")
+    if parts[0] == "media":
+        return parts[1] if parts[1] in ("vision", "aligner", "audio") else "delimiters"
     if parts[0].startswith("mtp_") or parts[0] == "dspark":
         return "mtp_routed" if "experts" in axes else "mtp_other"
     if "engram" in parts:
@@ -97,12 +102,14 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     main = sum(counts.values()) - mtp
     A, E = cfg.moe.n_activated_experts, cfg.moe.n_routed_experts
     read = 0 if e is None else len(e.layer_ids) * e.n_columns * e.head_dim  # table rows a token reads
-    active = main - counts["routed"] + counts["routed"] * A // E - rows + read
+    media = sum(counts[k] for k in MEDIA)  # run once per picture / clip, not per token
+    active = main - media - counts["routed"] + counts["routed"] * A // E - rows + read
     dspark = cfg.dspark
     mtp_A_E = (A, E) if dspark is None else (dspark.n_activated_experts, dspark.n_routed_experts)
     return {
         **counts,
         "engram_padding": padding,
+        "media": media,
         "main": main,
         "mtp": mtp,
         "total": main + mtp,
@@ -131,12 +138,13 @@ def param_summary(cfg: ModelConfig) -> str:
         _row("mHC maps (all)", c["mhc"]),
         *([_row("Engram tables (real rows)", c["engram_table"], f"+ {c['engram_padding']:,} padding"),
            _row("Engram projections", c["engram"])] if cfg.engram else []),
+        *([_row(f"media: {k}", c[k]) for k in MEDIA if c[k]]),
         _row("norms (all)", c["norms"]),
         _row("head [D, V]", c["head"]),
         _row("main model", c["main"]),
         _row("MTP modules", c["mtp"], f"x {cfg.num_nextn_predict_layers}, embedding/head shared"),
         _row("total", c["total"]),
-        _row("activated per token", c["active"], "incl. embedding"),
+        _row("activated per token", c["active"], "incl. embedding" + (", not media" if c["media"] else "")),
         _row("activated per token, no embedding", c["active_no_embedding"]),
         _row("MTP activated per token", c["mtp_active"], "without embedding and head"),
     ]

@@ -1,12 +1,13 @@
 """DeepSeek-V4.1-Flash's parameter count (eval_shape: free) against the total derived from the released
 tensor shapes (../shared/reference/deepseek_v41_architecture.md §4.4: 763,205,315,794 with the vision
-tower, which the next issue adds), category by category and exactly.
+tower), category by category and exactly.
 
 Counted as the checkpoint holds them: every weight, the selection biases `bias` / `bias_vl` (our router
 collection), the Engram tables' real rows (each table is padded with zero rows so it shards evenly:
-reported apart as `engram_padding`), DSpark's three stages, and the shared embedding / head once.
+reported apart as `engram_padding`), DSpark's three stages, the vision tower, aligner and image delimiters, and the shared embedding / head once.
 Activated per token: 6 of 384 experts in 40 layers, every other backbone weight, the Engram projections and
-the 2 × 24 table rows a token reads, the head: 16.79B, 16.13B without the input embedding (§4.4).
+the 2 × 24 table rows a token reads, the head: 16.79B, 16.13B without the input embedding (§4.4); the
+vision tower runs once per image, not per token, and is not in the activated count.
 """
 
 import functools
@@ -36,11 +37,13 @@ def flash():
 @pytest.mark.slow  # the abstract V4.1-Flash init (~10 s)
 def test_v41_flash_total_is_the_shape_derived_count():
     _, c = flash()
-    assert c["total"] == TOTAL_WITH_VISION - VISION == 762_720_047_314
+    assert c["total"] == TOTAL_WITH_VISION == 763_205_315_794
+    assert (c["vision"], c["aligner"], c["delimiters"]) == (411_842_560, 73_410_560, 3 * 5120)
+    assert c["media"] == VISION and c["audio"] == 0
     assert c["mtp"] == DSPARK
     assert c["engram_table"] == ENGRAM_TABLES == 196_613_849_600
     assert c["engram"] == ENGRAM_PROJECTIONS
-    assert c["main"] - c["engram_table"] - c["engram"] == BACKBONE
+    assert c["main"] - c["engram_table"] - c["engram"] - c["media"] == BACKBONE
     assert 0 <= c["engram_padding"] < 2 * 1024 * 256  # < one row block per table
 
 
