@@ -4,7 +4,8 @@ Commands:
   train     train (or resume) a run; the default command, on the embedded default config
   eval      held-out loss and perplexity of a run's latest checkpoint
   generate  complete prompts with a run's latest checkpoint (--prompt, repeatable; --speculative: greedy
-            with DSpark drafts verified by the model, V4.1, and its acceptance rate)
+            with DSpark drafts verified by the model, V4.1, and its acceptance rate); --image / --audio /
+            --video FILE (repeatable, any mix) come before each prompt's text, in the order given
   inspect   print the model's parameter table and run one forward pass (only its output shapes,
             from jax.eval_shape, when the parameters would not fit in a quarter of memory)
   config    print the resolved config as YAML (`config show CONFIG...` also works)
@@ -39,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", default="train", choices=COMMANDS)
     p.add_argument("args", nargs="*", help="config YAML files, then a.b=value overrides (plot: RUN_DIR)")
     p.add_argument("--prompt", action="append", help="generate: a prompt (repeatable)")
+    for kind, what in (("image", "an image file"), ("audio", "a WAV file"), ("video", "a GIF (video)")):
+        p.add_argument(f"--{kind}", dest="media", action="append", type=_media_kind(kind), metavar="PATH",
+                       help=f"generate: {what} before each prompt's text (repeatable; media in flag order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -67,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     return p
+
+
+def _media_kind(kind: str):
+    """argparse type of --image / --audio / --video: (kind, path), all appended to one list in flag order."""
+    def tag(path: str) -> tuple[str, str]:
+        return kind, path
+    tag.__name__ = kind
+    return tag
 
 
 def _config(args: list[str], mesh: str | None = None, checkpoint: str | None = None):
@@ -112,24 +124,46 @@ def _dispatch(ns) -> int:
         line = " ".join(f"{k} {v:.4g}" for k, v in evaluate(s, state).items())
         _print0(line)
     elif ns.command == "generate":
-        from deepseek_jax.generate import sample
-
-        s, state = _load(cfg, ns.checkpoint)
-        prompts = ns.prompt or list(cfg.train.sample_prompts)
-        variables, stats = {"params": state.params, "router": state.router}, {}
-        texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
-                       ns.top_p, ns.seed, ns.speculative, stats)
-        for p, text in zip(prompts, texts):
-            _print0(f"--- {p!r}\n{p}{text}")
-        if ns.speculative:
-            _print0(f"speculative: acceptance rate {stats['acceptance_rate']:.3f}, "
-                    f"{stats['accepted_per_step']:.2f} of {stats['drafted'] // max(stats['steps'], 1)} drafts "
-                    f"accepted per step ({stats['steps']} steps)")
+        _generate(cfg, ns)
     elif ns.command == "plan":
         from deepseek_jax.plan import format_report, plan
 
         print(format_report(plan(cfg, ns.devices, compile=False if ns.lower_only else None)))
     return 0
+
+
+def _generate(cfg, ns) -> None:
+    """Completes --prompt texts (the config's sample prompts without them; the media alone with media
+    and no prompt); with --image / --audio / --video each prompt runs alone, after its media."""
+    from deepseek_jax.data import DataError
+    from deepseek_jax.generate import sample
+    from deepseek_jax.generate_media import check_modalities, media_record, sample_media
+
+    records = [media_record(p, ns.media) for p in ns.prompt or [""]] if ns.media else []
+    for record in records[:1]:  # before the (slow) checkpoint load; corrupt files fail at encoding
+        check_modalities(cfg.model, record)
+    for kind, path in ns.media or ():
+        if not Path(path).is_file():
+            raise DataError(f"--{kind} {path}: no such file")
+    s, state = _load(cfg, ns.checkpoint)
+    variables, stats = {"params": state.params, "router": state.router}, {}
+    if ns.media:
+        prompts = ns.prompt or [""]
+        texts = [sample_media(s.program.model, variables, s.tokenizer, r, max_new_tokens=ns.max_new_tokens,
+                              temperature=ns.temperature, top_p=ns.top_p, seed=ns.seed + i,
+                              speculative=ns.speculative, stats=stats) for i, r in enumerate(records)]
+        shown = " ".join(f"--{kind} {path}" for kind, path in ns.media) + " "
+    else:
+        prompts = ns.prompt or list(cfg.train.sample_prompts)
+        texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
+                       ns.top_p, ns.seed, ns.speculative, stats)
+        shown = ""
+    for p, text in zip(prompts, texts):
+        _print0(f"--- {shown}{p!r}\n{p}{text}")
+    if ns.speculative:
+        _print0(f"speculative: acceptance rate {stats['acceptance_rate']:.3f}, "
+                f"{stats['accepted_per_step']:.2f} of {stats['drafted'] // max(stats['steps'], 1)} drafts "
+                f"accepted per step ({stats['steps']} steps)")
 
 
 def _load(cfg, checkpoint: str | None):

@@ -7,6 +7,7 @@ n-gram table rows hashed on the host (engram_hash.EngramHashState: the prompt at
 new token), with the left padding dead so a row hashes as if unpadded. A model with DSpark (V4.1) can
 decode greedily with speculation (`speculative=True`, `speculative_generate`): drafts verified in one
 pass, the same tokens as greedy decoding, fewer main-model passes when the drafts are right.
+Prompts with images, audio or video: generate_media.py (each prefilled with its media, then `decode`).
 """
 
 import copy
@@ -37,9 +38,9 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
 
 
 @partial(jax.jit, static_argnames=("model",))
-def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None):
+def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None, media=None):
     out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=0, cache_start_B=start_B, mtp=False,
-                      engram_rows=engram_rows)
+                      engram_rows=engram_rows, media=media)
     return out.logits[:, -1], out.cache, out.captures  # captures: DSpark's windows (speculative decoding)
 
 
@@ -104,6 +105,16 @@ def generate(
     rows = cfg.row_positions  # the model derives each row's positions itself and takes no start slots
     positions_BP, start_B = (None, None) if rows else (positions_BP, start_B)
     logits_BV, cache, _ = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B, engram_rows)
+    return decode(model, variables, logits_BV, cache, P, start_B, engram, max_new_tokens, eos_id, temperature,
+                  top_p, seed)
+
+
+def decode(model: nn.Module, variables, logits_BV, cache, P: int, start_B, engram: EngramHashState | None,
+           max_new_tokens: int, eos_id: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
+    """The decode loop after a prefill of P slots (last logits `logits_BV`): one jitted step per new
+    token. start_B: each row's first real slot (left padding), or None (every row starts at slot 0,
+    positions = slots: models with row positions, prompts prefilled with media)."""
+    B = logits_BV.shape[0]
     key = jax.random.key(seed)
     done = np.zeros(B, bool)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -118,7 +129,7 @@ def generate(
                     out[b].append(int(token_np[b]))
         if done.all() or i == max_new_tokens - 1:
             break
-        position_B = None if rows else jnp.asarray(P + i - start_B, jnp.int32)
+        position_B = None if start_B is None else jnp.asarray(P + i - start_B, jnp.int32)
         engram_rows = None if engram is None else engram.step(token_np[:, None])
         logits_BV, cache, _ = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B,
                                     engram_rows)
@@ -178,7 +189,7 @@ def _spec_stats(steps: int, accepted: int, Z: int) -> dict:
 
 
 def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                         engram_map: np.ndarray | None = None) -> tuple[list[list[int]], dict]:
+                         engram_map: np.ndarray | None = None, media=None) -> tuple[list[list[int]], dict]:
     """Greedy decoding with DSpark drafting: (new tokens per prompt, eos excluded, exactly those of greedy
     `generate`; stats: steps, drafted, accepted, accepted_per_step, acceptance_rate).
 
@@ -188,12 +199,13 @@ def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], 
     is still there; V4.1's windows and compressor states cannot be rolled back otherwise); when all Z are
     accepted the verification pass is the commit, when none is, greedy decoding's own step. Its last
     logits give the next y (n + 1 new tokens per step) and its captures the rows DSpark's windows take.
-    The prefill is greedy decoding's too. Rows of a batch share one position: they accept the fewest
-    drafts any of them does. Prompts of different lengths run one at a time."""
+    The prefill is greedy decoding's too, media (`MediaInputs` of the prompts, generate_media.py) merged
+    in; drafting reads only the main model's captures. Rows of a batch share one position: they accept
+    the fewest drafts any of them does. Prompts of different lengths run one at a time."""
     cfg = model.cfg
     if cfg.dspark is None:
         raise ValueError("speculative decoding drafts with DSpark: the model has no model.dspark")
-    if len({len(p) for p in prompts}) > 1:  # row positions: no left padding
+    if len({len(p) for p in prompts}) > 1 and media is None:  # row positions: no left padding
         runs = [speculative_generate(model, variables, [p], max_new_tokens, eos_id, engram_map) for p in prompts]
         steps, accepted = sum(r[1]["steps"] for r in runs), sum(r[1]["accepted"] for r in runs)
         return [r[0][0] for r in runs], _spec_stats(steps, accepted, cfg.dspark.block_size)
@@ -204,8 +216,9 @@ def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], 
     engram = _engram_state(cfg, engram_map, B)
     # the cache of greedy `generate`: verification past the budget writes nothing that is read (dropped)
     cache = build_cache(cfg, B, P + max_new_tokens)
+    dead_BP = None if media is None else np.asarray(media.slots) >= 0  # no n-gram crosses a media span
     last_BV, cache, rows_BPC = _prefill(model, variables, tokens_BP, None, cache, None,
-                                        None if engram is None else engram.step(tokens_BP))
+                                        None if engram is None else engram.step(tokens_BP, dead_BP), media)
     y_B = jnp.argmax(last_BV, axis=-1).astype(jnp.int32)
     state, n_new, pos = dspark.init_draft_state(cfg, B), P, P  # pos: y's position
     out, done = [[] for _ in range(B)], np.zeros(B, bool)
