@@ -126,3 +126,67 @@ def representable(family: str, unsupported: dict[str, object]) -> None:
         fields = ", ".join(f"model.{k} = {v!r}" for k, v in unsupported.items())
         raise ConversionError(f"a {family} config.json cannot express {fields}: this model has no checkpoint in "
                               "that family's format (it can still be saved and restored with Orbax)")
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V4.1's vision tower: `vision_config` (+ top-level `image_token_id`) <-> model.vision
+# ----------------------------------------------------------------------------------------------
+
+# VisionConfig field -> (transformers' `vision_config` key, inference/config.json key); HF class defaults are the
+# released values (DeepseekV41VisionConfig @a290b39f), as are VisionConfig's
+VISION_KEYS = {
+    "hidden_size": ("hidden_size", "vision_dim"), "num_heads": ("num_attention_heads", "vision_n_heads"),
+    "intermediate_size": ("intermediate_size", "vision_inter_dim"),
+    "num_layers": ("num_hidden_layers", "vision_n_layers"), "patch_size": ("patch_size", "vision_patch_size"),
+    "downsample_ratio": ("downsample_ratio", "vision_downsample_ratio"),
+    "rope_theta": ("rope_theta", "vision_rope_theta"), "min_pixels": ("min_pixels", "vision_min_pixels"),
+    "max_image_tokens": ("max_image_tokens", "vision_max_n_token"),
+    "max_wh_ratio": ("max_wh_ratio", "vision_max_wh_ratio"),
+    "norm_eps": ("rms_norm_eps", "vision_norm_eps"),  # not in transformers' class (fixed 1e-6 as released): ours
+}  # fmt: skip
+IMAGE_TOKEN_ID = 129264  # transformers' DeepseekV41Config default (`<｜deepseek_image｜>`)
+
+
+def vision_from_json(hf: Mapping):
+    """model.vision from a composite config.json (`vision_config`, top-level `image_token_id`) or a flat
+    inference/config.json (`vision_*` keys); None when the checkpoint has no vision tower."""
+    from deepseek_jax.config.errors import ConfigError
+    from deepseek_jax.config.media import VisionConfig
+
+    if "text_config" in hf or "vision_config" in hf:
+        section, where, k = hf.get("vision_config"), "config.json vision_config", 0
+        if section is None:
+            return None
+        check_keys(section, {key for key, _ in VISION_KEYS.values()} | {"model_type"}, where)
+        expect(section, "model_type", ("deepseek_v41_vision", None), None, where)
+    else:
+        section, where, k = hf, "config.json", 1
+        if not any(str(key).startswith("vision_") for key in hf):
+            return None
+        unknown = sorted(key for key in hf if str(key).startswith("vision_")
+                         and key not in {flat for _, flat in VISION_KEYS.values()})
+        if unknown:
+            raise ConversionError(f"{where}: fields {unknown} are not implemented by this converter")
+    fields = {f: section[keys[k]] for f, keys in VISION_KEYS.items() if section.get(keys[k]) is not None}
+    if not isinstance(fields.get("max_wh_ratio", 0), int) or isinstance(fields.get("max_wh_ratio"), bool):
+        raise ConversionError(f"{where}: max_wh_ratio = {fields['max_wh_ratio']!r} must be an integer or null")
+    fields.update({f: float(fields[f]) for f in ("rope_theta", "norm_eps") if f in fields})
+    try:
+        return VisionConfig(image_token_id=int(hf.get("image_token_id", IMAGE_TOKEN_ID)), **fields)
+    except (ConfigError, TypeError) as e:
+        raise ConversionError(f"{where}: {e}") from None
+
+
+def vision_to_json(vision) -> dict:
+    """The composite config.json's `vision_config` section and top-level `image_token_id` of model.vision."""
+    representable("DeepSeek-V4.1", {k: v for k, v, ok in (
+        ("vision.aligner_hidden", vision.aligner_hidden, vision.aligner_hidden == 0),
+        ("vision.pad_value", vision.pad_value, vision.pad_value == 127)) if not ok})
+    section = {"model_type": "deepseek_v41_vision"}
+    for field, (key, _) in VISION_KEYS.items():
+        value = getattr(vision, field)
+        if field == "max_wh_ratio":
+            value = value or None  # 0 = no cap = transformers' None
+        if field != "norm_eps" or value != 1e-6:
+            section[key] = value
+    return {"vision_config": section, "image_token_id": vision.image_token_id}

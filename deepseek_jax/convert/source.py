@@ -170,17 +170,18 @@ def open_source(directory: str | Path, **overrides) -> Source:
     files = SafetensorsDir(directory)
     refs = _refs(files, family)
     notes = []
-    for d in family.dropped:  # tensors this model does not hold: one note each
-        hits = sorted(n for n in refs if re.fullmatch(d.pattern, n))
-        if hits:
-            notes.append(f"{directory}: {len(hits)} {d.what} tensors ({hits[0]}, ...) are skipped")
     if cfg.num_nextn_predict_layers and not any(family.is_mtp(n, cfg.n_layers) for n in refs):
         notes.append(f"{directory} holds no MTP tensors (config.json says num_nextn_predict_layers="
                      f"{cfg.num_nextn_predict_layers}): the model is loaded without MTP")
         cfg = family.config_from_json(hf, **{**overrides, "num_nextn_predict_layers": 0})
     layout = _pick_layout(family, cfg, set(refs), directory)
     src = Source(directory, hf, family, cfg, layout, files, refs, quant_block(hf), notes)
-    check_names(set(refs), {e.name(layout) for e in src.entries()}, family.ignored, str(directory))
+    expected = {e.name(layout) for e in src.entries()}
+    for d in family.dropped:  # tensors this model does not hold (not those it maps): one note each
+        hits = sorted(n for n in refs if re.fullmatch(d.pattern, n) and n not in expected)
+        if hits:
+            notes.append(f"{directory}: {len(hits)} {d.what} tensors ({hits[0]}, ...) are skipped")
+    check_names(set(refs), expected, family.ignored, str(directory))
     return src
 
 

@@ -10,7 +10,9 @@ Layouts (shared/reference/deepseek_v41_architecture.md §4.2-§4.3):
 - "hf": transformers' vision-language revision in memory (`model.language_model.layers.{i}.self_attn.
   q_a_proj`, `attn_hc.fn`, fused `mlp.experts.gate_up_proj`, `model.language_model.engram_tables.{i}`,
   `.weight_scale_inv`) [unconfirmed: inferred from module names, reference §4.3]. Read only.
-transformers loads no DSpark: every layout keeps `mtp.{k}.`. Vision tensors are skipped with one note.
+transformers loads no DSpark: every layout keeps `mtp.{k}.`. Vision (`vision_config` -> model.vision): `vision.*`,
+`aligner.*`, `image_*` (§4.2) -> `media/`; hf_text: under `model.` (ours: that revision has none), hf: `model.visual.`,
+attn.qkv / attn.proj [unconfirmed, §4.3]. A checkpoint without a vision_config: skipped with a note.
 Ours: kv sources hold the compressor (with the release's `attn.indexer.wk` / `k_norm`), index sources the
 indexer queries; w_kv[x, u, d] = wkv[u·D + d, x]; tables get zero rows up to `table_rows` (import only).
 The release's dtypes and blocks per tensor: convert/v41_release.py (what `convert export --quant fp8` writes).
@@ -22,7 +24,7 @@ import numpy as np
 
 from deepseek_jax.config import MHCConfig, ModelConfig, MoEConfig, RopeConfig, V4AttentionConfig
 from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
-from deepseek_jax.convert import v4
+from deepseek_jax.convert import config_json, v4
 from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.table import Dropped, Family, Rule, Scope
@@ -115,8 +117,38 @@ GLOBAL = tuple(Rule((ours,), dict(zip(LAYOUTS, names)), *fns) for ours, names, f
     ("embedding", ("embed.weight", "model.embed.weight", "model.language_model.embed_tokens.weight"), VEC),
     ("final_norm/scale", ("norm.weight", "model.norm.weight", "model.language_model.norm.weight"), VEC),
     ("w_head", ("head.weight", "lm_head.weight", "lm_head.weight"), LIN)))
-VISION = r"(model\.)?(vision|visual|aligner)\..+|(model\.)?image_(start|end|newline)(\.weight)?"
-DROPPED = (Dropped(VISION, "vision tower / aligner / image delimiter (the vision path is not converted yet)"),)
+DROPPED = (Dropped(r"(model\.)?(vision|visual|aligner)\..+|(model\.)?image_(start|end|newline)(\.weight)?",
+                   "vision tower / aligner / image delimiter (config.json has no vision_config)"),)
+
+
+def _v(ours: str, official: str, hf: str | None = None, fns=VEC) -> Rule:  # a vision rule; hf_text = official
+    return Rule((ours,), {"official": official, "hf_text": official, "hf": hf or official}, *fns)
+
+
+def _split(n):  # fused [n·Out, In] <-> ours [In, n, ...]: qkv [3W, W] -> [W, 3, N, Y]; w1 [2F, W] -> [W, 2, F]
+    return (lambda a, c: (a.T.reshape(a.shape[1], *n(c), -1),), lambda w, c: w.reshape(w.shape[0], -1).T)
+
+
+def _lead(n):  # [Out, n·k] <-> ours [n, k, Out]: wo [W, N·Y] -> [N, Y, W]; aligner.w1 [F, W·r²] -> [W, r², F]
+    return (lambda a, c: (a.T.reshape(n(c), -1, a.shape[0]),), lambda w, c: w.reshape(-1, w.shape[-1]).T)
+
+
+N = lambda c: c.vision.num_heads  # noqa: E731
+QKV_BIAS = (lambda a, c: (a.reshape(3, N(c), -1),), lambda w, c: w.reshape(-1))  # [3W] <-> [3, N, Y]
+VISION_TOWER = (_v("w_patch", "patch_embed.proj.weight", fns=LIN), _v("b_patch", "patch_embed.proj.bias"),
+                _v("norm/scale", "norm.weight"))
+VISION_BLOCK = (
+    _v("norm1/scale", "norm1.weight"), _v("norm2/scale", "norm2.weight"),
+    _v("attn/w_qkv", "attn.wqkv.weight", "attn.qkv.weight", _split(lambda c: (3, N(c)))),
+    _v("attn/b_qkv", "attn.wqkv.bias", "attn.qkv.bias", QKV_BIAS),
+    _v("attn/w_o", "attn.wo.weight", "attn.proj.weight", _lead(N)), _v("attn/b_o", "attn.wo.bias", "attn.proj.bias"),
+    _v("mlp/w_gate_up", "mlp.w1.weight", fns=_split(lambda c: (2,))), _v("mlp/w_down", "mlp.w2.weight", fns=LIN),
+)
+MEDIA = (_v("aligner/w1", "aligner.w1.weight", fns=_lead(lambda c: c.vision.hidden_size)),
+         _v("aligner/b1", "aligner.w1.bias"), _v("aligner/w2", "aligner.w2.weight", fns=LIN),
+         _v("aligner/b2", "aligner.w2.bias"), *(_v(n, n) for n in ("image_start", "image_newline", "image_end")))
+
+
 SKIPPED = (r"model\.layers\.\d+\.engram\.embed\.scale",)  # hf_text: a float table's scale, unused by transformers
 
 
@@ -139,6 +171,13 @@ def scopes(cfg: ModelConfig):
                     STAGE_KIND, cfg.dspark.n_routed_experts)
     for k, rules in ((0, DSPARK_FIRST), (K - 1, DSPARK_LAST)) if K else ():
         yield Scope(("dspark",), None, dict.fromkeys(LAYOUTS, f"mtp.{k}."), rules, STAGE_KIND)
+    if cfg.vision is not None:  # the ViT (blocks along its scan axis), the aligner, the delimiters: our `media/`
+        tower = {"official": "vision.", "hf_text": "model.vision.", "hf": "model.visual."}
+        yield Scope(("media", "vision"), None, tower, VISION_TOWER, STAGE_KIND)
+        for b in range(cfg.vision.num_layers):
+            prefix = {lay: f"{p}blocks.{b}." for lay, p in tower.items()}
+            yield Scope(("media", "vision", "blocks"), b, prefix, VISION_BLOCK, STAGE_KIND)
+        yield Scope(("media",), None, {"official": "", "hf_text": "model.", "hf": "model."}, MEDIA, STAGE_KIND)
     yield Scope((), None, dict.fromkeys(LAYOUTS, ""), GLOBAL, STAGE_KIND)
 
 
@@ -173,7 +212,7 @@ _READ = {
 
 
 def text_config(hf) -> dict:
-    """The text model's keys from any of the three forms (the vision config is not read: not converted)."""
+    """The text model's keys from any of the three forms (the vision config: config_json.vision_from_json)."""
     if "text_config" in hf:
         check_keys(hf, {"text_config", "vision_config", "image_token_id", "quantization_config", "tie_word_embeddings"})
         expect(hf, "tie_word_embeddings", (False, None), None)
@@ -299,13 +338,14 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             weight_before_down=True, gate_temp=float(t.get("gate_temp", 1.0)), vl_bias=True,
         ),
         shared_kv=shared, engram=_engram(t), dspark=_dspark(t, n, n_mtp, shared.kv_source_layers),
+        vision=config_json.vision_from_json(hf),
     )
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
 def config_to_json(cfg: ModelConfig) -> dict:
-    """The composite config.json (DeepseekV41Config, `text_config` keys as released, no vision) for our
+    """The composite config.json (DeepseekV41Config, `text_config` keys as released, `vision_config`) for our
     config; read back by `config_from_json` up to our compute-only fields (dtype, moe.impl / dispatch,
     v4.q_block, shared_kv.qat, engram optimizer settings) and `inter_dim` (= moe_inter_dim)."""
     v, mo, r, s, n, e, d = cfg.v4, cfg.moe, cfg.rope, cfg.shared_kv, cfg.n_layers, cfg.engram, cfg.dspark
@@ -320,6 +360,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
         ("num_nextn_predict_layers (MTP without dspark)", cfg.num_nextn_predict_layers,
          d is not None or cfg.num_nextn_predict_layers == 0),
         ("compress_ratios (DSpark)", cfg.compress_ratios[n:], not any(cfg.compress_ratios[n:])),
+        ("video", cfg.video, cfg.video is None), ("audio", cfg.audio, cfg.audio is None),  # our extensions
     ) if not ok})
     yarn = {"rope_type": "yarn", "factor": r.rope_factor, "original_max_position_embeddings": r.original_seq_len,
             "beta_fast": r.beta_fast, "beta_slow": r.beta_slow}
@@ -345,7 +386,8 @@ def config_to_json(cfg: ModelConfig) -> dict:
                     engram_pad_token_id=e.pad_id, **{key: getattr(e, k) for k, (key, _) in _ENGRAM.items()})
     if d is not None:
         text.update({key: getattr(d, k) for k, (key, _) in _DSPARK.items()})
-    return dict(architectures=["DeepseekV41ForCausalLM"], model_type="deepseek_v41", text_config=text)
+    vision = {} if cfg.vision is None else config_json.vision_to_json(cfg.vision)
+    return dict(architectures=["DeepseekV41ForCausalLM"], model_type="deepseek_v41", text_config=text, **vision)
 
 
 FAMILY = Family(

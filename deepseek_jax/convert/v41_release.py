@@ -7,7 +7,7 @@ what `convert export --quant fp8 | release` writes for this family (exporter.py 
   table  Engram tables: F8_E4M3 [rows, H] + F8_E8M0 [rows, ⌈H/32⌉] (1×32 blocks: each row quantises on its
          own, so a table is quantised and written in row chunks, `ROWS`)
   f32    mHC, attention sinks, gate bias and bias_vl;   bf16: the rest (embed, head, norms, compressor,
-         indexer wk / weights_proj, gate, Engram q_weight / k_weight, DSpark heads)
+         indexer wk / weights_proj, gate, Engram q_weight / k_weight, DSpark heads, vision, aligner)
 Names are matched on the official spelling; a tensor written in another layout (hf_text: `model.` + the
 official names) is passed as `out`, and its scale is `out` minus `.weight` plus `.scale`.
 """
@@ -23,7 +23,7 @@ from deepseek_jax.convert.formats import quantize_fp4, quantize_fp8
 FP8_BLOCK, TABLE_BLOCK = (32, 32), (1, 32)  # release tiles: dense weights; Engram table rows
 FP4_NAMES = r"(^|\.)ffn\.experts\.\d+\.w[123]\.weight$"
 TABLE_NAMES = r"(^|\.)engram\.embed\.weight$"
-FP8_NAMES = r"^(?!.*compressor\.).*\.(wq_a|wq_b|wkv|wo_a|wo_b|w1|w2|w3|main_proj)\.weight$"
+FP8_NAMES = r"^(?!.*compressor\.|vision\.|aligner\.).*\.(wq_a|wq_b|wkv|wo_a|wo_b|w1|w2|w3|main_proj)\.weight$"
 F32_NAMES = r"(^|\.)hc_|attn_sink$|ffn\.gate\.bias(_vl)?$"
 ROWS = TABLE_NAMES  # quantised row by row: the exporter streams these in row chunks
 # config.json `quantization_config` of the release (reference §1.1)

@@ -2,8 +2,8 @@
 
 - Full size (configs/model/deepseek_v41_flash.yaml, nothing allocated): the official entries with the
   release's storage give exactly the inventory of shared/reference/deepseek_v41_architecture.md §4.1:
-  96,085 keys (2,401 under `mtp.`) minus the 266 vision / aligner / delimiter keys (§4.2: patch embed 2,
-  32 ViT blocks × 8, final norm 1, aligner 4, delimiters 3) = 95,819; sampled shapes and dtypes.
+  96,085 keys (2,401 under `mtp.`; 266 vision / aligner / delimiter keys, §4.2: patch embed 2, 32 ViT
+  blocks × 8, final norm 1, aligner 4, delimiters 3: tests/convert/test_v41_vision.py); sampled shapes and dtypes.
 - Tiny (configs/model/tiny_v41.yaml, random weights): every layout round-trips exactly in memory and
   through `convert import` / `convert export` files; the release-format quantised export (FP8 32×32,
   FP4 experts, FP8 Engram rows 1×32, all E8M0) imports to exactly its own dequantised values; Engram
@@ -139,7 +139,8 @@ def test_full_size_official_inventory(flash):
     cfg, ents, abstract, shapes = flash
     assert converter(cfg) is v41.FAMILY
     stored = {n: (d, s) for e, shape in zip(ents, shapes) for n, d, s in v41.release_specs(e.name("official"), shape)}
-    assert len(stored) == RELEASE_KEYS - VISION_KEYS == 95_819
+    assert len(stored) == RELEASE_KEYS
+    assert sum(n.startswith(("vision.", "aligner.", "image_")) for n in stored) == VISION_KEYS
     assert sum(n.startswith("mtp.") for n in stored) == RELEASE_MTP_KEYS
     want = {
         "layers.20.attn.wq_b.weight": ("F8_E4M3", (32768, 1280)), "layers.20.attn.wq_b.scale": ("F8_E8M0", (1024, 40)),
@@ -310,7 +311,7 @@ def test_config_json_round_trip(name):
     hf = json.loads(json.dumps(v41.config_to_json(cfg)))
     assert family_of(hf) is v41.FAMILY
     assert _like(v41.config_from_json(hf), cfg) == cfg
-    assert _like(v41.config_from_json(hf["text_config"]), cfg) == cfg  # a bare text config too
+    assert _like(v41.config_from_json(hf["text_config"], vision=cfg.vision), cfg) == cfg  # a bare text config
 
 
 def test_released_config_forms_give_the_flash_yaml():
@@ -318,10 +319,10 @@ def test_released_config_forms_give_the_flash_yaml():
     assert family_of(FLASH_INFERENCE) is v41.FAMILY
     for hf in (FLASH_CONFIG, FLASH_INFERENCE):
         assert _like(v41.config_from_json(hf), cfg) == cfg
-    text = {k: v for k, v in FLASH_TEXT.items() if k not in SCHEDULE}
-    assert _like(v41.config_from_json(text), cfg) == cfg  # transformers' defaults give the released schedule
+    text = {k: v for k, v in FLASH_TEXT.items() if k not in SCHEDULE}  # (bare text configs carry no vision)
+    assert _like(v41.config_from_json(text, vision=cfg.vision), cfg) == cfg  # the defaults give the released schedule
     mtp = {**FLASH_TEXT, "compress_ratios": FLASH_TEXT["compress_ratios"][:40]}  # with or without DSpark entries
-    assert _like(v41.config_from_json(mtp), cfg) == cfg
+    assert _like(v41.config_from_json(mtp, vision=cfg.vision), cfg) == cfg
     no_mtp = v41.config_from_json(FLASH_CONFIG, num_nextn_predict_layers=0)
     assert no_mtp.dspark is None and len(no_mtp.compress_ratios) == 40
 
