@@ -1,25 +1,40 @@
 """Sharding on 8 fake CPU devices: every mesh file gives the single-device loss, gradients and
 balance statistics (layout invariance; the tiny V3.2's DSA blocks on two mesh files that split
-its indexer's heads, weights and batch; the tiny V4 with every block kind on fsdp_ep and fsdp_tp);
-parameter partition specs of the tiny V3, V3.2 and V4 match the golden files; the compiled fsdp_ep
-step holds the dispatch collectives and never gathers the experts over the expert axis; the mesh
-files are complete; only sharding.py names mesh axes."""
+its indexer's heads, weights and batch; the tiny V4 with every block kind, the tiny V4.1, and a
+tiny V4.1 reading images, a video and audio, each on fsdp_ep and fsdp_tp); parameter partition specs
+of the tiny models (the multimodal one's media front-ends included) match the golden files; V4.1-Flash's
+media parameters shard sensibly on every mesh file; the compiled fsdp_ep step holds the dispatch
+collectives and never gathers the experts over the expert axis; the mesh files are complete; only
+sharding.py names mesh axes."""
 
 import ast
+import base64
+import functools
 import importlib.util
+import io
 import re
+import wave
+from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 import yaml
+from PIL import Image
 
 from deepseek_jax.axes import LOGICAL_AXES
 from deepseek_jax.config import MESH_AXES, ConfigError, load_config
 from deepseek_jax.engram_hash import engram_layout, hash_rows
+from deepseek_jax.media import slots as S
+from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row
 from deepseek_jax.models import build_model
-from deepseek_jax.sharding import activate, batch_sharding, logical_shardings, make_mesh, rules
+from deepseek_jax.models.media import MediaEmbed, init_media
+from deepseek_jax.plan.analytic import spec_axes
+from deepseek_jax.sharding import abstract_mesh, activate, batch_sharding, logical_shardings, make_mesh, rules
+from deepseek_jax.tokenizer import Tokenizer
 from deepseek_jax.train import loss_fn
 from tests.utils import ROOT, TOL, assert_close, assert_close_to_scale
 
@@ -70,6 +85,22 @@ V41_SMALL = [
 ]
 SMALLS = {"tiny": SMALL, "tiny_v32": V32_SMALL, "tiny_v4": V4_SMALL, "tiny_composed": COMPOSED_SMALL,
           "tiny_v41": V41_SMALL}
+# ... reading images, video and audio (on top of V41_SMALL), cut to 3 layers (sliding window; a ratio-2
+# kv and index source with Engram before it; the ratio-1 kv and candidate source) without DSpark (which
+# never sees the media; the 9-layer test above covers it) so that a compile takes ~5 s: a 2-block ViT
+# (W=32, 2 heads, 4-pixel patches, 2×2 aligner windows), 4 video frame delimiters, audio at 8 kHz (16
+# mels, two stride-2 convs, C=32). W, F, C and the heads divide the fsdp / tensor splits; the
+# placeholders are the last 3 ids of V=512
+V41_MEDIA = [
+    "model.n_layers=3", "model.num_nextn_predict_layers=0", "model.dspark=null", "model.compress_ratios=[0,2,1]",
+    "model.shared_kv.kv_source_layers=[1,2]", "model.shared_kv.index_source_layers=[1,2]",
+    "model.shared_kv.candidate_source_layer=2", "model.engram.layer_ids=[1]", "model.engram.num_embeddings=[8214]",
+    "model.vision={image_token_id: 509, hidden_size: 32, num_heads: 2, intermediate_size: 64, num_layers: 2, "
+    "patch_size: 4, downsample_ratio: 2, min_pixels: 16, max_image_tokens: 16}",
+    "model.video={video_token_id: 510, fps: 2.0, max_frames: 4, frame_max_tokens: 4}",
+    "model.audio={audio_token_id: 511, sample_rate: 8000, n_fft: 200, hop_length: 80, n_mels: 16, fmin: 100.0, "
+    "fmax: 4000.0, conv_channels: 32, conv_strides: [2, 2], max_seconds: 0.2}",
+]
 # XLA:CPU spends most of a compile in LLVM's optimisation passes; without them the tiny models compile
 # ~3x faster and run about as fast (the HLO passes, SPMD partitioning included, are unchanged)
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -100,9 +131,72 @@ def make_batch(cfg) -> dict:
     return batch
 
 
+def _b64(image_or_frames=None, wave_=None, rate: int = 8000) -> dict:
+    """A PNG (one uint8 [H, W, 3] array), GIF (a list of them, 500 ms per frame) or 16-bit WAV as bytes_b64."""
+    buf = io.BytesIO()
+    if wave_ is not None:
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes((np.clip(wave_, -1, 1) * 32767).astype("<i2").tobytes())
+    elif isinstance(image_or_frames, list):
+        first, *rest = [Image.fromarray(f) for f in image_or_frames]
+        first.save(buf, "GIF", save_all=True, append_images=rest, duration=500, loop=0)
+    else:
+        Image.fromarray(image_or_frames).save(buf, "PNG")
+    return {"bytes_b64": base64.b64encode(buf.getvalue()).decode()}
+
+
+MEDIA_WORDS = "which digit ? three hear this watch left a b".split()
+
+
+def media_rows() -> list[list[dict]]:
+    """One record per row (V4.1 attends by row position): images (a 12×20 picture = a 3×5 patch grid
+    whose 2×2 windows pad to a 2×3 LLM grid, 8×8 and 16×16 ones), a 2-frame video of 8×8 frames (1×1
+    grids), clips of 0.1 / 0.15 / 0.2 s (3 / 4 / 6 tokens), all three in row 3, text only in row 5."""
+    rng = np.random.default_rng(0)
+    pic = lambda h, w: {"image": _b64(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))}  # noqa: E731
+    video = lambda: {"video": _b64([rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)])}  # noqa: E731
+    tone = lambda s, f: {"audio": _b64(wave_=0.3 * np.sin(2 * np.pi * f * np.arange(int(s * 8000)) / 8000)  # noqa: E731
+                                       + 0.05 * rng.standard_normal(int(s * 8000)))}
+    text = lambda words, loss=True: {"text": words, "loss": loss}  # noqa: E731
+    return [
+        [text("which digit ?", False), pic(12, 20), text("three")],
+        [text("watch", False), video(), text("left a b")],
+        [text("hear this", False), tone(0.1, 697), text("a b")],
+        [pic(12, 20), video(), tone(0.1, 1209), text("three left")],
+        [pic(8, 8), text("a"), pic(8, 8), tone(0.2, 941), text("b")],
+        [text("which digit ? three a b left watch hear this")],
+        [text("a", False), pic(16, 16), text("three")],
+        [tone(0.1, 770), tone(0.15, 1336), text("hear this")],
+    ]
+
+
+def make_media_batch(cfg) -> dict:
+    """`media_rows` through the host path (media.encode RecordEncoder / collate_row, a word-level
+    tokenizer) into [B, ...] arrays, with the Engram rows hashed with media spans dead (as the pipeline)."""
+    vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2, **{w: 3 + 47 * i for i, w in enumerate(MEDIA_WORDS)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    encoder = RecordEncoder(cfg.model, Tokenizer(tok, Path("words")))
+    budget = MediaBudget.for_model(cfg.model, max_patches=24, max_image_rows=8, max_audio_clips=2, max_audio_frames=21)
+    records = [encoder.encode({"segments": segs}, ROOT, f"row {b}") for b, segs in enumerate(media_rows())]
+    assert len(records) == cfg.data.global_batch_size
+    rows = [collate_row([rec], cfg.data.seq_len, budget, pad_id=1) for rec in records]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    layout, dead_BT = engram_layout(cfg.model.engram), batch["media_slots"] >= 0
+    batch["engram_rows"] = hash_rows(layout, np.arange(cfg.model.vocab_size), batch["tokens"], batch["segment_ids"],
+                                     dead_BT)
+    return batch
+
+
 # the fan-in dims (among the non-stacking ones) of weights whose fan-in is not the first dim: V4's
-# grouped output W_oa [W, P, X, Y] and W_ob [W, Y, D] and the mHC mixing φ [I, D, Z]
-FAN_IN = {"w_oa": slice(1, 3), "w_ob": slice(0, 2), "fn": slice(0, 2)}
+# grouped output W_oa [W, P, X, Y] and W_ob [W, Y, D] and the mHC mixing φ [I, D, Z]; by full path, the
+# ViT's W_o [N, Y, W], the aligner's W1 [W, r², F] and the audio convolutions [3, I, C]
+FAN_IN = {"w_oa": slice(1, 3), "w_ob": slice(0, 2), "fn": slice(0, 2), "params/media/aligner/w1": slice(0, 2),
+          "params/media/vision/blocks/attn/w_o": slice(0, 2), "params/media/audio/w_conv0": slice(0, 2),
+          "params/media/audio/w_conv1": slice(0, 2)}
 
 
 def init_variables(cfg):
@@ -123,7 +217,7 @@ def init_variables(cfg):
         if name.endswith(("/scale", "/bias")):
             return np.full(shape, 1.0 if name.endswith("scale") else 0.0, np.float32)
         dims = [n for n, a in zip(shape, leaf.names) if a not in ("layers", "experts")]
-        fan_in = int(np.prod(dims[FAN_IN.get(name.rsplit("/", 1)[-1], slice(0, 1))]))
+        fan_in = int(np.prod(dims[FAN_IN.get(name, FAN_IN.get(name.rsplit("/", 1)[-1], slice(0, 1)))]))
         std = 1.0 if name.endswith("embedding") else fan_in**-0.5
         return (std * rng.standard_normal(shape)).astype(np.float32)
 
@@ -139,10 +233,10 @@ def grad_fn(model, cfg):
     return jax.jit(f)
 
 
-def single_device(cfg):
-    """Loss, terms, expert counts and gradients on one device, no mesh."""
+def single_device(cfg, batch: dict | None = None):
+    """Loss, terms, expert counts and gradients on one device, no mesh (on `make_batch` by default)."""
     model, v = init_variables(cfg)
-    batch = make_batch(cfg)
+    batch = make_batch(cfg) if batch is None else batch
     args = (v["params"], v["router"], batch)
     out, grads = grad_fn(model, cfg).lower(*args).compile(FAST_COMPILE)(*args)
     return v, batch, jax.device_get(out), jax.device_get(grads)
@@ -199,7 +293,8 @@ def compare(out, grads, ref_out, ref_grads, what, scale_floors=None, rtols=None)
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         if name in scale_floors:
             floor = max(scale_floors[name], float(np.max(np.abs(g_ref))))
-            assert_close(g / floor, g_ref / floor, rtol=tol["rtol"], atol=tol["rtol"], what=f"{what}: grad {name} / {floor:g}")
+            assert_close(g / floor, g_ref / floor, rtol=tol["rtol"], atol=tol["rtol"],
+                         what=f"{what}: grad {name} / {floor:g}")
         else:
             rtol = next((r for frag, r in rtols.items() if frag in name), tol["rtol"])
             assert_close_to_scale(g, g_ref, rtol, what=f"{what}: grad {name}")
@@ -259,6 +354,29 @@ def test_layout_invariance_v41(mesh, reference_v41):
     compare(out, grads, ref_out, ref_grads, f"tiny_v41/{mesh}", rtols={"/engram/": 1e-2})
 
 
+@pytest.fixture(scope="module")
+def reference_v41_media():
+    cfg = small_cfg("single", *V41_MEDIA, model="tiny_v41")
+    return single_device(cfg, make_media_batch(cfg))
+
+
+@pytest.mark.parametrize("mesh", slow_unless(V4_MESHES, ("fsdp_tp",)))  # fsdp_ep: ~5 s (~25 s on a busy host)
+def test_layout_invariance_v41_media(mesh, reference_v41_media):
+    """The tiny V4.1 reading images, a video and audio (ViT + aligner, audio front-end, delimiters and
+    frame vectors merged into the spans; router bias_vl and Engram gated off there): loss terms, expert
+    counts and gradients, the media front-ends' included, equal the single-device ones."""
+    v, batch, ref_out, ref_grads = reference_v41_media
+    slots = set(np.unique(batch["media_slots"]).tolist())
+    assert slots == {S.TEXT, *range(S.N_SLOTS)}, f"slot codes in the batch: {sorted(slots)}"
+    assert (batch["unshuffle"] == -1).any() and (batch["patch_pic"] == -1).any() and (batch["mel_len"] == 0).any()
+    silent = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(ref_grads["media"])
+              if not np.any(g)]
+    assert not silent, f"media parameters without gradient: {silent}"
+    _, out, grads, _ = run_on_mesh(small_cfg(mesh, *V41_MEDIA, model="tiny_v41"), v, batch)
+    # as the text V4.1: every term and gradient at rtol 1e-5, the Engram weights at 1e-2 (its gate's slope)
+    compare(out, grads, ref_out, ref_grads, f"tiny_v41_media/{mesh}", rtols={"/engram/": 1e-2})
+
+
 @pytest.mark.parametrize("dispatch", slow_unless(["a2a", "dense"], ("a2a",)))  # dense: ~2 s warm, ~5 s cold
 def test_layout_invariance_dropless_dispatch_fsdp_ep(dispatch, reference):
     """The other CPU strategies at capacity_factor=0 (dropless) on the whole model."""
@@ -304,6 +422,44 @@ def test_golden_partition_specs(mesh, model):
         f"partition specs under {mesh} changed; if intended, run python tests/golden/regenerate_shardings.py "
         "and review the diff"
     )
+
+
+@functools.cache
+def flash_media_params():
+    """V4.1-Flash's model config with a video and an audio front-end at their default sizes added (the
+    release has vision only), and 'name' -> (shape, logical axes) of its media parameters (MediaEmbed
+    alone, initialised abstractly)."""
+    model = load_config([ROOT / "configs/model/deepseek_v41_flash.yaml"],
+                        ["model.video={video_token_id: 129265}", "model.audio={audio_token_id: 129266}"]).model
+    x_BTD = jax.ShapeDtypeStruct((1, 8, model.dim), jnp.float32)
+    boxed = jax.eval_shape(MediaEmbed(model).init, jax.random.key(0), x_BTD, init_media(model, 8))["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return model, {"/".join(k.key for k in path): (leaf.value.shape, leaf.names) for path, leaf in leaves}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_media_params_shard_sensibly(mesh):
+    """V4.1-Flash's media front-ends on 256 devices (abstract mesh): the ViT blocks stack on a leading
+    `layers` axis; an `embed` dim is the ViT width W (tower, aligner input) or the LM width D (aligner
+    output, audio, delimiters, frame vectors); every split divides its dim evenly; and every weight of
+    >= 1 MiB is split at least as many ways as the mesh splits `embed` (as the text model's weights are)."""
+    model, params = flash_media_params()
+    mesh_cfg = load_config([ROOT / "configs/model/tiny.yaml", ROOT / f"configs/mesh/{mesh}.yaml"]).mesh
+    sizes, mesh_rules = abstract_mesh(mesh_cfg, 256).shape, rules(mesh_cfg)
+    ways = lambda entry: int(np.prod([sizes[a] for a in spec_axes([entry])]))  # noqa: E731
+    embed_ways = ways(nn.logical_to_mesh_axes(("embed",), mesh_rules)[0])
+    assert {"vision/blocks/attn/w_qkv", "aligner/w1", "audio/w_proj2", "image_newline", "video_frame"} <= set(params)
+    for name, (shape, names) in params.items():
+        if name.startswith("vision/blocks/"):
+            assert names[0] == "layers" and shape[0] == model.vision.num_layers, f"{name}: {names} {shape}"
+        else:
+            assert "layers" not in names, f"{name}: {names}"
+        width = model.vision.hidden_size if name.startswith("vision/") or name == "aligner/w1" else model.dim
+        assert all(n == width for n, a in zip(shape, names) if a == "embed"), f"{name}: {shape} {names} (width {width})"
+        spec = nn.logical_to_mesh_axes(names, mesh_rules)
+        assert all(n % ways(e) == 0 for n, e in zip(shape, spec)), f"{mesh}: {name} {shape} split {spec}"
+        if np.prod(shape) * 4 >= 2**20:
+            assert np.prod([ways(e) for e in spec]) >= embed_ways, f"{mesh}: {name} {shape} split only {spec}"
 
 
 @pytest.mark.parametrize("mesh", MESHES)

@@ -90,13 +90,17 @@ def _weight_parts(p: Program, tokens: set[str], expert: set[str]) -> list[Part]:
     A weight split over token axes (those splitting the batch or sequence) is all-gathered over them
     in the forward and again in the backward, and its gradient reduce-scattered over them; over
     token axes that do not split it, the gradient is all-reduced. Routed experts skip both over
-    their expert axes (tokens travel).
+    their expert axes (tokens travel). The media front-ends (`media/`) only run on a batch with media
+    (data.media): on a text batch their weights are never read, and XLA moves none of them.
     """
     mesh, logical, parts = p.mesh, param_shapes(p.cfg.model), []
+    media_batch = p.cfg.data.media is not None
     leaves = jax.tree_util.tree_leaves_with_path(p.abstract_state.params)
     for (path, a), sh in zip(leaves, jax.tree.leaves(p.state_shardings.params), strict=True):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         if name.endswith("engram/table"):  # never gathered: `_engram_parts`
+            continue
+        if name.startswith("media/") and not media_batch:
             continue
         axes = logical[name][1]
         k = a.shape[0] if "layers" in axes else 1  # one collective per layer of a scanned stack

@@ -1,5 +1,6 @@
 """Writes tests/golden/shardings/<model>__<mesh>.txt: the partition spec of every parameter of the
-tiny V3, V3.2, V4 and V4.1 models (and of their `router` collection: selection biases, V4's tid2eid
+tiny V3, V3.2, V4 and V4.1 models and the tiny multimodal model (its media front-ends under `media/`:
+ViT, aligner, audio, delimiters) and of their `router` collection (selection biases, V4's tid2eid
 tables) under each configs/mesh/*.yaml on 8 devices (an abstract mesh: no device is needed).
 
     python tests/golden/regenerate_shardings.py      # then review `git diff tests/golden`
@@ -18,7 +19,8 @@ import jax
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).resolve().parent / "shardings"
-MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml" for name in ("tiny", "tiny_v32", "tiny_v4", "tiny_composed", "tiny_v41")}
+MODELS = {name: ROOT / "configs" / "model" / f"{name}.yaml"
+          for name in ("tiny", "tiny_v32", "tiny_v4", "tiny_composed", "tiny_v41", "tiny_multimodal")}
 N_DEVICES = 8
 
 
@@ -44,7 +46,8 @@ def render(model_name: str, mesh_path: Path) -> str:
     for collection in ("params", "router"):
         specs = nn.get_partition_spec(boxed[collection])
         mesh_specs = nn.logical_to_mesh(specs, rules(cfg.mesh))
-        flat_specs = jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+        is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+        flat_specs = jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)[0]
         shapes = jax.tree.leaves(nn.unbox(boxed[collection]))
         for (path, spec), shape in zip(flat_specs, shapes):
             name = "/".join(str(getattr(k, "key", k)) for k in path)

@@ -2,6 +2,7 @@
 sharding-ablation script's core function."""
 
 import importlib.util
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +14,14 @@ from jax.sharding import PartitionSpec as P
 from deepseek_jax import cli
 from deepseek_jax.config import load_config
 from deepseek_jax.models import router_bias_rows
+from deepseek_jax.params import param_shapes
 from deepseek_jax.plan import (
     CPU_PLAN_COMPILER_OPTIONS,
     KINDS,
     PlanError,
     Volume,
     collectives,
+    estimate,
     format_report,
     plan,
     shape_bytes,
@@ -222,3 +225,48 @@ def test_plan_reports_engram_tables_per_device():
     assert m["engram_tables"] < m["params"]
     print(f"V4.1-Flash on fsdp_ep x256: Engram tables {m['engram_tables'] / 2**30:.2f} GiB of "
           f"{m['params'] / 2**30:.2f} GiB parameters per device")
+
+
+# the tiny multimodal model (ViT + aligner, audio, video delimiters) on 8 devices of fsdp.yaml, a text batch;
+# with MEDIA_BATCH the batch carries images / video / audio (data.media) as the demo's does
+MULTIMODAL = ["data.global_batch_size=8", "data.seq_len=32"]
+NO_FRONT_ENDS = ["model.vision=null", "model.video=null", "model.audio=null"]
+MEDIA_BATCH = ["data.source=demo_media", "data.media={max_image_rows: 8, max_audio_clips: 1}"]
+
+
+def _multimodal(*overrides):
+    return load_config([MODEL / "tiny_multimodal.yaml", MESH / "fsdp.yaml"], [*MULTIMODAL, *overrides])
+
+
+def test_estimate_moves_media_weights_only_for_media_batches():
+    """A text batch never runs the media front-ends, so their weights move nowhere (the compiled check
+    below); with data.media each is handled as any FSDP weight: split on `embed` -> gathered forward
+    and backward (2 × its f32 bytes), gradient reduce-scattered (1/8 of them); unsplit -> all-reduced."""
+    est = {}
+    for name, extra in (("text", []), ("no_front_ends", NO_FRONT_ENDS), ("media", MEDIA_BATCH)):
+        cfg = _multimodal(*extra)
+        est[name] = estimate(build_program(cfg, abstract_mesh(cfg.mesh, 8), rules(cfg.mesh)))
+    assert est["text"] == est["no_front_ends"]
+    media = [(math.prod(shape), shape[0] if "layers" in axes else 1, "embed" in axes)
+             for name, (shape, axes) in param_shapes(_multimodal().model).items() if name.startswith("media/")]
+    # split on embed: all but the ViT's b_qkv (heads) and the `mlp`-only aligner b1, convolutions and their biases
+    assert len(media) == 31 and sum(split for *_, split in media) == 25
+    split, whole = [(n, k) for n, k, s in media if s], [(n, k) for n, k, s in media if not s]
+    want = {"all-gather": (sum(2 * k for _, k in split), sum(2 * 4 * n for n, _ in split)),  # f32, gathered 8-way
+            "reduce-scatter": (sum(k for _, k in split), sum(4 * n // 8 for n, _ in split)),
+            "all-reduce": (sum(k for _, k in whole), sum(4 * n for n, _ in whole))}
+    for kind, (count, nbytes) in want.items():
+        got = est["media"][kind].count - est["text"][kind].count, est["media"][kind].bytes - est["text"][kind].bytes
+        assert got == (count, nbytes), f"{kind}: the media weights add {got}, want {(count, nbytes)}"
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow  # three compiles of the tiny multimodal step on 8 devices (~8 s; ~40 s on a busy host)
+def test_compiled_text_step_moves_no_media_weights():
+    """The compiled step of the multimodal model on a text batch holds exactly the collectives of the
+    same model without media front-ends (XLA drops the unread weights), and the estimate agrees."""
+    with_fe, without = (plan(_multimodal(*extra), 8, compile=True) for extra in ([], NO_FRONT_ENDS))
+    assert with_fe.collectives == without.collectives and with_fe.estimate == without.estimate
+    assert with_fe.memory["params"] > without.memory["params"]  # the front-ends' weights are still held
+    media = plan(_multimodal(*MEDIA_BATCH), 8, compile=True)
+    assert media.collectives["all-gather"].count > with_fe.collectives["all-gather"].count
