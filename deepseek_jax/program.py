@@ -8,7 +8,8 @@ with explicit in/out shardings).
     abstract state   TrainState of ShapeDtypeStructs      (params f32, router, optimizer state, ...)
     state shardings  TrainState of NamedShardings          (logical axes -> mesh axes by the rules)
     batch            [B, T] int32/float32 arrays, B split over the `act_batch` rule's mesh axes
-                     (+ engram_rows [B, T, L_engram, U] int32 for a model with Engram)
+                     (+ engram_rows [B, T, L_engram, U] int32 for a model with Engram; + the per-row media
+                     arrays of data.media, [B, ...] each, B split the same way: media/slots.py BATCH_KEYS)
 """
 
 import contextlib
@@ -58,9 +59,15 @@ class Program:
 
     def batch_specs(self) -> dict:
         """One global batch [B, T] as ShapeDtypeStructs in the batch sharding (with Engram also its
-        host-hashed `engram_rows` [B, T, L_engram, U] int32)."""
+        host-hashed `engram_rows` [B, T, L_engram, U] int32; with data.media the media arrays [B, ...],
+        whose leading B is split like the tokens' by the same sharding)."""
         B, T = self.cfg.data.global_batch_size, self.cfg.data.seq_len
         specs = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
+        if self.cfg.data.media is not None:  # per-row media arrays (a padding row gives their shapes)
+            from deepseek_jax.data.media_pack import media_row  # lazy: only media runs need the host pipeline
+
+            for k, v in media_row(self.cfg.data, self.cfg.model).items():
+                specs.setdefault(k, jax.ShapeDtypeStruct((B, *v.shape), v.dtype, sharding=self.batch_sharding))
         if (engram := self.cfg.model.engram) is not None:
             specs["engram_rows"] = jax.ShapeDtypeStruct((B, T, *engram.rows_shape), jnp.int32,
                                                         sharding=self.batch_sharding)

@@ -19,9 +19,54 @@ def _seq_len_fits(cfg: Config) -> str | None:
     return None
 
 
+def _media_has_model(cfg: Config) -> str | None:
+    m = cfg.model
+    if cfg.data.media is not None and m.vision is None and m.audio is None:
+        return "data.media (interleaved media records) needs a model with model.vision, model.video or model.audio"
+    return None
+
+
+def _image_budgets_fit(cfg: Config) -> str | None:
+    """Any image the processor makes (span h·(w + 1) + 2 <= vision.max_image_tokens: up to N - 3 aligner rows,
+    1 x (N - 3) at the extreme) must fit the budgets whenever its span fits a row."""
+    media, vision = cfg.data.media, cfg.model.vision
+    if media is None or vision is None:
+        return None
+    rows = max(min(vision.max_image_tokens, cfg.data.seq_len) - 3, 0)
+    got = media.budgets(cfg.model, cfg.data.seq_len)
+    r2 = vision.downsample_ratio**2
+    if got["max_image_rows"] < rows:
+        return (f"data.media.max_image_rows={got['max_image_rows']} is below {rows}, the aligner rows an image "
+                f"may take when its span fits a row (min(model.vision.max_image_tokens, data.seq_len) - 3)")
+    if got["max_patches"] < r2 * rows:
+        return (f"data.media.max_patches={got['max_patches']} is below {r2 * rows} = r² x {rows}, the ViT patches "
+                "an image may take when its span fits a row")
+    return None
+
+
+def _placeholders_not_text(cfg: Config) -> str | None:
+    """A BPE trained here owns ids 0 … tokenizer_vocab_size - 1: a placeholder there would also be text."""
+    m, d = cfg.model, cfg.data
+    if d.media is None or d.tokenizer or d.source == "demo_media":
+        return None
+    ids = {"vision.image_token_id": m.vision and m.vision.image_token_id,
+           "video.video_token_id": m.video and m.video.video_token_id,
+           "audio.audio_token_id": m.audio and m.audio.audio_token_id}
+    bad = {k: v for k, v in ids.items() if v is not None and v < d.tokenizer_vocab_size}
+    if bad:
+        return (f"media placeholder ids {bad} fall inside the BPE trained on the data "
+                f"(data.tokenizer_vocab_size={d.tokenizer_vocab_size}): use ids >= it, or a data.tokenizer")
+    return None
+
+
 # (the keys a rule reads, for the error's "from" part; the rule: None when it holds, else the message)
 CHECKS: tuple[tuple[tuple[str, ...], Callable[[Config], str | None]], ...] = (
     (("data.seq_len", "model.max_seq_len"), _seq_len_fits),
+    (("data.media", "model.vision", "model.audio"), _media_has_model),
+    (("data.media.max_image_rows", "data.media.max_patches", "model.vision.max_image_tokens", "data.seq_len"),
+     _image_budgets_fit),
+    (("model.vision.image_token_id", "model.video.video_token_id", "model.audio.audio_token_id",
+      "data.tokenizer_vocab_size"), _placeholders_not_text),
 )
 
 

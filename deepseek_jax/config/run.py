@@ -1,6 +1,7 @@
 """Run schemas: the mesh and its rules, the data stream, the optimizer, the loop, and `Config`, the
 whole run (model + mesh + data + optim + train) that one YAML file set resolves to."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +33,37 @@ class MeshConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MediaDataConfig:
+    """Interleaved text + media records (data/multimodal.py). Per-row budgets fix the media arrays' shapes,
+    so a step compiles once; a row takes whole records while every budget holds. 0 = derived (`budgets`)."""
+
+    max_patches: int = 0  # P, ViT patches per row (all pictures: images and video frames); 0 = r² · M
+    max_image_rows: int = 0  # M, aligner rows (IMAGE slots) per row; 0 = seq_len - 3 (any row's maximum)
+    max_audio_clips: int = 0  # A, audio clips per row; 0 = as many clips of F frames as fit a row
+    max_audio_frames: int = 0  # F, log-mel frames per clip; 0 = model.audio.max_frames, cut to what fits a row
+    skip_bad_records: bool = False  # a corrupt / unsupported / oversized record is a counted skip, not an error
+    max_skipped_fraction: float = 0.01  # with skip_bad_records: stop once more than this share is skipped
+
+    def __post_init__(self):
+        for name in ("max_patches", "max_image_rows", "max_audio_clips", "max_audio_frames"):
+            _check(getattr(self, name) >= 0, f"data.media.{name} must be >= 0, got {getattr(self, name)}")
+        _check(0 <= self.max_skipped_fraction <= 1,
+               f"data.media.max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
+
+    def budgets(self, model: ModelConfig, seq_len: int) -> dict[str, int]:
+        """The per-row budgets with the zeros resolved; a modality the model lacks gets 0."""
+        M = P = A = F = 0
+        if model.vision is not None:
+            M = self.max_image_rows or max(seq_len - 3, 1)  # a span of h·w rows takes >= h·w + 3 positions
+            P = self.max_patches or model.vision.downsample_ratio**2 * M  # an aligner row covers <= r² patches
+        if model.audio is not None:
+            stride = math.prod(model.audio.conv_strides)  # n_tokens(F) = ceil(F / stride)
+            F = self.max_audio_frames or min(model.audio.max_frames, max(seq_len - 2, 1) * stride)
+            A = self.max_audio_clips or max(1, seq_len // (model.audio.n_tokens(F) + 2))
+        return {"max_patches": P, "max_image_rows": M, "max_audio_clips": A, "max_audio_frames": F}
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (this Python's own library sources) or files: path, dir or glob
     format: Literal["auto", "text", "jsonl", "array_record"] = "auto"  # auto: by file extension
@@ -45,6 +77,9 @@ class DataConfig:
     shuffle_window: int = 1024  # packed rows shuffled together (long documents span many rows); 0 = off
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
     max_documents: int = 0  # cap on documents read (0 = all), for quick runs
+    # interleaved text + media records ({"segments": [...]}: data/multimodal.py) with these per-row budgets;
+    # None = plain text documents. source `demo_media` = the built-in demo records (data/demo_media.py)
+    media: MediaDataConfig | None = None
 
     def __post_init__(self):
         _check(self.seq_len > 0 and self.global_batch_size > 0, "data sizes must be > 0")

@@ -21,6 +21,10 @@ Batch (per process, B = global_batch_size // process_count, T = seq_len):
   engram_rows [B, T, L_engram, U] int32, only with `engram`: Engram table rows (engram_hash.py), whose
   n-grams restart at every segment and never read padding; the compressed map is the tokenizer's.
 
+With `data.media` the stages before batching are media_pack.py's (interleaved text + media records,
+whole records per row, per-row media arrays with the batch: media_slots, media_rows, patches, ...);
+Engram then treats media spans as dead, and the workers also decode the media.
+
 The iterator's state (Grain's, as JSON) is saved with the model state, tied to a fingerprint of the
 data config and process layout, so a resume continues at the next batch or raises naming what changed.
 """
@@ -29,12 +33,14 @@ import dataclasses
 import gc
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 
 import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
 
-from deepseek_jax.config import DataConfig, EngramConfig
+from deepseek_jax.config import DataConfig, EngramConfig, ModelConfig
+from deepseek_jax.data.media_pack import media_batches, media_row
 from deepseek_jax.data.sources import list_documents
 from deepseek_jax.engram_hash import EngramLayout, check_compressed_vocab, compressed_vocab, engram_layout, hash_rows
 from deepseek_jax.tokenizer import DataError, Tokenize, Tokenizer
@@ -65,13 +71,14 @@ class Collate:
 
 class EngramRows(grain.transforms.Map):
     """Grain stage after batching: adds `engram_rows` [B, T, L, U] int32, hashed in numpy int64 from
-    the batch's tokens and segment_ids (engram_hash.hash_rows; segment 0 is dead)."""
+    the batch's tokens and segment_ids (engram_hash.hash_rows; segment 0 and media spans are dead)."""
 
     def __init__(self, layout: EngramLayout, cmap_V: np.ndarray):
         self.layout, self.cmap_V = layout, cmap_V
 
     def map(self, batch: dict) -> dict:
-        rows = hash_rows(self.layout, self.cmap_V, batch["tokens"], batch["segment_ids"])
+        dead_BT = batch["media_slots"] >= 0 if "media_slots" in batch else None  # no n-gram crosses a span
+        rows = hash_rows(self.layout, self.cmap_V, batch["tokens"], batch["segment_ids"], dead_BT)
         return {**batch, "engram_rows": rows}
 
 
@@ -92,9 +99,14 @@ def engram_stage(engram: EngramConfig | None, tokenizer: Tokenizer) -> EngramRow
 
 
 def padding_batch(
-    cfg: DataConfig, process_count: int, pad_id: int, engram: EngramRows | None = None
+    cfg: DataConfig,
+    process_count: int,
+    pad_id: int,
+    engram: EngramRows | None = None,
+    model: ModelConfig | None = None,
 ) -> dict[str, np.ndarray]:
-    """A batch of this process's shape that is all padding: no token is a target (see Collate)."""
+    """A batch of this process's shape that is all padding: no token is a target (see Collate). With
+    `data.media`, also the media arrays of `model`'s modalities, all padding (no span, no picture, no clip)."""
     shape = (cfg.global_batch_size // process_count, cfg.seq_len)
     zeros = np.zeros(shape, np.int32)
     batch = {
@@ -103,6 +115,10 @@ def padding_batch(
         "segment_ids": zeros,
         "loss_mask": np.zeros(shape, np.float32),
     }
+    if cfg.media is not None:
+        if model is None:
+            raise DataError("padding_batch: a data.media pipeline needs the model config (its modalities)")
+        batch = {k: np.repeat(v[None], shape[0], 0) for k, v in media_row(cfg, model, pad_id).items()}
     return batch if engram is None else engram.map(batch)
 
 
@@ -116,17 +132,25 @@ def build_dataset(
     repeat: bool = True,
     shuffle: bool = True,
     engram: EngramRows | None = None,
+    model: ModelConfig | None = None,
+    cache_dir: str | Path | None = None,
 ) -> grain.IterDataset:
     """The named Grain stages of the module docstring; validation never shuffles nor repeats.
-    `engram` (from `engram_stage`): the model's Engram hashing, a stage after batching."""
+    `engram` (from `engram_stage`): the model's Engram hashing, a stage after batching. With `data.media`
+    the stages are media_pack.py's (records -> encode -> pack -> batch), which need `model` and, for the
+    `demo_media` source, `cache_dir` (where the demo records are written; None = the demo's default)."""
     if cfg.global_batch_size % process_count or not 0 <= process_index < process_count:
         raise DataError(
             f"data.global_batch_size={cfg.global_batch_size} must split evenly over "
             f"{process_count} processes (process_index={process_index})"
         )
-    docs = list_documents(cfg, split)
     if split == "validation":
         repeat = shuffle = False
+    if cfg.media is not None:
+        ds = media_batches(cfg, split, tokenizer, model, cache_dir, process_index=process_index,
+                           process_count=process_count, repeat=repeat, shuffle=shuffle)
+        return _engram_and_workers(ds, cfg, engram)
+    docs = list_documents(cfg, split)
     if not repeat and len(docs) < process_count:
         raise DataError(
             f"the {split} split has {len(docs)} documents, fewer than {process_count} processes"
@@ -146,6 +170,11 @@ def build_dataset(
         ds = WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window, seed=cfg.seed)
     B = cfg.global_batch_size // process_count
     ds = ds.batch(B, batch_fn=Collate(B, tokenizer.pad_id))
+    return _engram_and_workers(ds, cfg, engram)
+
+
+def _engram_and_workers(ds: grain.IterDataset, cfg: DataConfig, engram: EngramRows | None) -> grain.IterDataset:
+    """The stages after batching: Engram row ids, then the optional worker processes."""
     if engram is not None:  # before the workers: they hash in parallel
         ds = ds.map(engram)
     if cfg.worker_count:
@@ -162,21 +191,27 @@ def build_dataset(
 
 
 class DataIterator:
-    """Batches for this process; `get_state()` after n batches resumes exactly at batch n + 1."""
+    """Batches for this process; `get_state()` after n batches resumes exactly at batch n + 1.
+    `skipped_records`: media records skipped so far (data.media.skip_bad_records), part of the state."""
 
     def __init__(self, ds: grain.IterDataset, fingerprint: dict):
         self._it = iter(ds)
         self._fingerprint = fingerprint
+        self.skipped_records = 0
 
     def __iter__(self) -> "DataIterator":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         # Worker outputs live in shared memory; copying (~40 KB) frees it now, not at exit.
-        return {k: np.array(v) for k, v in next(self._it).items()}
+        batch = {k: np.array(v) for k, v in next(self._it).items()}
+        if "skipped_records" in batch:  # per row, counted here: not a model input
+            self.skipped_records += int(batch.pop("skipped_records").sum())
+        return batch
 
     def get_state(self) -> dict:
-        return {"fingerprint": self._fingerprint, "grain": _to_json(self._it.get_state())}
+        return {"fingerprint": self._fingerprint, "grain": _to_json(self._it.get_state()),
+                "skipped_records": self.skipped_records}
 
     def set_state(self, state: dict) -> None:
         old = state.get("fingerprint", {})
@@ -187,6 +222,7 @@ class DataIterator:
                 + ", ".join(f"{k} {old.get(k)!r} -> {self._fingerprint[k]!r}" for k in diff)
             )
         self._it.set_state(_from_json(state["grain"]))
+        self.skipped_records = state.get("skipped_records", 0)
 
     def close(self) -> None:
         """Stops Grain's threads and worker processes; the iterator is unusable afterwards."""
@@ -206,16 +242,19 @@ def make_iterator(
     repeat: bool = True,
     shuffle: bool = True,
     engram: EngramRows | None = None,
+    model: ModelConfig | None = None,
+    cache_dir: str | Path | None = None,
 ) -> DataIterator:
     """This process's batches of `split`; validation ignores shuffle/repeat (one fixed pass).
 
     With `worker_count > 0`, Grain spawns worker processes, so the calling script needs an
     `if __name__ == "__main__":` guard; call `close()` to stop them. The state is tied to the data
     config and process layout: `set_state` raises DataError naming what changed. `engram` adds
-    `engram_rows` to every batch (a pure function of it: not part of the resume state).
+    `engram_rows` to every batch (a pure function of it: not part of the resume state). `model`, `cache_dir`:
+    see `build_dataset` (media records only).
     """
     kw = {"process_index": process_index, "process_count": process_count, "repeat": repeat}
-    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, **kw)
+    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, model=model, cache_dir=cache_dir, **kw)
     fingerprint = {"split": split, "shuffle": shuffle, **kw, **dataclasses.asdict(cfg)}
     return DataIterator(ds, fingerprint)
 
