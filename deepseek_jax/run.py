@@ -27,6 +27,7 @@ import numpy as np
 from deepseek_jax import data as data_lib
 from deepseek_jax.checkpoint import Checkpointer, check_compatible, restore_converted
 from deepseek_jax.config import Config, to_dict, to_yaml
+from deepseek_jax.exact_match import Scorer, accuracy_by_tag
 from deepseek_jax.generate import sample
 from deepseek_jax.layers.moe.dispatch import check_backend
 from deepseek_jax.metrics import MetricsLogger, measure_peak_flops, mfu, plot_run
@@ -60,6 +61,7 @@ class Session:
     run_dir: Path
     train_step: Callable  # program.train_step jitted (donating the state), in lockstep, under the mesh
     eval_step: Callable  # program.eval_step likewise (donating nothing)
+    scorer: Scorer | None = None  # media records: held-out exact match per record "tag" (exact_match.py)
 
 
 def open_session(cfg: Config) -> Session:
@@ -75,12 +77,15 @@ def open_session(cfg: Config) -> Session:
     check_remat_backend(cfg.model, platform)
     p = build_program(cfg, mesh, mesh_rules)
     train_step = in_mesh(in_lockstep(jax.jit(p.train_step, donate_argnums=0)), mesh, mesh_rules)
-    return Session(p, tokenizer, run_dir, train_step, in_mesh(in_lockstep(jax.jit(p.eval_step)), mesh, mesh_rules))
+    scorer = None if cfg.data.media is None else Scorer(p, tokenizer, engram=data_lib.engram_stage(cfg.model.engram,
+                                                                                                  tokenizer))
+    return Session(p, tokenizer, run_dir, train_step, in_mesh(in_lockstep(jax.jit(p.eval_step)), mesh, mesh_rules),
+                   scorer)
 
 
 def _load_tokenizer(cfg: Config, run_dir: Path):
     """The run's tokenizer; trained at most once, by process 0, when the run directory has none."""
-    return on_all_processes(lambda: data_lib.load_tokenizer(cfg.data, run_dir, cfg.model.vocab_size))
+    return on_all_processes(lambda: data_lib.load_tokenizer(cfg.data, run_dir, cfg.model.vocab_size, cfg.model))
 
 
 def restore_or_init(s: Session, ckpt: Checkpointer):
@@ -103,12 +108,14 @@ def evaluate(s: Session, state) -> dict:
 
     Each process reads its own validation documents, so the processes may run out of batches at
     different steps; since an eval step is collective they step together until all have run out
-    (or `eval_batches` steps), one that has run out feeding an all-padding batch (no targets)."""
+    (or `eval_batches` steps), one that has run out feeding an all-padding batch (no targets).
+    Media records with a "tag" add `accuracy/<tag>`: every one's held-out exact match (exact_match.py)."""
     cfg, n_proc = s.program.cfg, jax.process_count()
     engram = data_lib.engram_stage(cfg.model.engram, s.tokenizer)  # None without Engram
     it = data_lib.make_iterator(cfg.data, "validation", s.tokenizer, repeat=False, shuffle=False,
-                                process_index=jax.process_index(), process_count=n_proc, engram=engram)
-    padding = data_lib.padding_batch(cfg.data, n_proc, s.tokenizer.pad_id, engram)
+                                process_index=jax.process_index(), process_count=n_proc, engram=engram,
+                                model=cfg.model)
+    padding = data_lib.padding_batch(cfg.data, n_proc, s.tokenizer.pad_id, engram, model=cfg.model)
     ce_sum = tokens = mtp = 0.0
     n = 0
     while n < cfg.train.eval_batches:
@@ -123,7 +130,9 @@ def evaluate(s: Session, state) -> dict:
     if tokens == 0:
         raise data_lib.DataError(f"validation split of {cfg.data.source} produced no tokens")
     loss = ce_sum / tokens
-    return {"loss": loss, "perplexity": float(np.exp(loss)), "mtp_loss": mtp / max(n, 1), "tokens": tokens}
+    accuracy = {} if s.scorer is None else accuracy_by_tag(s.scorer(state.params, state.router))
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "mtp_loss": mtp / max(n, 1), "tokens": tokens,
+            **accuracy}
 
 
 class StopFlag:
@@ -210,6 +219,8 @@ def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
                 tok_s = tokens_per_step * max(done - window_start, 1) / max(time.perf_counter() - window_t0, 1e-9)
                 m.update(tokens_per_sec=tok_s, mfu=mfu(tok_s, flops_per_token, peak, jax.device_count()),
                          perplexity=float(np.exp(min(m["loss"], 50))))
+                if cfg.data.media is not None:  # this process's media records skipped so far (skip_bad_records)
+                    m["skipped_records"] = it.skipped_records
                 log.log(done, m)
                 window_t0, window_start = time.perf_counter(), done
             if t.eval_every and done % t.eval_every == 0 and done != stop_at:
@@ -246,7 +257,7 @@ def run(cfg: Config) -> dict:
         if is_main:
             (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
         it = data_lib.make_iterator(cfg.data, "train", s.tokenizer, process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
+                                    process_count=jax.process_count(), model=cfg.model,
                                     engram=data_lib.engram_stage(cfg.model.engram, s.tokenizer))
         if data_state is not None:
             it.set_state(data_state)
@@ -270,9 +281,12 @@ def run(cfg: Config) -> dict:
         if log is not None:
             log.close()
     if is_main and not stopped:
-        baseline = data_lib.unigram_baseline(cfg.data, s.tokenizer)
+        baseline = data_lib.unigram_baseline(cfg.data, s.tokenizer, model=cfg.model)
         print(f"validation loss {eval_metrics['loss']:.3f} nats/token; unigram baseline {baseline:.3f} "
               f"(the train split's token frequencies); loss curve: {plot_run(s.run_dir, baseline=baseline)}")
+        accuracy = {k.split("/", 1)[1]: v for k, v in eval_metrics.items() if k.startswith("accuracy/")}
+        if accuracy:  # tagged media records (the multimodal demo)
+            print("held-out exact match: " + ", ".join(f"{tag} {v:.1%}" for tag, v in accuracy.items()))
         eval_metrics = {**eval_metrics, "unigram_baseline": baseline}
     return {"eval": eval_metrics, "state": state, "session": s, "stopped_by": stopped}
 

@@ -11,6 +11,7 @@ shuffle and shard them. Fixed samples of the train split feed BPE training (`loa
 the unigram baseline.
 """
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -188,33 +189,48 @@ def list_documents(cfg: DataConfig, split: str) -> Documents:
 # Samples: tokenizer training and the unigram baseline
 
 
-def load_tokenizer(cfg: DataConfig, run_dir: str | Path, model_vocab_size: int) -> Tokenizer:
-    """`cfg.tokenizer` if given; else `run_dir/tokenizer.json`, trained on the train split once."""
+def load_tokenizer(cfg: DataConfig, run_dir: str | Path, model_vocab_size: int, model=None) -> Tokenizer:
+    """`cfg.tokenizer` if given; for `source: demo_media` the demo's own (data/demo_media.py, which
+    needs the `model` config); else `run_dir/tokenizer.json`, trained on the train split once."""
+    if cfg.source == "demo_media" and not cfg.tokenizer:
+        from deepseek_jax.data.media_records import source_root  # lazy: it imports this module
+
+        cfg = dataclasses.replace(cfg, tokenizer=str(Path(source_root(cfg, model, None)) / "tokenizer.json"))
     return load_or_train(cfg, run_dir, model_vocab_size, lambda: _bpe_texts(cfg))
+
+
+def _texts(cfg: DataConfig, split: str, model=None) -> Sequence[str]:
+    """The split's documents; for media records (data.media) their text segments, joined per record."""
+    if cfg.media is None:
+        return list_documents(cfg, split)
+    from deepseek_jax.data.media_records import RecordTexts, list_records  # lazy: it imports this module
+
+    return RecordTexts(list_records(cfg, split, model))
 
 
 def _bpe_texts(cfg: DataConfig):
     total = 0
-    for text in _sampled(list_documents(cfg, "train")):
+    for text in _sampled(_texts(cfg, "train")):
         yield text
         total += len(text)
         if total >= BPE_TRAIN_BYTES:
             return
 
 
-def _sampled(docs: Documents):
+def _sampled(docs: Sequence[str]):  # with `names`: Documents or media_records.RecordTexts
     """Texts in sha1-of-name order: any prefix is a fixed sample across all directories."""
     for i in sorted(range(len(docs)), key=lambda i: hashlib.sha1(docs.names[i].encode()).digest()):
         yield docs[i]
 
 
-def unigram_baseline(cfg: DataConfig, tokenizer: Tokenizer, max_tokens: int = 2_000_000) -> float:
+def unigram_baseline(cfg: DataConfig, tokenizer: Tokenizer, max_tokens: int = 2_000_000, model=None) -> float:
     """Nats/token of validation tokens under the train split's add-one-smoothed unigram model.
 
     p(v) = (count_train(v) + 1) / (N_train + V); a model's eval loss should fall well below this.
     Each document ends in eos, as in training; each split is sampled (`_sampled`) up to `max_tokens`.
+    Media records count their text segments (`model`: the demo_media source needs it).
     """
-    train = count_tokens(_sampled(list_documents(cfg, "train")), tokenizer, max_tokens)
-    val = count_tokens(_sampled(list_documents(cfg, "validation")), tokenizer, max_tokens)
+    train = count_tokens(_sampled(_texts(cfg, "train", model)), tokenizer, max_tokens)
+    val = count_tokens(_sampled(_texts(cfg, "validation", model)), tokenizer, max_tokens)
     log_p = np.log(train + 1.0) - math.log(train.sum() + tokenizer.vocab_size)
     return float(-(val * log_p).sum() / val.sum())
