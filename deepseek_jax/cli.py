@@ -5,7 +5,8 @@ Commands:
   eval      held-out loss and perplexity of a run's latest checkpoint
   generate  complete prompts with a run's latest checkpoint (--prompt, repeatable; --speculative: greedy
             with DSpark drafts verified by the model, V4.1, and its acceptance rate); --image / --audio /
-            --video FILE (repeatable, any mix) come before each prompt's text, in the order given
+            --video FILE (repeatable, any mix) go with every prompt: where it says <image> / <audio> /
+            <video> (the next file of that kind), the rest before its text, in the order given
   inspect   print the model's parameter table and run one forward pass (only its output shapes,
             from jax.eval_shape, when the parameters would not fit in a quarter of memory)
   config    print the resolved config as YAML (`config show CONFIG...` also works)
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="generate: a prompt (repeatable)")
     for kind, what in (("image", "an image file"), ("audio", "a WAV file"), ("video", "a GIF (video)")):
         p.add_argument(f"--{kind}", dest="media", action="append", type=_media_kind(kind), metavar="PATH",
-                       help=f"generate: {what} before each prompt's text (repeatable; media in flag order)")
+                       help=f"generate: {what} for every prompt, at its <{kind}> marker or else before its text "
+                            "(repeatable; media in flag order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -1,14 +1,16 @@
 """Generation from images, audio and video (V4.1 early fusion; media/slots.py holds the contract).
 
-A prompt is an interleaved record (media/encode.py): by default its media segments in the order given
-(the CLI: the order of the --image / --audio / --video flags; `sample_media`: images, then audio, then
-video), then the prompt text. It is encoded with no end-of-text id, and prefilled in ONE chunk with its
+A prompt is an interleaved record (media/encode.py): a marker `<image>` / `<audio>` / `<video>` in its text
+places the next medium of that kind there; the media no marker places come first, in the order given (the
+CLI: the order of the --image / --audio / --video flags; `sample_media`: images, then audio, then video),
+then the prompt text. It is encoded with no end-of-text id, and prefilled in ONE chunk with its
 media merged in (`MediaInputs` of that single row, the budgets sized exactly to it), so the cache holds
 the media positions; the decode steps after it are text only (`generate.decode`). A model with Engram
 hashes the prompt with the span positions dead (no n-gram crosses a span). Prompts run one at a time
 (batch 1): each has media shapes of its own, and V4 row positions admit no left padding anyway.
 """
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,16 +29,28 @@ VISION_KEYS = ("patches", "patch_pos", "patch_pic", "unshuffle")  # collate_row'
 AUDIO_KEYS = ("mel", "mel_len")
 
 
+MARKER = re.compile(r"<(image|audio|video)>")  # where a prompt places its next medium of that kind
+
+
 def media_record(prompt: str, media: Sequence[tuple[str, str | Path]] = ()) -> dict:
-    """The record of a prompt: `media` [(kind, path), …] in order (kind image / audio / video), then the text."""
-    segments = []
+    """The record of a prompt and `media` [(kind, path), …] (kind image / audio / video): a marker
+    `<image>` / `<audio>` / `<video>` in the text takes the next unplaced medium of its kind (flag order);
+    the media no marker places come first, in order, then the text."""
     for kind, source in media:
         if kind not in MODALITIES:
             raise DataError(f"media kind {kind!r} ({source}): expected one of {sorted(MODALITIES)}")
-        segments.append({kind: str(source)})
-    if prompt or not segments:
-        segments.append({"text": prompt})
-    return {"segments": segments}
+    placed, inline = set(), []
+    for i, part in enumerate(MARKER.split(prompt)):
+        if i % 2 == 0:  # text between markers
+            inline += [{"text": part}] if part else []
+            continue
+        k = next((j for j, (kind, _) in enumerate(media) if kind == part and j not in placed), None)
+        if k is None:
+            raise DataError(f"the prompt has more <{part}> markers than {MODALITIES[part][0]} files were given")
+        placed.add(k)
+        inline.append({part: str(media[k][1])})
+    segments = [{kind: str(source)} for j, (kind, source) in enumerate(media) if j not in placed] + inline
+    return {"segments": segments or [{"text": ""}]}
 
 
 def check_modalities(cfg, record: dict) -> None:

@@ -271,6 +271,17 @@ def test_a_prompt_is_its_media_in_order_then_its_text(mm_cfg, tokenizer, media_d
     assert encode_prompt(mm_cfg, tokenizer, media_record("which digit ?"), media_dir)[1] is None
 
 
+def test_markers_place_media_inside_the_prompt():
+    """<image> / <audio> / <video> take the next medium of their kind in flag order; unplaced media lead."""
+    media = [("image", "a.png"), ("audio", "s.wav"), ("image", "b.png"), ("video", "v.gif")]
+    record = media_record("which digit ?<image> and <video>", media)
+    assert record["segments"] == [{"audio": "s.wav"}, {"image": "b.png"}, {"text": "which digit ?"},
+                                  {"image": "a.png"}, {"text": " and "}, {"video": "v.gif"}]
+    assert media_record("<audio>", [("audio", "s.wav")])["segments"] == [{"audio": "s.wav"}]
+    with pytest.raises(DataError, match="more <image> markers than --image files"):
+        media_record("<image><image>", [("image", "a.png")])
+
+
 # ----------------------------------------------------------------------------------------------
 # (3) errors (fast: no model call)
 
