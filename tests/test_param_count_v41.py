@@ -4,7 +4,8 @@ tower), category by category and exactly.
 
 Counted as the checkpoint holds them: every weight, the selection biases `bias` / `bias_vl` (our router
 collection), the Engram tables' real rows (each table is padded with zero rows so it shards evenly:
-reported apart as `engram_padding`), DSpark's three stages, the vision tower, aligner and image delimiters, and the shared embedding / head once.
+reported apart as `engram_padding`), DSpark's three stages, the vision tower, aligner and image
+delimiters, and the shared embedding / head once.
 Activated per token: 6 of 384 experts in 40 layers, every other backbone weight, the Engram projections and
 the 2 × 24 table rows a token reads, the head: 16.79B, 16.13B without the input embedding (§4.4); the
 vision tower runs once per image, not per token, and is not in the activated count.

@@ -18,6 +18,7 @@ from deepseek_jax.config.loader import (
     to_dict,
     to_yaml,
 )
+from deepseek_jax.config.media import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.config.model import (
     IndexerConfig,
     MHCConfig,
@@ -36,7 +37,6 @@ from deepseek_jax.config.run import (
     OptimConfig,
     TrainConfig,
 )
-from deepseek_jax.config.media import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
 __all__ = [

@@ -35,6 +35,7 @@ import numpy as np
 
 from deepseek_jax.config import DataConfig, ModelConfig
 from deepseek_jax.data.media_records import list_records, parse_record
+from deepseek_jax.data.sources import this_process_items
 from deepseek_jax.media.encode import MediaBudget, RecordEncoder, check_record_fits, collate_row, record_cost
 from deepseek_jax.tokenizer import DataError, Tokenizer
 
@@ -185,15 +186,8 @@ def media_batches(
     """This process's batches of packed media records (module docstring), before Engram and workers."""
     if model is None:
         raise DataError("a data.media pipeline needs the model config (its modalities and placeholder ids)")
-    records = list_records(cfg, split, model, cache_dir)
-    if not repeat and len(records) < process_count:
-        raise DataError(f"the {split} split has {len(records)} records, fewer than {process_count} processes")
-    ds = grain.MapDataset.source(records)
-    if shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds[process_index::process_count]
+    ds = this_process_items(list_records(cfg, split, model, cache_dir), split, "records", cfg.seed,
+                            shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count)
     ds = ds.map(EncodeRecord(RecordEncoder(model, tokenizer), cfg.media.skip_bad_records))
     # Two reader threads decode ahead of the packer; a small buffer bounds the work lost when a run stops.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))

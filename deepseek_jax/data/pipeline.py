@@ -41,7 +41,7 @@ from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterData
 
 from deepseek_jax.config import DataConfig, EngramConfig, ModelConfig
 from deepseek_jax.data.media_pack import media_batches, media_row
-from deepseek_jax.data.sources import list_documents
+from deepseek_jax.data.sources import list_documents, this_process_items
 from deepseek_jax.engram_hash import EngramLayout, check_compressed_vocab, compressed_vocab, engram_layout, hash_rows
 from deepseek_jax.tokenizer import DataError, Tokenize, Tokenizer
 
@@ -150,17 +150,8 @@ def build_dataset(
         ds = media_batches(cfg, split, tokenizer, model, cache_dir, process_index=process_index,
                            process_count=process_count, repeat=repeat, shuffle=shuffle)
         return _engram_and_workers(ds, cfg, engram)
-    docs = list_documents(cfg, split)
-    if not repeat and len(docs) < process_count:
-        raise DataError(
-            f"the {split} split has {len(docs)} documents, fewer than {process_count} processes"
-        )
-    ds = grain.MapDataset.source(docs)
-    if shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds[process_index::process_count]
+    ds = this_process_items(list_documents(cfg, split), split, "documents", cfg.seed, shuffle=shuffle,
+                            repeat=repeat, process_index=process_index, process_count=process_count)
     ds = ds.map(Tokenize(tokenizer))
     # Two reader threads keep tokenizing ahead of the packer; a small buffer bounds the work wasted
     # (and memory held) when a run stops.

@@ -234,3 +234,17 @@ def unigram_baseline(cfg: DataConfig, tokenizer: Tokenizer, max_tokens: int = 2_
     val = count_tokens(_sampled(_texts(cfg, "validation", model)), tokenizer, max_tokens)
     log_p = np.log(train + 1.0) - math.log(train.sum() + tokenizer.vocab_size)
     return float(-(val * log_p).sum() / val.sum())
+
+
+def this_process_items(items: Sequence, split: str, what: str, seed: int, *, shuffle: bool, repeat: bool,
+                       process_index: int, process_count: int) -> grain.MapDataset:
+    """The first Grain stages of every pipeline: `items` (documents or records), shuffled before
+    repeating (train: each epoch reshuffled), then this process's share items[process_index::count]."""
+    if not repeat and len(items) < process_count:
+        raise DataError(f"the {split} split has {len(items)} {what}, fewer than {process_count} processes")
+    ds = grain.MapDataset.source(items)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    return ds[process_index::process_count]

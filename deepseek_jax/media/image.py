@@ -117,15 +117,20 @@ def to_rgb(image) -> Image.Image:
     return image.convert("RGB")
 
 
+def open_media(source: str | Path | bytes, name: str, kind: str) -> tuple[str, Path | io.BytesIO]:
+    """(how to name it in errors, what Pillow opens) for a media path or its bytes; a missing file is a
+    DataError naming `name`."""
+    if isinstance(source, (bytes, bytearray)):
+        return f"{kind} bytes", io.BytesIO(source)
+    if not Path(source).is_file():
+        raise DataError(f"{name}: {kind} file {source} does not exist")
+    return f"{kind} {source}", Path(source)
+
+
 def load_image(source: str | Path | bytes, name: str) -> Image.Image:
     """Decodes an image file (a path or its bytes) as transformers' `load_image` does: EXIF orientation
     applied, then `convert("RGB")`. Raises DataError naming `name` when missing, corrupt or unsupported."""
-    if isinstance(source, (bytes, bytearray)):
-        what, fp = "image bytes", io.BytesIO(source)
-    else:
-        what, fp = f"image {source}", Path(source)
-        if not fp.is_file():
-            raise DataError(f"{name}: image file {source} does not exist")
+    what, fp = open_media(source, name, "image")
     try:
         with Image.open(fp) as im:
             im.load()

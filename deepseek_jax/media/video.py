@@ -13,14 +13,12 @@ upscale). Cost of a clip of n frames: 2 + n·(1 + h·(w + 1)) positions, i.e. `v
 = fps·(1 + h·(w + 1)) per second of GIF, plus 2 per clip.
 """
 
-import io
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageSequence
 
 from deepseek_jax.config.media import VideoConfig, VisionConfig
-from deepseek_jax.media.image import load_image, plan_image_grid, preprocess_box, to_rgb
+from deepseek_jax.media.image import load_image, open_media, plan_image_grid, preprocess_box, to_rgb
 from deepseek_jax.tokenizer import DataError
 
 DEFAULT_FRAME_MS = 100  # a GIF frame without a duration (or with 0) is shown this long
@@ -46,12 +44,7 @@ def sample_times(durations_ms, fps: float, max_frames: int) -> np.ndarray:
 
 def _gif_frames(source, name: str) -> tuple[list[Image.Image], list[int]]:
     """Every frame of a GIF (RGB, as Pillow composes it) and its duration in ms."""
-    if isinstance(source, (bytes, bytearray)):
-        what, fp = "GIF bytes", io.BytesIO(source)
-    else:
-        what, fp = f"video {source}", Path(source)
-        if not fp.is_file():
-            raise DataError(f"{name}: video file {source} does not exist")
+    what, fp = open_media(source, name, "video")
     frames, durations, fmt = [], [], None
     try:
         with Image.open(fp) as im:
