@@ -4,6 +4,7 @@
            (V4.1: DSpark's draft slots take the MTP depths' place, plus λ·c·BCE of its confidence; losses.py)
     params <- optimizer(grads)                         (AdamW | Muon + AdamW, clipped)
     b_e    <- b_e + γ · sign(mean load - load_e)       (router biases, outside the optimizer)
+    b_vl_e <- b_vl_e + γ · sign(mean load_vl - load_vl_e)   (V4.1's bias_vl: loads of media-span tokens)
 
 L_I is DeepSeek-V3.2's indexer KL (layers/attention/indexer.py), one per DSA block (MTP blocks included). In the
 sparse stage each indexer's inputs are detached, so L_I trains only the indexers and the LM loss
@@ -11,7 +12,9 @@ only the rest; in the dense warm-up (`index.index_dense_warmup`) the optimizer f
 but the indexers (optim.indexer_only) and the router biases stay put.
 
 Expert loads are the counts over the whole global batch (the step sees global arrays, so under a
-mesh the sum is a cross-device reduction, never a per-shard statistic). A non-finite loss or
+mesh the sum is a cross-device reduction, never a per-shard statistic). Each bias has its own
+modality's load: `bias` the real tokens that selected with it, `bias_vl` (moe.vl_bias) those inside
+media spans; a batch without span tokens leaves `bias_vl` bit for bit (sign 0). A non-finite loss or
 gradient never reaches the state: the update is skipped, and unless `skip_nonfinite_steps` is set
 the step is recorded in `bad_step` and the loop stops with an error naming it.
 """
@@ -44,8 +47,10 @@ class TrainState:
 
 
 def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss: bool = True):
-    """Per-term losses and the routing counts {"main", "mtp"} for one batch (the indexer KL only if
-    index_loss and the model has DSA blocks)."""
+    """Per-term losses and the routing counts {"main", "mtp", "dspark"} (text: the tokens that selected
+    with `bias`) and {"main_vl", "mtp_vl", "dspark_vl"} (media-span tokens, `bias_vl`), None where the
+    model has no such routing, for one batch (the indexer KL only if index_loss and the model has DSA
+    blocks)."""
     tcfg, mcfg = cfg.train, cfg.model
     out = model.apply(
         {"params": params, "router": router}, batch["tokens"],
@@ -80,12 +85,14 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
     terms["balance"] = sum(r.balance_loss.sum() for r in routing) if routing else jnp.float32(0)
     index = [kl.sum() for kl in (out.index_loss, None if mtp is None else mtp.index_loss) if kl is not None]
     terms["index"] = sum(index) if index else jnp.float32(0)
-    routed, dropped = sum(r.counts.sum() for r in routing), sum(r.dropped.sum() for r in routing)
+    routed = sum(r.counts.sum() + r.counts_vl.sum() for r in routing)
+    dropped = sum(r.dropped.sum() for r in routing)
     # share of real (token, expert) pairs a capacity-limited dispatch dropped (0 when dropless)
     terms["dropped_frac"] = dropped / jnp.maximum(routed, 1) if routing else jnp.float32(0)
-    counts = {"main": None if out.routing is None else out.routing.counts,
-              "mtp": None if mtp is None else mtp.routing.counts,
-              "dspark": None if ds is None else ds.routing.counts}
+    counts = {}
+    for name, r in (("main", out.routing), ("mtp", None if mtp is None else mtp.routing),
+                    ("dspark", None if ds is None else ds.routing)):
+        counts[name], counts[name + "_vl"] = (None, None) if r is None else (r.counts, r.counts_vl)
     return terms, counts
 
 
@@ -100,8 +107,8 @@ def loss_fn(params, router, batch, model: nn.Module, cfg: Config):
 
 
 def update_biases(router: dict, counts: dict, rate: float, bias_rows: list[BiasRows]) -> dict:
-    """The aux-loss-free rule on every learned-routing bias the registry lists (MTP included):
-    each takes its rows of the main or the MTP routing counts."""
+    """The aux-loss-free rule on every learned-routing bias the registry lists (MTP / DSpark included):
+    each takes its rows of its source's counts (`bias_vl` those of the media-span tokens)."""
     router = jax.tree.map(lambda x: x, router)  # a copy we may rebind into
     for path, source, rows in bias_rows:
         node = functools.reduce(dict.__getitem__, path[:-1], router)
@@ -149,12 +156,21 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     if "confidence" in terms:
         metrics["dspark_confidence_loss"] = terms["confidence"]
     if counts["main"] is not None:
-        metrics["load_max_over_mean"] = _load_stats(counts["main"])  # [L_moe]
-        biases = [functools.reduce(dict.__getitem__, row.path, new_state.router)
-                  for row in bias_rows] or [jnp.zeros(())]
-        metrics["bias_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
-        metrics["bias_max"] = jnp.max(jnp.stack([b.max() for b in biases]))
+        metrics["load_max_over_mean"] = _load_stats(counts["main"] + counts["main_vl"])  # [L_moe], every token
+        metrics.update(_bias_range(new_state.router, bias_rows))
     return new_state, metrics
+
+
+def _bias_range(router, bias_rows: list[BiasRows]) -> dict:
+    """bias_min / bias_max over every `bias` (0 without one), and bias_vl_min / _max where there are bias_vl."""
+    out = {}
+    for name in ("bias", "bias_vl"):
+        biases = [functools.reduce(dict.__getitem__, r.path, router) for r in bias_rows if r.path[-1] == name]
+        if biases or name == "bias":
+            biases = biases or [jnp.zeros(())]
+            out[f"{name}_min"] = jnp.min(jnp.stack([b.min() for b in biases]))
+            out[f"{name}_max"] = jnp.max(jnp.stack([b.max() for b in biases]))
+    return out
 
 
 def eval_step(params, router, batch, *, model, cfg: Config):

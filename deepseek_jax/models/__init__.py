@@ -94,13 +94,16 @@ class BiasRows(NamedTuple):
     """A selection bias in the `router` collection and the routing counts that update it."""
 
     path: tuple[str, ...]  # e.g. ("layers_3_42", "block_1", "ffn", "bias"), stacked [R, E]
-    source: str  # "main": ModelOutput.routing.counts; "mtp": .mtp.routing.counts; "dspark": .dspark.routing.counts
+    # "main": ModelOutput.routing.counts; "mtp": .mtp.routing.counts; "dspark": .dspark.routing.counts;
+    # with a "_vl" suffix the same routing's `counts_vl` (media-span tokens), which update a `bias_vl`
+    source: str
     rows: tuple[int, ...] | int  # the counts' rows, in the bias's order (an int: an unstacked [E])
 
 
 def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
     """Every learned-routing MoE layer's bias, MTP (or DSpark's stages) included (hash-routed and dense
-    layers have none)."""
+    layers have none); then, with moe.vl_bias (V4.1), each of those layers' `bias_vl` with the same
+    rows of its routing's `counts_vl` (source + "_vl")."""
     kinds = layer_kinds(cfg)
     moe_row = np.cumsum([k.ffn != "dense" for k in kinds]) - 1  # layer -> row of routing.counts
     rows = []
@@ -119,6 +122,8 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
             rows.append(BiasRows(("dspark", f"stage_{k}", "ffn", "bias"), "dspark", k))
         else:
             rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
+    if cfg.moe.vl_bias:  # every learned-routing MoE (DSpark's and MTP's included) holds a bias_vl
+        rows += [BiasRows((*r.path[:-1], "bias_vl"), r.source + "_vl", r.rows) for r in rows]
     return rows
 
 

@@ -148,7 +148,8 @@ class ModelOutput(NamedTuple):
     cache: Any  # the updated decode cache, or None
     routing: (
         MoEAux | None
-    )  # per MoE layer in layer order: counts [L_moe, E], balance_loss, dropped [L_moe]
+    )  # per MoE layer in layer order: counts [L_moe, E] (text), counts_vl [L_moe, E] (media spans), balance_loss,
+    # dropped [L_moe]
     index_loss: jax.Array | None  # [L_dsa] per-layer indexer KL (DSA blocks, index_loss=True)
     mtp: MTPOutput | None  # None without MTP modules, with mtp=False, or when decoding
     captures: jax.Array | None = None  # [B, T, n_targets · D]: DSpark's target-layer inputs (V4.1)

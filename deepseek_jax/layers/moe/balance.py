@@ -4,7 +4,11 @@
     bias update   b_i <- b_i + γ·sign(mean_j c_j - c_i)        (aux-loss-free balancing, V3 §2.1.2)
 
 Both are pure and computed in float32; the layer (layer.py) returns the unweighted loss and the
-expert counts c, and the training step applies α and γ.
+expert counts c, and the training step applies α and γ. V4.1 keeps one bias per modality: `bias`
+moves with the counts of the tokens that selected with it (text), `bias_vl` with those of the
+media-span tokens ("router-bias speed 0.001 per modality"), each by the same rule and γ; an
+all-zero count vector (a batch without span tokens) has error 0 everywhere, so sign(0) = 0 leaves
+that bias exactly as it was.
 Reference: DeepSeek-V3 technical report, arXiv:2412.19437, §2.1.2.
 """
 
@@ -38,12 +42,19 @@ def sequence_balance_loss(
     return jnp.where(has_tokens_B, loss_B, 0.0).sum() / jnp.maximum(has_tokens_B.sum(), 1)
 
 
+def load_counts(experts_MA: jax.Array, keep_M: jax.Array, n_experts: int) -> jax.Array:
+    """[E] int32: per expert, how many kept tokens (keep_M True) selected it among their A experts."""
+    return jnp.zeros((n_experts,), jnp.int32).at[experts_MA].add(keep_M.reshape(-1, 1).astype(jnp.int32))
+
+
 def update_router_bias(bias_E: jax.Array, counts_E: jax.Array, rate: float) -> jax.Array:
     """Aux-loss-free balancing: b_i <- b_i + γ·sign(mean_j c_j - c_i) over the last axis.
 
     Overloaded experts (c_i above the mean load) lose γ of selection bias, underloaded ones gain
-    γ; works on one layer's [E] or a stack's [L, E] (mean per layer).
+    γ; works on one layer's [E] or a stack's [L, E] (mean per layer). An expert at the mean load
+    keeps its bias bit for bit (sign 0; even a -0.0 stays), so all-zero counts change nothing.
     """
     counts_E = counts_E.astype(jnp.float32)
     error_E = counts_E.mean(-1, keepdims=True) - counts_E
-    return (bias_E + rate * jnp.sign(error_E)).astype(bias_E.dtype)
+    moved_E = (bias_E + rate * jnp.sign(error_E)).astype(bias_E.dtype)
+    return jnp.where(error_E == 0, bias_E, moved_E)

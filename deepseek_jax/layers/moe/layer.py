@@ -9,9 +9,11 @@ has no bias; its fixed [V, A] int32 table `tid2eid` lives in the same `router` c
 checkpointed, converted and sharded with the biases but never trained (it is initialised to A
 distinct random experts per token id; a converted checkpoint brings the released table). Its router
 weight is still learned: the weights g come from its scores. The layer returns the expert counts
-(over real tokens, padding excluded) and the unweighted sequence-wise balance loss (0 for a hash
-layer, whose selection no loss can steer), and sows the chosen experts into `intermediates`
-(tests compare them with HF's exactly).
+(over real tokens, padding excluded) split by the bias that selected them, `counts` for `bias` and
+`counts_vl` for V4.1's `bias_vl` (media-span tokens; zeros without span_BT or without bias_vl, where
+every real token is in `counts`), so each bias is balanced on its own modality's load; and the
+unweighted sequence-wise balance loss (0 for a hash layer, whose selection no loss can steer), and
+sows the chosen experts into `intermediates` (tests compare them with HF's exactly).
 
 `quant_sim` ("none" | "fp8" | "fp8_fp4", quant.py) simulates the release's numerics: the routed
 experts' x in e4m3 1×128 per token, their weights by `sim_expert_weight` (fp8: 128×128 e4m3 tiles;
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import ConfigError, MoEConfig
 from deepseek_jax.layers.mlp import MLP
-from deepseek_jax.layers.moe.balance import sequence_balance_loss
+from deepseek_jax.layers.moe.balance import load_counts, sequence_balance_loss
 from deepseek_jax.layers.moe.dispatch import dispatch_experts
 from deepseek_jax.layers.moe.router import hash_route, random_hash_table, route, router_scores
 from deepseek_jax.quant import sim_act, sim_expert_weight
@@ -37,9 +39,10 @@ ROUTER_COLLECTION = "router"
 
 
 class MoEAux(NamedTuple):
-    counts: jax.Array  # [E] int32, real tokens routed to each expert
+    counts: jax.Array  # [E] int32, real tokens that selected with `bias` routed to each expert
     balance_loss: jax.Array  # scalar float32, V3's sequence-wise balance loss (before its weight α)
     dropped: jax.Array  # int32, real (token, expert) pairs dropped by a capacity-limited dispatch
+    counts_vl: jax.Array  # [E] int32, real media-span tokens that selected with `bias_vl` (V4.1); else zeros
 
 
 class MoE(nn.Module):
@@ -82,7 +85,7 @@ class MoE(nn.Module):
     ) -> tuple[jax.Array, MoEAux]:
         """mask_BT marks real tokens (False = padding) for the counts and the balance loss;
         tokens_BT (int ids) are read only by a hash-routed layer; span_BT (media-span tokens) picks
-        `bias_vl` when moe.vl_bias."""
+        `bias_vl` when moe.vl_bias, and those tokens are counted in `counts_vl`, not `counts`."""
         c, D = self.cfg, self.dim
         E, F = c.n_routed_experts, c.moe_inter_dim
         B, T, _ = x_BTD.shape
@@ -114,9 +117,14 @@ class MoE(nn.Module):
         if c.n_shared_experts > 0:
             shared = MLP(D, c.n_shared_experts * F, self.dtype, c.swiglu_limit, q, name="shared")
             y_BTD = y_BTD + shared(x_BTD)
-        counts_E = jnp.zeros((E,), jnp.int32).at[experts_MA].add(mask_BT.reshape(B * T, 1).astype(jnp.int32))
+        real_M = mask_BT.reshape(B * T).astype(jnp.bool_)
+        vl_M = jnp.zeros_like(real_M)  # tokens that selected with bias_vl (as _route decides)
+        if c.vl_bias and not self.hash_routing and span_BT is not None:
+            vl_M = span_BT.reshape(B * T).astype(jnp.bool_)
+        counts_E = load_counts(experts_MA, real_M & ~vl_M, E)
+        counts_vl_E = load_counts(experts_MA, real_M & vl_M, E)
         balance = jnp.float32(0) if self.hash_routing else sequence_balance_loss(
             router_scores(logits_ME, c.score_func).reshape(B, T, E), experts_MA.reshape(B, T, -1),
             mask_BT, c.n_activated_experts,
         )
-        return y_BTD, MoEAux(counts_E, balance, dropped)
+        return y_BTD, MoEAux(counts_E, balance, dropped, counts_vl_E)
