@@ -360,7 +360,8 @@ def reference_v41_media():
     return single_device(cfg, make_media_batch(cfg))
 
 
-@pytest.mark.parametrize("mesh", slow_unless(V4_MESHES, ("fsdp_tp",)))  # fsdp_ep: ~5 s (~25 s on a busy host)
+@pytest.mark.slow  # ~11 s per mesh with the reference (the inner loop keeps the text-only V4.1 meshes)
+@pytest.mark.parametrize("mesh", V4_MESHES)
 def test_layout_invariance_v41_media(mesh, reference_v41_media):
     """The tiny V4.1 reading images, a video and audio (ViT + aligner, audio front-end, delimiters and
     frame vectors merged into the spans; router bias_vl and Engram gated off there): loss terms, expert

@@ -256,6 +256,7 @@ def check_resume(cfg, tok, n_before, n_after=3):
     it.close(), fresh.close()
 
 
+@pytest.mark.slow  # ~6 s: resumes after 0, 1 and 4 batches (the worker variant below too)
 def test_resume_is_exact(media_dir, tok):
     """Shuffled and repeated, with a record waiting for the next row at most cuts and skips counted."""
     bad = {"segments": [{"image": "bad.png"}]}
