@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.models import build_model
+from deepseek_jax.models import build_model, init_inputs
 from deepseek_jax.params import param_summary
 
 MEMORY_FRACTION = (
@@ -96,7 +96,8 @@ def inspect(
     check_tokens(tokens_BT, cfg)
     tokens_spec = jax.ShapeDtypeStruct(tokens_BT.shape, jnp.int32)
     kw = engram_inputs(cfg, tokens_BT.shape, seed)
-    variables = nn.unbox(jax.eval_shape(partial(model.init, **kw), jax.random.key(seed), tokens_spec))
+    init_tokens, init_kw = init_inputs(cfg, seq_len)  # with a dummy of each media front-end: all its parameters
+    variables = nn.unbox(jax.eval_shape(partial(model.init, **init_kw), jax.random.key(seed), init_tokens))
     out = jax.eval_shape(partial(model.apply, **kw), variables, tokens_spec)
     param_bytes, out_bytes = _nbytes(variables), _nbytes(out)
     where = "a budget given by the caller"
@@ -137,7 +138,8 @@ def _run_forward(model, cfg: ModelConfig, tokens_BT: np.ndarray, seed: int) -> d
     """Initialises the parameters, runs one jitted forward twice (compile, then steady state)."""
     t0 = time.perf_counter()
     kw = engram_inputs(cfg, tokens_BT.shape, seed)
-    variables = nn.unbox(jax.jit(partial(model.init, **kw))(jax.random.key(seed), jnp.asarray(tokens_BT)))
+    init_tokens, init_kw = init_inputs(cfg, tokens_BT.shape[1])
+    variables = nn.unbox(jax.jit(partial(model.init, **init_kw))(jax.random.key(seed), init_tokens))
     jax.block_until_ready(variables)
     t_init = time.perf_counter() - t0
     forward = jax.jit(partial(model.apply, **kw))
