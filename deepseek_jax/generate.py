@@ -201,14 +201,12 @@ def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], 
     logits give the next y (n + 1 new tokens per step) and its captures the rows DSpark's windows take.
     The prefill is greedy decoding's too, media (`MediaInputs` of the prompts, generate_media.py) merged
     in; drafting reads only the main model's captures. Rows of a batch share one position: they accept
-    the fewest drafts any of them does. Prompts of different lengths run one at a time."""
+    the fewest drafts any of them does. Prompts of different lengths run one at a time (text only)."""
     cfg = model.cfg
     if cfg.dspark is None:
         raise ValueError("speculative decoding drafts with DSpark: the model has no model.dspark")
-    if len({len(p) for p in prompts}) > 1 and media is None:  # row positions: no left padding
-        runs = [speculative_generate(model, variables, [p], max_new_tokens, eos_id, engram_map) for p in prompts]
-        steps, accepted = sum(r[1]["steps"] for r in runs), sum(r[1]["accepted"] for r in runs)
-        return [r[0][0] for r in runs], _spec_stats(steps, accepted, cfg.dspark.block_size)
+    if len({len(p) for p in prompts}) > 1:  # row positions: no left padding
+        return _one_at_a_time(model, variables, prompts, max_new_tokens, eos_id, engram_map, media)
     B, P, Z = len(prompts), len(prompts[0]), cfg.dspark.block_size
     if P == 0 or P + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompts need 1 … {cfg.max_seq_len - max_new_tokens} tokens, got {P}")
@@ -247,6 +245,17 @@ def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], 
         rows_BPC = jnp.pad(rows_v, ((0, 0), (0, Z - n), (0, 0)))  # one draft shape: Z + 1 rows, n + 1 real
         steps, accepted, n_new, pos = steps + 1, accepted + n, n + 1, pos + n + 1
     return out, _spec_stats(steps, accepted, Z)
+
+
+def _one_at_a_time(model, variables, prompts, max_new_tokens, eos_id, engram_map, media):
+    """`speculative_generate` of text prompts of different lengths, each alone; with media (MediaInputs
+    of the whole batch, not split per prompt here) a ValueError."""
+    if media is not None:
+        raise ValueError(f"speculative_generate with media takes prompts of one length (no left padding), got "
+                         f"lengths {[len(p) for p in prompts]}: run each prompt with its own media")
+    runs = [speculative_generate(model, variables, [p], max_new_tokens, eos_id, engram_map) for p in prompts]
+    steps, accepted = sum(r[1]["steps"] for r in runs), sum(r[1]["accepted"] for r in runs)
+    return [r[0][0] for r in runs], _spec_stats(steps, accepted, model.cfg.dspark.block_size)
 
 
 def _emit(out: list[list[int]], done: np.ndarray, tokens_BN: np.ndarray, eos_id: int, limit: int) -> None:

@@ -6,7 +6,8 @@
                   p <- p - η_t (0.2 √max(m, n) O + λ p)        (m x n: one layer's, one expert's)
 
 Which group a parameter joins is decided by its name (the last path element) from two tables:
-`MUON_MATRICES` (hidden projections, with their input/output axes) and `ADAMW_PARAMS`. A
+`MUON_MATRICES` (hidden projections, with their input/output axes; numbered names such as the
+audio convs' `w_conv{i}` by pattern in `MUON_PATTERNS`) and `ADAMW_PARAMS`. A
 parameter of two or more dimensions in neither table raises, so a new weight cannot silently land
 in the wrong group or skip its weight-decay decision. Inside an Engram module (a path element
 `engram…`) the names are looked up in `ENGRAM_MUON` / `ENGRAM_ADAMW` instead (its `w_kv`, `w_k`
@@ -32,6 +33,7 @@ optax.contrib.scale_by_muon (Keller Jordan's Muon, batched over leading axes wit
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -76,8 +78,10 @@ MUON_MATRICES = {
     "w2": (1, 1),  # [F, D]
     "w_proj1": (1, 1),  # [C, D]
     "w_proj2": (1, 1),  # [D, D]
-    **{f"w_conv{i}": (2, 1) for i in range(8)},  # [3, I, C]: taps × input channels are the fan-in
 }
+# names numbered per layer, by regular expression: the audio convs w_conv0, w_conv1, ... (as many as
+# audio.conv_strides) [3, I, C], whose taps × input channels are the fan-in
+MUON_PATTERNS = {r"w_conv\d+": (2, 1)}
 MAX_BATCH_AXES = 2  # "layers" and "experts"
 
 # Engram (layers/engram.py), by name inside an `engram` scope. X = K·H, the flattened memory width.
@@ -146,8 +150,14 @@ def _in_engram(path) -> bool:
 
 
 def _muon_axes(path) -> tuple[int, int] | None:
-    """(input axes, output axes) of a Muon matrix by name (from ENGRAM_MUON inside an Engram module)."""
-    return (ENGRAM_MUON if _in_engram(path) else MUON_MATRICES).get(_leaf_name(path))
+    """(input axes, output axes) of a Muon matrix by name (from ENGRAM_MUON inside an Engram module;
+    outside it MUON_MATRICES, then MUON_PATTERNS)."""
+    name = _leaf_name(path)
+    if _in_engram(path):
+        return ENGRAM_MUON.get(name)
+    if name in MUON_MATRICES:
+        return MUON_MATRICES[name]
+    return next((axes for pattern, axes in MUON_PATTERNS.items() if re.fullmatch(pattern, name)), None)
 
 
 def _classify(path, leaf) -> str:

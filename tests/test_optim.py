@@ -100,6 +100,18 @@ def test_unknown_matrix_raises():
         param_groups({"ffn": {"w_gate": jnp.zeros((2, 2, 2, 4, 4))}})
 
 
+def test_numbered_audio_convs_are_muon():
+    """Any number of audio convs (audio.conv_strides has no length cap): w_conv8, w_conv12 too."""
+    params = {"media": {"audio": {f"w_conv{i}": jnp.zeros((3, 4, 6)) for i in (0, 8, 12)}}}
+    params["media"]["audio"]["w_convx"] = jnp.zeros((3, 4, 6))  # not a numbered name: still unknown
+    with pytest.raises(ValueError, match="w_convx"):
+        param_groups(params)
+    del params["media"]["audio"]["w_convx"]
+    assert set(flat(param_groups(params)).values()) == {"muon"}
+    dims = flat(muon_dimension_numbers(params), is_leaf=lambda x: isinstance(x, Dims))
+    assert dims["media/audio/w_conv8"] == Dims((0, 1), (2,))  # [3, I, C]: taps × input channels in
+
+
 def test_muon_orthogonalises_each_layer_and_expert():
     cfg = OptimConfig(name="muon", lr=1.0, warmup_steps=0, weight_decay=0.0, clip_norm=0.0)
     g_LEDF = np.random.default_rng(0).normal(size=(2, 3, 8, 12)).astype(np.float32)

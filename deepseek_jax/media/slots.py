@@ -22,9 +22,6 @@ VIDEO_START, FRAME, VIDEO_END = 4, 5, 6
 AUDIO_START, AUDIO, AUDIO_END = 7, 8, 9
 N_SLOTS = 10  # codes 0 … 9; TEXT (-1) is not a media slot
 
-# slot codes that read a feature row (`rows` indexes the row's feature matrix)
-FEATURE_SLOTS = (IMAGE, AUDIO)
-
 
 def image_span_len(n_llm_h: int, n_llm_w: int) -> int:
     """Positions one image takes: its token grid, one NEWLINE per grid row, START and END."""
@@ -34,10 +31,6 @@ def image_span_len(n_llm_h: int, n_llm_w: int) -> int:
 def video_span_len(n_frames: int, n_llm_h: int, n_llm_w: int) -> int:
     """Positions one video takes: per frame a FRAME delimiter and its grid rows, plus START / END."""
     return n_frames * (1 + n_llm_h * (n_llm_w + 1)) + 2
-
-
-def audio_span_len(n_tokens: int) -> int:
-    return n_tokens + 2
 
 
 class MediaInputs(NamedTuple):

@@ -18,7 +18,15 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from deepseek_jax.config.media import VideoConfig, VisionConfig
-from deepseek_jax.media.image import load_image, open_media, plan_image_grid, preprocess_box, to_rgb
+from deepseek_jax.media.image import (
+    _DECODE_ERRORS,
+    load_image,
+    open_media,
+    plan_image_grid,
+    preprocess_box,
+    to_rgb,
+)
+from deepseek_jax.media.slots import video_span_len
 from deepseek_jax.tokenizer import DataError
 
 DEFAULT_FRAME_MS = 100  # a GIF frame without a duration (or with 0) is shown this long
@@ -52,17 +60,16 @@ def _gif_frames(source, name: str) -> tuple[list[Image.Image], list[int]]:
             for frame in ImageSequence.Iterator(im) if fmt == "GIF" else ():
                 frames.append(to_rgb(frame))  # a copy, converted like an image (alpha onto white)
                 durations.append(frame.info.get("duration", 0))
-    except (OSError, SyntaxError, EOFError) as e:
+    except _DECODE_ERRORS as e:
         raise DataError(f"{name}: cannot decode {what}: {type(e).__name__}: {e}") from None
     if fmt != "GIF":
         raise DataError(f"{name}: {what} is {fmt}, not a GIF (give a GIF or a list of frame files)")
     return frames, durations
 
 
-def load_video(source, name: str, cfg_video: VideoConfig, cfg_vision: VisionConfig) -> list[Image.Image]:
+def load_video(source, name: str, cfg_video: VideoConfig) -> list[Image.Image]:
     """The sampled frames of a clip: `source` is a GIF (path or bytes) or a list of frame image paths.
     Raises DataError naming `name` for missing, corrupt or unsupported input."""
-    del cfg_vision  # the frames' grid is planned by `preprocess_video`; kept for a uniform signature
     if isinstance(source, (list, tuple)):
         if not source:
             raise DataError(f"{name}: a video frame list must not be empty")
@@ -92,5 +99,6 @@ def preprocess_video(
 
 
 def video_tokens_per_second(cfg_video: VideoConfig, n_llm_h: int, n_llm_w: int) -> float:
-    """Positions per second of GIF video at this frame grid: fps·(1 + h·(w + 1)) (+2 per clip)."""
-    return cfg_video.fps * (1 + n_llm_h * (n_llm_w + 1))
+    """Positions per second of GIF video at this frame grid: fps·(1 + h·(w + 1)) (+2 per clip), i.e.
+    fps × one frame's share of `video_span_len`."""
+    return cfg_video.fps * (video_span_len(1, n_llm_h, n_llm_w) - 2)

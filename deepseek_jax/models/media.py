@@ -6,6 +6,7 @@
               audio_start / audio_end         their delimiter slots (learned vectors)
             = video_frame[rows[b, t]]         slot FRAME (the frame number within its video)
             = x[b, t]                         text (slot -1), and codes of a modality the model lacks
+                                              (IMAGE without vision features, AUDIO without audio ones)
 
 The merge runs right after the token embedding (before mHC expansion); positions stay plain 1-D and
 attention causal. The decoder derives span_BT = slots >= 0 from it (router bias_vl, Engram off).
@@ -24,10 +25,11 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.audio import AudioFrontEnd
 from deepseek_jax.layers.vision import Aligner, VisionTower
 from deepseek_jax.media.slots import (
+    AUDIO,
     AUDIO_END,
     AUDIO_START,
-    FEATURE_SLOTS,
     FRAME,
+    IMAGE,
     IMAGE_END,
     IMAGE_START,
     N_SLOTS,
@@ -47,9 +49,10 @@ VISION_FIELDS = ("patches", "patch_pos", "patch_pic", "unshuffle")
 AUDIO_FIELDS = ("mel", "mel_len")
 
 
-def merge_media(x_BTD, slots_BT, rows_BT, feats_BRD, delimiters_ZD, delimiter_codes, frames_GD):
-    """The merged embeddings [B, T, D]: each position's feature row, delimiter or frame vector by its
-    slot code; text (and codes in no table) keep x. feats_BRD / frames_GD may be None."""
+def merge_media(x_BTD, slots_BT, rows_BT, feats_BRD, feature_codes, delimiters_ZD, delimiter_codes, frames_GD):
+    """The merged embeddings [B, T, D]: each position's feature row (slots in `feature_codes`),
+    delimiter (`delimiter_codes`) or frame vector by its slot code; text and codes in neither list keep
+    x. feats_BRD / frames_GD may be None."""
     out_BTD = x_BTD
     is_delim_BT = jnp.isin(slots_BT, jnp.asarray(delimiter_codes, jnp.int32))
     delim_BTD = delimiters_ZD[jnp.clip(slots_BT, 0, N_SLOTS - 1)].astype(x_BTD.dtype)
@@ -57,10 +60,10 @@ def merge_media(x_BTD, slots_BT, rows_BT, feats_BRD, delimiters_ZD, delimiter_co
     if frames_GD is not None:
         frame_BTD = frames_GD[jnp.clip(rows_BT, 0, frames_GD.shape[0] - 1)].astype(x_BTD.dtype)
         out_BTD = jnp.where((slots_BT == FRAME)[..., None], frame_BTD, out_BTD)
-    if feats_BRD is not None:
+    if feats_BRD is not None and feature_codes:
         rows_BT1 = jnp.clip(rows_BT, 0, feats_BRD.shape[1] - 1)[..., None]
         feat_BTD = jnp.take_along_axis(feats_BRD, rows_BT1, axis=1).astype(x_BTD.dtype)
-        out_BTD = jnp.where(jnp.isin(slots_BT, jnp.asarray(FEATURE_SLOTS))[..., None], feat_BTD, out_BTD)
+        out_BTD = jnp.where(jnp.isin(slots_BT, jnp.asarray(feature_codes, jnp.int32))[..., None], feat_BTD, out_BTD)
     return out_BTD
 
 
@@ -78,12 +81,14 @@ class MediaEmbed(nn.Module):
     def __call__(self, x_BTD: jax.Array, media: MediaInputs) -> jax.Array:
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         B, D = x_BTD.shape[0], cfg.dim
-        feats = []
+        feats, feature_codes = [], []  # a feature code only with its modality's features (IMAGE: vision)
         if cfg.vision is not None and media.patches is not None:
             feats_BPW = VisionTower(cfg.vision, dtype, name="vision")(media.patches, media.patch_pos, media.patch_pic)
             feats.append(Aligner(cfg.vision, D, dtype, name="aligner")(feats_BPW, media.unshuffle))
+            feature_codes.append(IMAGE)
         if cfg.audio is not None and media.mel is not None:
             feats.append(AudioFrontEnd(cfg.audio, D, dtype, name="audio")(media.mel, media.mel_len).reshape(B, -1, D))
+            feature_codes.append(AUDIO)
         feats_BRD = jnp.concatenate(feats, axis=1) if feats else None
         init = nn.initializers.normal(D**-0.5)
         delimiters_ZD, codes = jnp.zeros((N_SLOTS, D), jnp.float32), []
@@ -96,7 +101,8 @@ class MediaEmbed(nn.Module):
         frames_GD = None
         if cfg.video is not None:
             frames_GD = param(self, "video_frame", (None, "embed"), (cfg.video.max_frames, D), init)
-        out_BTD = merge_media(x_BTD, media.slots, media.rows, feats_BRD, delimiters_ZD, codes, frames_GD)
+        out_BTD = merge_media(x_BTD, media.slots, media.rows, feats_BRD, feature_codes, delimiters_ZD, codes,
+                              frames_GD)
         return constrain(out_BTD, ACT_BTD)
 
 

@@ -49,11 +49,11 @@ def test_skimage_gif_sampled_at_fps():
     with Image.open(path) as im:
         assert (im.n_frames, im.size, im.info["duration"]) == (24, (14, 25), 70)
         every = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
-    frames = load_video(path, "rec", VIDEO, VISION)
+    frames = load_video(path, "rec", VIDEO)
     assert len(frames) == 4
     for got, i in zip(frames, [0, 7, 14, 21]):
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(every[i]))
-    fast = load_video(path, "rec", VideoConfig(video_token_id=9, fps=100.0, max_frames=5), VISION)
+    fast = load_video(path, "rec", VideoConfig(video_token_id=9, fps=100.0, max_frames=5))
     # 168 samples, 5 kept evenly spaced (first and last included): samples 0, 42, 84, 125, 167
     for got, s in zip(fast, [0, 42, 84, 125, 167]):
         assert np.array_equal(np.asarray(got), np.asarray(every[int(s * 10 // 70)]))
@@ -61,7 +61,7 @@ def test_skimage_gif_sampled_at_fps():
 
 def test_sampling_follows_durations():
     # frames shown over [0,100) [100,400) [400,450) [450,1000): samples at 0, 250, 500, 750 ms (fps 4)
-    frames = load_video(_gif([100, 300, 50, 550]), "rec", VideoConfig(video_token_id=9, fps=4.0), VISION)
+    frames = load_video(_gif([100, 300, 50, 550]), "rec", VideoConfig(video_token_id=9, fps=4.0))
     assert [_colour(f) for f in frames] == [COLOURS[0], COLOURS[1], COLOURS[3], COLOURS[3]]
     assert sample_times([100, 300, 50, 550], 4.0, 16).tolist() == [0, 1, 3, 3]
     assert sample_times([0, 0], 20.0, 16).tolist() == [0, 0, 1, 1]  # missing durations: 100 ms each
@@ -73,8 +73,8 @@ def test_frame_lists_keep_every_frame_up_to_max(tmp_path):
     for i, c in enumerate(COLOURS):
         Image.new("RGB", (5, 4), c).save(tmp_path / f"{i}.png")
         paths.append(tmp_path / f"{i}.png")
-    assert [_colour(f) for f in load_video(paths, "rec", VIDEO, VISION)] == COLOURS
-    few = load_video(paths, "rec", VideoConfig(video_token_id=9, max_frames=3), VISION)
+    assert [_colour(f) for f in load_video(paths, "rec", VIDEO)] == COLOURS
+    few = load_video(paths, "rec", VideoConfig(video_token_id=9, max_frames=3))
     assert [_colour(f) for f in few] == [COLOURS[0], COLOURS[3], COLOURS[6]]
 
 
@@ -100,12 +100,13 @@ def test_frames_are_not_upscaled_by_default():
 
 def test_tokens_per_second_formula():
     path = _skimage_gif()
-    frames = load_video(path, "rec", VIDEO, VISION)
+    frames = load_video(path, "rec", VIDEO)
     pictures = preprocess_video(frames, VIDEO, VISION)
     n_h, n_w = llm_grid(*pictures[0][1], VISION.downsample_ratio)
     seconds = 2.0  # 4 samples at 2 fps cover 2 s of sampling grid (the clip is 1.68 s, rounded up)
     span = video_span_len(len(frames), n_h, n_w)
     assert span == video_tokens_per_second(VIDEO, n_h, n_w) * seconds + 2
+    assert video_tokens_per_second(VIDEO, 2, 3) == 2.0 * (1 + 2 * (3 + 1))  # fps·(1 + h·(w + 1))
 
 
 def test_errors_name_the_record(tmp_path):
@@ -115,4 +116,11 @@ def test_errors_name_the_record(tmp_path):
              ([tmp_path / "none.png"], "frame 0: image file .* does not exist")]
     for source, what in cases:
         with pytest.raises(DataError, match=f"train.jsonl:5 segment 0.*{what}"):
-            load_video(source, "train.jsonl:5 segment 0", VIDEO, VISION)
+            load_video(source, "train.jsonl:5 segment 0", VIDEO)
+
+
+def test_decompression_bomb_gif_is_a_data_error(monkeypatch):
+    """Pillow's DecompressionBombError (and ValueError) are decode errors, as for images."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # an 8×6 GIF is past 2× the limit: a bomb
+    with pytest.raises(DataError, match="rec: cannot decode video bytes: DecompressionBombError"):
+        load_video(_gif([100, 100]), "rec", VIDEO)

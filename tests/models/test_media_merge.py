@@ -3,7 +3,8 @@
 - MediaEmbed: each span position gets what its slot says (IMAGE / AUDIO: the feature row `rows` names,
   computed here by the towers run on their own; START / NEWLINE / END, video and audio delimiters: the
   learned vectors; FRAME: video_frame[f]); text positions keep their token embedding bit for bit;
-  swapping two images' pixels swaps only their positions' embeddings.
+  swapping two images' pixels swaps only their positions' embeddings; a one-modality model leaves
+  the other modality's slots as x.
 - Decoder: media=None on a model with media front-ends is bit-identical to the text-only model; the
   merged embeddings are MediaEmbed's; perturbing a later image leaves earlier logits alone; one
   compile serves two batches of the same budgets; bad media give a ValueError naming the field.
@@ -130,6 +131,24 @@ def test_each_slot_gets_what_the_contract_says(embed_setup):
         else:
             assert_close(got[b, t], feats[b, row], rtol=1e-6, atol=1e-6, what=f"slot {code} at ({b}, {t})")
     assert seen == set(range(-1, S.N_SLOTS))  # every slot code was exercised
+
+
+@pytest.mark.parametrize("lacks, drop", [("audio", ("mel", "mel_len")),
+                                         ("vision", ("patches", "patch_pos", "patch_pic", "unshuffle"))])
+def test_slots_of_a_modality_the_model_lacks_keep_x(lacks, drop):
+    """A one-modality model: the other modality's slots (features and delimiters) keep x bit for bit,
+    never reading the present modality's feature rows; its own slots are still merged."""
+    gone = {"audio": ["model.audio=null"], "vision": ["model.vision=null", "model.video=null"]}[lacks]
+    cfg, (_, media, _) = cfg_of(extra=gone), build_batch(cfg_of(), ROWS)
+    media = media._replace(**dict.fromkeys(drop))
+    x = np.random.default_rng(5).standard_normal((2, T, cfg.dim)).astype(np.float32)
+    module = MediaEmbed(cfg)
+    got = np.asarray(jax.jit(module.apply)(jax.jit(module.init)(jax.random.key(0), x, media), x, media))
+    audio = np.isin(media.slots, [S.AUDIO_START, S.AUDIO, S.AUDIO_END])
+    lacking = audio if lacks == "audio" else (media.slots >= 0) & ~audio
+    np.testing.assert_array_equal(got[lacking | (media.slots == S.TEXT)], x[lacking | (media.slots == S.TEXT)])
+    present = (media.slots >= 0) & ~lacking
+    assert present.any() and not np.isclose(got[present], x[present]).all(axis=-1).any()
 
 
 def test_swapping_two_images_swaps_only_their_embeddings(embed_setup):
