@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from deepseek_jax.media.encode import EncodedRecord, MediaBudget, RecordEncoder, collate_row, record_cost
+from deepseek_jax.media.encode import EncodedRecord, MediaBudget, RecordEncoder, collate_row
 from deepseek_jax.media.slots import media_from_batch
 from deepseek_jax.multihost import put_batch
 from deepseek_jax.sharding import in_mesh
@@ -62,12 +62,12 @@ def accuracy_by_tag(results: Sequence[RecordResult]) -> dict[str, float]:
     return {f"accuracy/{t}": float(np.mean([r.exact for r in results if r.tag == t])) for t in tags}
 
 
-def tagged_validation_records(cfg, cache_dir: str | Path | None, max_records: int = MAX_RECORDS):
+def tagged_validation_records(cfg, max_records: int = MAX_RECORDS):
     """(name, record, folder) of the first `max_records` (0 = all) validation records that carry a
     "tag" (data.media sources only)."""
     from deepseek_jax.data.media_records import list_records, parse_record  # data/ imports the encoder
 
-    records = list_records(cfg.data, "validation", cfg.model, cache_dir)
+    records = list_records(cfg.data, "validation", cfg.model)
     out = []
     for i in range(len(records)):
         name, raw, folder = records[i]
@@ -82,10 +82,8 @@ def tagged_validation_records(cfg, cache_dir: str | Path | None, max_records: in
 def _budget(encoded: list[EncodedRecord], model_cfg) -> tuple[int, MediaBudget]:
     """(T, budget) that fits the largest record alone: a multiple of 8 tokens, the largest media (at
     least one of each, so no media array is empty)."""
-    costs = np.maximum(np.array([record_cost(r) for r in encoded]).max(axis=0), 1)
-    T = int(-(-costs[0] // 8) * 8)
-    return T, MediaBudget.for_model(model_cfg, max_patches=int(costs[1]), max_image_rows=int(costs[2]),
-                                    max_audio_clips=int(costs[3]), max_audio_frames=int(costs[4]))
+    tokens = max(max(len(r.tokens) for r in encoded), 1)
+    return -(-tokens // 8) * 8, MediaBudget.fitting(model_cfg, encoded, at_least=1)
 
 
 def _rows(encoded: list[EncodedRecord], B: int, T: int, budget: MediaBudget, pad_id: int):
@@ -129,7 +127,7 @@ class Scorer:
     def _prepare(self) -> None:
         program = self.program
         if self.records is None:
-            self.records = tagged_validation_records(program.cfg, None)
+            self.records = tagged_validation_records(program.cfg)
         encoder = RecordEncoder(program.cfg.model, self.tokenizer)
         self._encoded = [encoder.encode(rec, Path(folder), name) for name, rec, folder in self.records]
         self._shape = _budget(self._encoded, program.cfg.model) if self._encoded else None

@@ -19,14 +19,13 @@ import numpy as np
 
 from deepseek_jax.engram_hash import compressed_vocab
 from deepseek_jax.generate import _engram_state, _prefill, _spec_stats, decode, speculative_generate
-from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row, record_cost
+from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row
 from deepseek_jax.media.slots import MediaInputs, media_from_batch
 from deepseek_jax.models import build_cache
+from deepseek_jax.models.media import AUDIO_FIELDS, VISION_FIELDS
 from deepseek_jax.tokenizer import DataError
 
 MODALITIES = {"image": ("--image", "vision"), "audio": ("--audio", "audio"), "video": ("--video", "video")}
-VISION_KEYS = ("patches", "patch_pos", "patch_pic", "unshuffle")  # collate_row's keys per front-end
-AUDIO_KEYS = ("mel", "mel_len")
 
 
 MARKER = re.compile(r"<(image|audio|video)>")  # where a prompt places its next medium of that kind
@@ -54,11 +53,13 @@ def media_record(prompt: str, media: Sequence[tuple[str, str | Path]] = ()) -> d
 
 
 def check_modalities(cfg, record: dict) -> None:
-    """A DataError naming the flag when the record holds media of a modality the model lacks."""
+    """A DataError naming the input (and its CLI flag) when the record holds media of a modality the
+    model lacks."""
     for seg in record.get("segments", []) if isinstance(record, dict) else []:
         for kind, (flag, field) in MODALITIES.items():
             if isinstance(seg, dict) and kind in seg and getattr(cfg, field) is None:
-                raise DataError(f"{flag} given but the model has no model.{field}: it cannot take {kind} input")
+                raise DataError(f"{kind} input ({flag}) given but the model has no model.{field}: "
+                                f"it cannot take {kind} input")
 
 
 def encode_prompt(cfg, tokenizer, record: dict, base_dir: str | Path = ".",
@@ -68,14 +69,11 @@ def encode_prompt(cfg, tokenizer, record: dict, base_dir: str | Path = ".",
     base_dir; a missing or corrupt file is a DataError naming it."""
     check_modalities(cfg, record)
     rec = RecordEncoder(cfg, tokenizer, append_eos=False).encode(record, Path(base_dir), name)
-    _, patches, image_rows, clips, frames = record_cost(rec)
-    budgets = MediaBudget.for_model(cfg, max_patches=patches, max_image_rows=image_rows, max_audio_clips=clips,
-                                    max_audio_frames=frames)
-    row = collate_row([rec], len(rec.tokens), budgets, pad_id=tokenizer.pad_id)
+    row = collate_row([rec], len(rec.tokens), MediaBudget.fitting(cfg, [rec]), pad_id=tokenizer.pad_id)
     tokens_1P = row["tokens"][None]
     if not (rec.slots >= 0).any():
         return tokens_1P, None
-    unused = (() if rec.pictures else VISION_KEYS) + (() if rec.clips else AUDIO_KEYS)
+    unused = (() if rec.pictures else VISION_FIELDS) + (() if rec.clips else AUDIO_FIELDS)  # collate_row keys
     return tokens_1P, media_from_batch({k: v[None] for k, v in row.items() if k not in unused})
 
 
@@ -120,9 +118,11 @@ def sample_media(model: nn.Module, variables, tokenizer, prompt: str | dict, ima
                  audios: Sequence = (), videos: Sequence = (), max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, speculative: bool = False, stats: dict | None = None,
                  base_dir: str | Path = ".") -> str:
-    """The completion of one prompt with media: the text `prompt` after the images, audio clips (WAV)
-    and videos (GIF), in that order; or `prompt` a whole interleaved record (media/encode.py; then no
-    images / audios / videos). Paths are relative to base_dir."""
+    """The completion of one prompt with media: the text `prompt` with the images, audio clips (WAV)
+    and videos (GIF), a marker `<image>` / `<audio>` / `<video>` in the text placing the next of its kind
+    there and the unplaced ones first (images, then audio, then video), then the text (`media_record`);
+    or `prompt` a whole interleaved record (media/encode.py; then no images / audios / videos). Paths
+    are relative to base_dir."""
     if isinstance(prompt, dict):
         if images or audios or videos:
             raise ValueError("sample_media: give media either in the record or as images / audios / videos")

@@ -60,6 +60,42 @@ def test_accuracy_by_tag():
     assert accuracy_by_tag([]) == {}
 
 
+def _record(name, n_tokens, pictures=(), clips=(), image_rows=0):
+    """An EncodedRecord with `pictures` ((n_vit_h, n_vit_w) each), `clips` (log-mel frames each) and
+    `image_rows` IMAGE slots; its token, loss and ref contents do not matter here."""
+    from deepseek_jax.media.encode import EncodedRecord
+    from deepseek_jax.media.slots import IMAGE, TEXT
+
+    slots = np.full(n_tokens, TEXT, np.int32)
+    slots[:image_rows] = IMAGE
+    return EncodedRecord(name=name, tokens=np.zeros(n_tokens, np.int32), slots=slots,
+                         loss=np.zeros(n_tokens, np.float32), ref=np.full((n_tokens, 2), -1, np.int32),
+                         pictures=[(np.zeros((h * w, 12), np.float32), (h, w)) for h, w in pictures],
+                         clips=[np.zeros((f, 8), np.float32) for f in clips])
+
+
+def test_budget_fits_the_largest_record_alone():
+    """MediaBudget.fitting = the per-field maximum of record_cost over the records (each record alone),
+    floored at `at_least`; exact_match._budget adds T = the longest record rounded up to a multiple of 8."""
+    from deepseek_jax.config import load_model_config
+    from deepseek_jax.exact_match import _budget
+    from deepseek_jax.media.encode import MediaBudget
+
+    model_cfg = load_model_config([CONFIGS / "model/tiny_multimodal.yaml"])
+    records = [_record("a", 30, pictures=[(4, 4), (2, 6)], image_rows=7), _record("b", 41, clips=[61, 20, 33]),
+               _record("c", 5)]
+    got = MediaBudget.fitting(model_cfg, records)
+    # patches max(16 + 12, 0, 0), rows max(7, 0, 0), clips max(0, 3, 0), frames max(0, 61, 0)
+    assert (got.max_patches, got.max_image_rows, got.max_audio_clips, got.max_audio_frames) == (28, 7, 3, 61)
+    assert got.vision == model_cfg.vision and got.audio == model_cfg.audio
+    assert MediaBudget.fitting(model_cfg, records[:1]) == MediaBudget.for_model(
+        model_cfg, max_patches=28, max_image_rows=7)
+    assert MediaBudget.fitting(model_cfg, records[2:], at_least=1) == MediaBudget.for_model(
+        model_cfg, max_patches=1, max_image_rows=1, max_audio_clips=1, max_audio_frames=1)
+    T, budget = _budget(records, model_cfg)
+    assert T == 48 and budget == MediaBudget.fitting(model_cfg, records, at_least=1) == got
+
+
 class _Out(NamedTuple):
     logits: jax.Array
 
@@ -92,12 +128,12 @@ def test_exact_match_loop_with_an_oracle(tmp_path):
     cfg = load_config([CONFIGS / "train/tiny_multimodal.yaml"],
                       [f"train.run_dir={tmp_path}", "data.global_batch_size=4"])
     spec = dm.DemoSpec(train_per_task=2, val_per_task=7, val_digit_rows=30, val_sequences=30)
-    folder = dm.demo_records(cfg.data, cfg.model, tmp_path / "cache", spec)
+    folder = dm.demo_records(cfg.model, tmp_path / "cache", spec)
     tok = Tokenizer.from_file(folder / "tokenizer.json")
     cfg = load_config([CONFIGS / "train/tiny_multimodal.yaml"],
                       [f"train.run_dir={tmp_path}", "data.global_batch_size=4", f"data.source={folder}",
                        f"data.tokenizer={folder / 'tokenizer.json'}"])
-    records = tagged_validation_records(cfg, None)
+    records = tagged_validation_records(cfg)
     assert len(records) == 3 * spec.val_per_task and records[0][0] == "validation.jsonl:1"
     blind = tok.encode(next(r for _, r, _ in records if r["tag"] == "image")["segments"][-1]["text"])[0]
     mesh = make_mesh(cfg.mesh)

@@ -115,12 +115,16 @@ def mm(mm_cfg):
 
 
 @pytest.fixture(scope="module")
-def v41(mm_cfg, tokenizer):
+def v41_cfg(mm_cfg):
     """tiny_v41 (Engram, DSpark, shared KV, window 32) at vocab 64 with tiny_multimodal's front-ends."""
     cfg = load_model_config([CONFIGS / "model/tiny_v41.yaml"])
-    cfg = dataclasses.replace(cfg, vocab_size=64, vision=mm_cfg.vision, video=mm_cfg.video, audio=mm_cfg.audio,
-                              engram=dataclasses.replace(cfg.engram, compressed_vocab_size=64))
-    model = build_model(cfg)
+    return dataclasses.replace(cfg, vocab_size=64, vision=mm_cfg.vision, video=mm_cfg.video, audio=mm_cfg.audio,
+                               engram=dataclasses.replace(cfg.engram, compressed_vocab_size=64))
+
+
+@pytest.fixture(scope="module")
+def v41(v41_cfg):
+    model = build_model(v41_cfg)
     return model, random_variables(model)
 
 
@@ -257,7 +261,7 @@ def test_a_prompt_is_its_media_in_order_then_its_text(mm_cfg, tokenizer, media_d
     assert first[AUD] < first[IMG] < first[VID]
     assert list(tokens_1P[0, -3:]) == tokenizer.encode("which way ?") and (slots[-3:] == TEXT).all()
     image, _ = preprocess_image(load_image(media_dir / "a.png", "a"), mm_cfg.vision)
-    frames = preprocess_video(load_video(media_dir / "v.gif", "v", mm_cfg.video, mm_cfg.vision), mm_cfg.video,
+    frames = preprocess_video(load_video(media_dir / "v.gif", "v", mm_cfg.video), mm_cfg.video,
                               mm_cfg.vision)
     assert (slots == FRAME).sum() == len(frames) == 3  # 3 frames of 0.5 s at 2 fps
     assert media.patches.shape[:2] == (1, len(image) + sum(len(p) for p, _ in frames))
@@ -291,7 +295,7 @@ def test_markers_place_media_inside_the_prompt():
     ("audio", "missing.wav", "audio file .*missing.wav does not exist"),
     ("video", "missing.gif", "video file .*missing.gif does not exist"),
     ("image", "bad.png", "cannot decode image .*bad.png"),
-    ("audio", "bad.wav", "cannot decode WAV file .*bad.wav"),
+    ("audio", "bad.wav", "cannot decode audio .*bad.wav"),
     ("video", "bad.gif", "cannot decode video .*bad.gif"),
 ])
 def test_bad_media_files_are_data_errors_naming_the_file(mm_cfg, tokenizer, media_dir, kind, path, what):
@@ -304,7 +308,7 @@ def test_bad_media_files_are_data_errors_naming_the_file(mm_cfg, tokenizer, medi
 def test_a_modality_the_model_lacks_names_the_flag(mm_cfg, tokenizer, media_dir, kind, drop):
     cfg = dataclasses.replace(mm_cfg, **drop)
     field = "vision" if kind == "image" else kind
-    with pytest.raises(DataError, match=f"--{kind} given but the model has no model.{field}"):
+    with pytest.raises(DataError, match=f"{kind} input \\(--{kind}\\) given but the model has no model.{field}"):
         encode_prompt(cfg, tokenizer, media_record("?", [("image", "a.png"), (kind, "x")]), media_dir)
     with pytest.raises(DataError, match="media kind 'picture'"):
         media_record("?", [("picture", "a.png")])
@@ -321,6 +325,15 @@ def test_generate_media_refuses_what_it_cannot_do(mm, tokenizer, media_dir):
         generate_media(model, variables, tokens_1P, media, 2, eos_id=0, temperature=1.0, speculative=True)
     with pytest.raises(ValueError, match="either in the record or as images"):
         sample_media(model, variables, tokenizer, PROMPTS["image"], images=["a.png"])
+
+
+def test_speculative_generate_refuses_ragged_prompts_with_media(v41_cfg, tokenizer, media_dir):
+    """Prompts of different lengths run one at a time, text only: with media a clear ValueError (not
+    numpy's ragged-array error), before any model call (so no variables are needed)."""
+    tokens_1P, media = encode_prompt(v41_cfg, tokenizer, PROMPTS["image"], media_dir)
+    prompts = [tokens_1P[0].tolist(), tokens_1P[0, :-1].tolist()]
+    with pytest.raises(ValueError, match="with media takes prompts of one length"):
+        gen.speculative_generate(build_model(v41_cfg), None, prompts, 2, eos_id=0, media=media)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,9 +363,9 @@ TRAIN_MM = str(CONFIGS / "train/tiny_multimodal.yaml")
 
 @pytest.mark.parametrize("argv, what", [
     (["--image", "{d}/missing.png"], "--image {d}/missing.png: no such file"),
-    (["--audio", "{d}/bad.wav"], "cannot decode WAV file {d}/bad.wav"),
+    (["--audio", "{d}/bad.wav"], "cannot decode audio {d}/bad.wav"),
     (["--image", "{d}/bad.png"], "cannot decode image {d}/bad.png"),
-    (["--audio", "{d}/s.wav", "model.audio=null"], "--audio given but the model has no model.audio"),
+    (["--audio", "{d}/s.wav", "model.audio=null"], "audio input (--audio) given but the model has no model.audio"),
 ])
 def test_cli_errors_are_one_line_naming_the_file_or_flag(cli_session, media_dir, capsys, argv, what):
     argv = [a.format(d=media_dir) for a in argv]

@@ -9,7 +9,8 @@ layers/moe/dispatch.py, run.py).
 from collections.abc import Callable
 
 from deepseek_jax.config.errors import ConfigError
-from deepseek_jax.config.run import Config
+from deepseek_jax.config.model import MEDIA_TOKEN_FIELDS
+from deepseek_jax.config.run import DEMO_SOURCE, Config
 
 
 def _seq_len_fits(cfg: Config) -> str | None:
@@ -47,12 +48,10 @@ def _image_budgets_fit(cfg: Config) -> str | None:
 def _placeholders_not_text(cfg: Config) -> str | None:
     """A BPE trained here owns ids 0 … tokenizer_vocab_size - 1: a placeholder there would also be text."""
     m, d = cfg.model, cfg.data
-    if d.media is None or d.tokenizer or d.source == "demo_media":
+    if d.media is None or d.tokenizer or d.source == DEMO_SOURCE:
         return None
-    ids = {"vision.image_token_id": m.vision and m.vision.image_token_id,
-           "video.video_token_id": m.video and m.video.video_token_id,
-           "audio.audio_token_id": m.audio and m.audio.audio_token_id}
-    bad = {k: v for k, v in ids.items() if v is not None and v < d.tokenizer_vocab_size}
+    ids = {MEDIA_TOKEN_FIELDS[kind]: v for kind, v in m.media_token_ids().items()}
+    bad = {k: v for k, v in ids.items() if v < d.tokenizer_vocab_size}
     if bad:
         return (f"media placeholder ids {bad} fall inside the BPE trained on the data "
                 f"(data.tokenizer_vocab_size={d.tokenizer_vocab_size}): use ids >= it, or a data.tokenizer")

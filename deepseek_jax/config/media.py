@@ -91,9 +91,9 @@ class AudioConfig:
     max_seconds: float = 30.0  # longest clip accepted (the pipeline's per-clip frame budget)
 
     def __post_init__(self):
-        for name in ("audio_token_id", "sample_rate", "n_fft", "hop_length", "n_mels", "conv_channels"):
-            _check(getattr(self, name) >= (0 if name == "audio_token_id" else 1),
-                   f"audio.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.audio_token_id >= 0, f"audio.audio_token_id must be >= 0, got {self.audio_token_id}")
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "conv_channels"):
+            _check(getattr(self, name) > 0, f"audio.{name} must be > 0, got {getattr(self, name)}")
         _check(len(self.conv_strides) >= 1 and all(s >= 1 for s in self.conv_strides),
                f"audio.conv_strides must be >= 1 each, got {self.conv_strides}")
         _check(0 <= self.fmin < self.fmax <= self.sample_rate / 2,

@@ -12,6 +12,10 @@ from deepseek_jax.config.errors import require as _check
 from deepseek_jax.config.media import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
 
+# media kind -> the config field holding its placeholder id (`ModelConfig.media_token_ids`)
+MEDIA_TOKEN_FIELDS = {"image": "vision.image_token_id", "audio": "audio.audio_token_id",
+                      "video": "video.video_token_id"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class RopeConfig:
@@ -291,13 +295,17 @@ class ModelConfig:
 
     def _check_media(self):
         _check(self.video is None or self.vision is not None, "model.video runs frames through model.vision: set it")
-        ids = {"vision.image_token_id": None if self.vision is None else self.vision.image_token_id,
-               "video.video_token_id": None if self.video is None else self.video.video_token_id,
-               "audio.audio_token_id": None if self.audio is None else self.audio.audio_token_id}
-        ids = {k: v for k, v in ids.items() if v is not None}
+        ids = {MEDIA_TOKEN_FIELDS[kind]: v for kind, v in self.media_token_ids().items()}
         for name, v in ids.items():
             _check(v < self.vocab_size, f"model.{name} ({v}) must be < vocab_size ({self.vocab_size})")
         _check(len(set(ids.values())) == len(ids), f"media placeholder ids must differ, got {ids}")
+
+    def media_token_ids(self) -> dict[str, int]:
+        """Media kind ("image", "audio", "video") -> its placeholder id, for the modalities configured."""
+        ids = {"image": None if self.vision is None else self.vision.image_token_id,
+               "audio": None if self.audio is None else self.audio.audio_token_id,
+               "video": None if self.video is None else self.video.video_token_id}
+        return {kind: i for kind, i in ids.items() if i is not None}
 
     @property
     def n_moe_layers(self) -> int:

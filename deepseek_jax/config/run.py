@@ -10,6 +10,7 @@ from deepseek_jax.config.errors import require as _check
 from deepseek_jax.config.model import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
+DEMO_SOURCE = "demo_media"  # data.source of the built-in demo records (data/demo_media.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,8 +35,9 @@ class MeshConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MediaDataConfig:
-    """Interleaved text + media records (data/multimodal.py). Per-row budgets fix the media arrays' shapes,
-    so a step compiles once; a row takes whole records while every budget holds. 0 = derived (`budgets`)."""
+    """Interleaved text + media records (data/media_records.py, data/media_pack.py, media/encode.py). Per-row
+    budgets fix the media arrays' shapes, so a step compiles once; a row takes whole records while every
+    budget holds. 0 = derived (`budgets`)."""
 
     max_patches: int = 0  # P, ViT patches per row (all pictures: images and video frames); 0 = r² · M
     max_image_rows: int = 0  # M, aligner rows (IMAGE slots) per row; 0 = seq_len - 3 (any row's maximum)
@@ -77,8 +79,9 @@ class DataConfig:
     shuffle_window: int = 1024  # packed rows shuffled together (long documents span many rows); 0 = off
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
     max_documents: int = 0  # cap on documents read (0 = all), for quick runs
-    # interleaved text + media records ({"segments": [...]}: data/multimodal.py) with these per-row budgets;
-    # None = plain text documents. source `demo_media` = the built-in demo records (data/demo_media.py)
+    # interleaved text + media records ({"segments": [...]}: media/encode.py; read by data/media_records.py,
+    # packed by data/media_pack.py) with these per-row budgets; None = plain text documents.
+    # source `demo_media` (DEMO_SOURCE) = the built-in demo records (data/demo_media.py)
     media: MediaDataConfig | None = None
 
     def __post_init__(self):

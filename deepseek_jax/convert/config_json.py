@@ -144,7 +144,6 @@ VISION_KEYS = {
     "max_wh_ratio": ("max_wh_ratio", "vision_max_wh_ratio"),
     "norm_eps": ("rms_norm_eps", "vision_norm_eps"),  # not in transformers' class (fixed 1e-6 as released): ours
 }  # fmt: skip
-IMAGE_TOKEN_ID = 129264  # transformers' DeepseekV41Config default (`<｜deepseek_image｜>`)
 
 
 def vision_from_json(hf: Mapping):
@@ -172,7 +171,8 @@ def vision_from_json(hf: Mapping):
         raise ConversionError(f"{where}: max_wh_ratio = {fields['max_wh_ratio']!r} must be an integer or null")
     fields.update({f: float(fields[f]) for f in ("rope_theta", "norm_eps") if f in fields})
     try:
-        return VisionConfig(image_token_id=int(hf.get("image_token_id", IMAGE_TOKEN_ID)), **fields)
+        # absent: VisionConfig's default, transformers' DeepseekV41Config one (`<｜deepseek_image｜>`)
+        return VisionConfig(image_token_id=int(hf.get("image_token_id", VisionConfig.image_token_id)), **fields)
     except (ConfigError, TypeError) as e:
         raise ConversionError(f"{where}: {e}") from None
 

@@ -11,7 +11,7 @@ validation tone sequences are 3-digit numbers no training clip plays (so audio a
 reading each tone, not remembering sequences). Only the modalities the model has (model.vision,
 model.audio, model.video) are written.
 
-`demo_records(data_cfg, model_cfg, cache_dir)` writes, once per spec and model ids, a folder
+`demo_records(model_cfg, cache_dir)` writes, once per spec and model ids, a folder
 
     train.jsonl, validation.jsonl   one record a line: {"tag": ..., "segments": [...]} (the shared
                                     record contract; media paths relative to the folder)
@@ -45,7 +45,6 @@ from deepseek_jax.tokenizer import EOS_TOKENS, PAD_TOKENS, DataError
 
 VERSION = 2  # bump when the synthesis changes: it is part of the folder's fingerprint
 EOS, PAD, UNK = EOS_TOKENS[0], PAD_TOKENS[0], "<unk>"
-TAGS = ("image", "audio", "video")
 PROMPTS = {"image": "which digit ?", "audio": "which tones ?", "video": "which way ?"}
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 PLACEHOLDERS = {"image": "<image>", "audio": "<audio>", "video": "<video>"}
@@ -162,7 +161,7 @@ def build_tokenizer(model_cfg: ModelConfig, path: Path) -> None:
     """A WordLevel tokenizer of exactly model.vocab_size ids: <|endoftext|> 0, <pad> 1, <unk> 2, the
     words, the media placeholders at the ids the model config names, and <unused_k> filling the rest.
     Text splits on whitespace only, so `<|endoftext|>` written in a record is the end-of-text id."""
-    ids = placeholder_ids(model_cfg)
+    ids = model_cfg.media_token_ids()  # tag (= media kind) -> placeholder id
     fixed = {PLACEHOLDERS[tag]: i for tag, i in ids.items()}
     free = (i for i in range(model_cfg.vocab_size) if i not in fixed.values())
     vocab = {w: next(free, None) for w in [EOS, PAD, UNK, *tokenizer_words()]}
@@ -174,13 +173,6 @@ def build_tokenizer(model_cfg: ModelConfig, path: Path) -> None:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.save(str(path))
-
-
-def placeholder_ids(model_cfg: ModelConfig) -> dict[str, int]:
-    """tag -> placeholder id, for the modalities the model has."""
-    cfgs = {"image": model_cfg.vision, "audio": model_cfg.audio, "video": model_cfg.video}
-    attr = {"image": "image_token_id", "audio": "audio_token_id", "video": "video_token_id"}
-    return {tag: getattr(c, attr[tag]) for tag, c in cfgs.items() if c is not None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +199,7 @@ def _write_split(root: Path, split: str, pools: dict, spec: DemoSpec, model_cfg:
     n = spec.train_per_task if split == "train" else spec.val_per_task
     rng = np.random.default_rng([spec.seed, 2, int(split == "train")])
     records = []
-    for tag in placeholder_ids(model_cfg):
+    for tag in model_cfg.media_token_ids():
         (root / tag).mkdir(exist_ok=True)
         for i in range(n):
             name = f"{tag}/{split}_{i:05d}"
@@ -231,7 +223,7 @@ def _write_split(root: Path, split: str, pools: dict, spec: DemoSpec, model_cfg:
 def _fingerprint(spec: DemoSpec, model_cfg: ModelConfig) -> dict:
     audio, video = model_cfg.audio, model_cfg.video
     facts = {"version": VERSION, "spec": dataclasses.asdict(spec), "vocab_size": model_cfg.vocab_size,
-             "placeholders": placeholder_ids(model_cfg),
+             "placeholders": model_cfg.media_token_ids(),
              "sample_rate": None if audio is None else audio.sample_rate,
              "fps": None if video is None else video.fps}
     return {**facts, "fingerprint": hashlib.sha1(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:12]}
@@ -242,13 +234,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deepseek_jax"
 
 
-def demo_records(data_cfg, model_cfg: ModelConfig, cache_dir=None, spec: DemoSpec | None = None) -> Path:
+def demo_records(model_cfg: ModelConfig, cache_dir=None, spec: DemoSpec | None = None) -> Path:
     """The demo folder (module docstring) for this model, written under `cache_dir` (None: the user's
-    cache, `default_cache_dir`) if absent, with `spec` (None: DEFAULT_SPEC). `data_cfg` is accepted for
-    the source-keyword interface; the demo's content does not depend on it."""
-    del data_cfg
+    cache, `default_cache_dir`) if absent, with `spec` (None: DEFAULT_SPEC)."""
     spec = DEFAULT_SPEC if spec is None else spec
-    if not placeholder_ids(model_cfg):
+    if not model_cfg.media_token_ids():
         raise DataError("data.source demo_media needs a model with model.vision, model.audio or model.video")
     if model_cfg.audio is not None and spec.audio_seconds > model_cfg.audio.max_seconds:
         raise DataError(f"demo audio clips last {spec.audio_seconds} s, longer than model.audio.max_seconds "

@@ -176,7 +176,6 @@ def media_batches(
     split: str,
     tokenizer: Tokenizer,
     model: ModelConfig | None,
-    cache_dir: str | Path | None = None,
     *,
     process_index: int = 0,
     process_count: int = 1,
@@ -186,7 +185,7 @@ def media_batches(
     """This process's batches of packed media records (module docstring), before Engram and workers."""
     if model is None:
         raise DataError("a data.media pipeline needs the model config (its modalities and placeholder ids)")
-    ds = this_process_items(list_records(cfg, split, model, cache_dir), split, "records", cfg.seed,
+    ds = this_process_items(list_records(cfg, split, model), split, "records", cfg.seed,
                             shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count)
     ds = ds.map(EncodeRecord(RecordEncoder(model, tokenizer), cfg.media.skip_bad_records))
     # Two reader threads decode ahead of the packer; a small buffer bounds the work lost when a run stops.
@@ -195,4 +194,4 @@ def media_batches(
     ds = PackRecords(ds, cfg.seq_len, budget, tokenizer.pad_id, skip_bad=cfg.media.skip_bad_records,
                      max_skipped_fraction=cfg.media.max_skipped_fraction)
     B = cfg.global_batch_size // process_count
-    return ds.batch(B, batch_fn=StackRows(B, collate_row([], cfg.seq_len, budget, pad_id=tokenizer.pad_id)))
+    return ds.batch(B, batch_fn=StackRows(B, media_row(cfg, model, tokenizer.pad_id)))

@@ -25,11 +25,11 @@ from pathlib import Path
 import grain
 
 from deepseek_jax.config import DataConfig, ModelConfig
+from deepseek_jax.config.run import DEMO_SOURCE
 from deepseek_jax.data.sources import SPLITS, _files, _hash_fraction
 from deepseek_jax.tokenizer import DataError
 
 RECORD_FORMATS = {".jsonl": "jsonl", ".array_record": "array_record"}
-DEMO_SOURCE = "demo_media"
 
 
 class Records(Sequence):
@@ -70,25 +70,23 @@ def parse_record(raw: bytes, name: str) -> dict:
     return record
 
 
-def source_root(cfg: DataConfig, model: ModelConfig | None, cache_dir: str | Path | None) -> str:
-    """`cfg.source`, or for `demo_media` the folder the demo's records are written to (under `cache_dir`;
-    None = the demo's default cache)."""
+def source_root(cfg: DataConfig, model: ModelConfig | None) -> str:
+    """`cfg.source`, or for `demo_media` the folder the demo's records are written to (the demo's cache,
+    `demo_media.default_cache_dir`)."""
     if cfg.source != DEMO_SOURCE:
         return cfg.source
     if model is None:
         raise DataError(f"data.source {DEMO_SOURCE!r} needs the model config (its modalities and placeholder ids)")
     from deepseek_jax.data.demo_media import demo_records  # lazy: the demo imports scikit-learn when writing
 
-    return str(demo_records(cfg, model, cache_dir))
+    return str(demo_records(model))
 
 
-def list_records(
-    cfg: DataConfig, split: str, model: ModelConfig | None = None, cache_dir: str | Path | None = None
-) -> Records:
+def list_records(cfg: DataConfig, split: str, model: ModelConfig | None = None) -> Records:
     """The split's records in source order (sorted paths, then line / record order)."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-    source = source_root(cfg, model, cache_dir)
+    source = source_root(cfg, model)
     root, files = _files(source)
     if cfg.format == "text":
         raise DataError("data.format 'text' cannot hold media records (data.media): use auto, jsonl or array_record")

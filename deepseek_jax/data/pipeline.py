@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
 import grain
 import numpy as np
@@ -108,17 +107,14 @@ def padding_batch(
     """A batch of this process's shape that is all padding: no token is a target (see Collate). With
     `data.media`, also the media arrays of `model`'s modalities, all padding (no span, no picture, no clip)."""
     shape = (cfg.global_batch_size // process_count, cfg.seq_len)
-    zeros = np.zeros(shape, np.int32)
-    batch = {
-        "tokens": np.full(shape, pad_id, np.int32),
-        "positions": zeros,
-        "segment_ids": zeros,
-        "loss_mask": np.zeros(shape, np.float32),
-    }
     if cfg.media is not None:
         if model is None:
             raise DataError("padding_batch: a data.media pipeline needs the model config (its modalities)")
         batch = {k: np.repeat(v[None], shape[0], 0) for k, v in media_row(cfg, model, pad_id).items()}
+    else:
+        zeros = np.zeros(shape, np.int32)
+        batch = {"tokens": np.full(shape, pad_id, np.int32), "positions": zeros, "segment_ids": zeros,
+                 "loss_mask": np.zeros(shape, np.float32)}
     return batch if engram is None else engram.map(batch)
 
 
@@ -133,12 +129,10 @@ def build_dataset(
     shuffle: bool = True,
     engram: EngramRows | None = None,
     model: ModelConfig | None = None,
-    cache_dir: str | Path | None = None,
 ) -> grain.IterDataset:
     """The named Grain stages of the module docstring; validation never shuffles nor repeats.
     `engram` (from `engram_stage`): the model's Engram hashing, a stage after batching. With `data.media`
-    the stages are media_pack.py's (records -> encode -> pack -> batch), which need `model` and, for the
-    `demo_media` source, `cache_dir` (where the demo records are written; None = the demo's default)."""
+    the stages are media_pack.py's (records -> encode -> pack -> batch), which need `model`."""
     if cfg.global_batch_size % process_count or not 0 <= process_index < process_count:
         raise DataError(
             f"data.global_batch_size={cfg.global_batch_size} must split evenly over "
@@ -147,7 +141,7 @@ def build_dataset(
     if split == "validation":
         repeat = shuffle = False
     if cfg.media is not None:
-        ds = media_batches(cfg, split, tokenizer, model, cache_dir, process_index=process_index,
+        ds = media_batches(cfg, split, tokenizer, model, process_index=process_index,
                            process_count=process_count, repeat=repeat, shuffle=shuffle)
         return _engram_and_workers(ds, cfg, engram)
     ds = this_process_items(list_documents(cfg, split), split, "documents", cfg.seed, shuffle=shuffle,
@@ -234,18 +228,17 @@ def make_iterator(
     shuffle: bool = True,
     engram: EngramRows | None = None,
     model: ModelConfig | None = None,
-    cache_dir: str | Path | None = None,
 ) -> DataIterator:
     """This process's batches of `split`; validation ignores shuffle/repeat (one fixed pass).
 
     With `worker_count > 0`, Grain spawns worker processes, so the calling script needs an
     `if __name__ == "__main__":` guard; call `close()` to stop them. The state is tied to the data
     config and process layout: `set_state` raises DataError naming what changed. `engram` adds
-    `engram_rows` to every batch (a pure function of it: not part of the resume state). `model`, `cache_dir`:
-    see `build_dataset` (media records only).
+    `engram_rows` to every batch (a pure function of it: not part of the resume state). `model`: see
+    `build_dataset` (media records only).
     """
     kw = {"process_index": process_index, "process_count": process_count, "repeat": repeat}
-    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, model=model, cache_dir=cache_dir, **kw)
+    ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, model=model, **kw)
     fingerprint = {"split": split, "shuffle": shuffle, **kw, **dataclasses.asdict(cfg)}
     return DataIterator(ds, fingerprint)
 

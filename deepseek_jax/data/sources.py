@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from deepseek_jax.config import DataConfig
+from deepseek_jax.config.run import DEMO_SOURCE
 from deepseek_jax.tokenizer import DataError, Tokenizer, count_tokens, load_or_train
 
 BPE_TRAIN_BYTES = 20_000_000  # cap on BPE training text: the stdlib's 31 MB adds little
@@ -192,10 +193,10 @@ def list_documents(cfg: DataConfig, split: str) -> Documents:
 def load_tokenizer(cfg: DataConfig, run_dir: str | Path, model_vocab_size: int, model=None) -> Tokenizer:
     """`cfg.tokenizer` if given; for `source: demo_media` the demo's own (data/demo_media.py, which
     needs the `model` config); else `run_dir/tokenizer.json`, trained on the train split once."""
-    if cfg.source == "demo_media" and not cfg.tokenizer:
+    if cfg.source == DEMO_SOURCE and not cfg.tokenizer:
         from deepseek_jax.data.media_records import source_root  # lazy: it imports this module
 
-        cfg = dataclasses.replace(cfg, tokenizer=str(Path(source_root(cfg, model, None)) / "tokenizer.json"))
+        cfg = dataclasses.replace(cfg, tokenizer=str(Path(source_root(cfg, model)) / "tokenizer.json"))
     return load_or_train(cfg, run_dir, model_vocab_size, lambda: _bpe_texts(cfg))
 
 

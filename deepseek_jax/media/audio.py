@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseek_jax.config.media import AudioConfig
+from deepseek_jax.media.image import open_media
 from deepseek_jax.tokenizer import DataError
 
 _ZERO_CROSSINGS = 32  # sinc half-width of the resampler, in zero crossings of the output's band limit
@@ -46,14 +47,9 @@ def _pcm_to_float(raw: bytes, width: int, channels: int) -> np.ndarray:
 def load_wav(source: str | Path | bytes, name: str, sample_rate: int) -> np.ndarray:
     """A WAV file (path or bytes) -> float32 mono [samples] at `sample_rate` (stereo: channel mean).
     Raises DataError naming `name` for a missing, corrupt or unsupported file (float / extensible WAV)."""
-    if isinstance(source, (bytes, bytearray)):
-        what, fp = "WAV bytes", io.BytesIO(source)
-    else:
-        what, fp = f"WAV file {source}", str(source)
-        if not Path(source).is_file():
-            raise DataError(f"{name}: audio file {source} does not exist")
+    what, fp = open_media(source, name, "audio")
     try:
-        with wave.open(fp, "rb") as w:
+        with wave.open(fp if isinstance(fp, io.BytesIO) else str(fp), "rb") as w:  # wave opens str, not Path
             rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
             raw = w.readframes(w.getnframes())
         x = _pcm_to_float(raw[: len(raw) // (width * channels) * width * channels], width, channels)

@@ -109,10 +109,7 @@ class RecordEncoder:
 
     def __init__(self, model_cfg: ModelConfig, tokenizer: Tokenizer, *, append_eos: bool = True):
         self.cfg, self.tokenizer, self.append_eos = model_cfg, tokenizer, append_eos
-        self.placeholders = {
-            i for i in (model_cfg.vision and model_cfg.vision.image_token_id,
-                        model_cfg.video and model_cfg.video.video_token_id,
-                        model_cfg.audio and model_cfg.audio.audio_token_id) if i is not None}
+        self.placeholders = set(model_cfg.media_token_ids().values())
 
     def encode(self, record: dict, base_dir: Path, name: str) -> EncodedRecord:
         segments = record.get("segments") if isinstance(record, dict) else None
@@ -180,7 +177,7 @@ class RecordEncoder:
 
     def _video(self, parts: _Parts, seg: dict, base_dir: Path, where: str) -> float:
         video, vision = self.cfg.video, self.cfg.vision
-        frames = load_video(_source(seg["video"], base_dir, where, allow_list=True), where, video, vision)
+        frames = load_video(_source(seg["video"], base_dir, where, allow_list=True), where, video)
         pictures = preprocess_video(frames, video, vision)
         n_h, n_w = llm_grid(*pictures[0][1], vision.downsample_ratio)
         tok = video.video_token_id
@@ -231,6 +228,15 @@ class MediaBudget:
                   max_audio_clips: int = 0, max_audio_frames: int = 0) -> "MediaBudget":
         return cls(max_patches=max_patches, max_image_rows=max_image_rows, max_audio_clips=max_audio_clips,
                    max_audio_frames=max_audio_frames, vision=model_cfg.vision, audio=model_cfg.audio)
+
+    @classmethod
+    def fitting(cls, model_cfg: ModelConfig, records: list["EncodedRecord"], *, at_least: int = 0) -> "MediaBudget":
+        """The budget that fits each of `records` alone exactly: its largest media (`record_cost`), each
+        budget at least `at_least` (1: no media array is empty)."""
+        costs = np.array([record_cost(r)[1:] for r in records], np.int64).reshape(-1, 4)
+        patches, rows, clips, frames = (max(int(c), at_least) for c in costs.max(axis=0, initial=0))
+        return cls.for_model(model_cfg, max_patches=patches, max_image_rows=rows, max_audio_clips=clips,
+                             max_audio_frames=frames)
 
 
 def record_cost(rec: EncodedRecord) -> tuple[int, int, int, int, int]:

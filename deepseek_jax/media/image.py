@@ -34,10 +34,6 @@ from deepseek_jax.tokenizer import DataError
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
 
 
-def _llm_grid(best_h: int, best_w: int, p: int, r: int) -> tuple[int, int]:
-    return math.ceil((best_h // p) / r), math.ceil((best_w // p) / r)
-
-
 def _shrink(height: int, width: int, p: int, r: int, max_tokens: int) -> tuple[int, int]:
     """The largest aspect-preserving box (best_h, best_w) whose grid costs <= max_tokens: with
     h·(w+1) + 2 = max_tokens and h = w·H/W, w* = √((max − 2)/(H/W) + ¼) − ½ (HF solve_resize_ratio)."""
@@ -71,10 +67,10 @@ def plan_image_grid(
         scale = (min_pixels / (width * height)) ** 0.5  # `** 0.5` as HF (not sqrt): same float bits
         width, height = int(width * scale), int(height * scale)
     best_w, best_h = math.ceil(width / p) * p, math.ceil(height / p) * p
-    n_h, n_w = _llm_grid(best_h, best_w, p, r)
+    n_h, n_w = llm_grid(best_h // p, best_w // p, r)
     if image_span_len(n_h, n_w) > max_tokens:
         best_h, best_w = _shrink(height, width, p, r, max_tokens)
-        n_h, n_w = _llm_grid(best_h, best_w, p, r)
+        n_h, n_w = llm_grid(best_h // p, best_w // p, r)
         if image_span_len(n_h, n_w) > max_tokens or best_h <= 0 or best_w <= 0:
             raise DataError(f"the resize plan cannot fit a {width}×{height} image in {max_tokens} tokens")
     return n_h, n_w, best_h, best_w

@@ -95,15 +95,16 @@ class BiasRows(NamedTuple):
 
     path: tuple[str, ...]  # e.g. ("layers_3_42", "block_1", "ffn", "bias"), stacked [R, E]
     # "main": ModelOutput.routing.counts; "mtp": .mtp.routing.counts; "dspark": .dspark.routing.counts;
-    # with a "_vl" suffix the same routing's `counts_vl` (media-span tokens), which update a `bias_vl`
+    # "main_vl": the main routing's `counts_vl` (media-span tokens), which update a main block's `bias_vl`
     source: str
     rows: tuple[int, ...] | int  # the counts' rows, in the bias's order (an int: an unstacked [E])
 
 
 def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
     """Every learned-routing MoE layer's bias, MTP (or DSpark's stages) included (hash-routed and dense
-    layers have none); then, with moe.vl_bias (V4.1), each of those layers' `bias_vl` with the same
-    rows of its routing's `counts_vl` (source + "_vl")."""
+    layers have none); then, with moe.vl_bias (V4.1), each main block's `bias_vl` with the same rows of
+    `counts_vl` (source "main_vl"). MTP's and DSpark's MoEs hold a bias_vl too (the checkpoint's), but no
+    span_BT reaches them: their counts_vl are always zero, so they are not listed and never move."""
     kinds = layer_kinds(cfg)
     moe_row = np.cumsum([k.ffn != "dense" for k in kinds]) - 1  # layer -> row of routing.counts
     rows = []
@@ -122,8 +123,8 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
             rows.append(BiasRows(("dspark", f"stage_{k}", "ffn", "bias"), "dspark", k))
         else:
             rows.append(BiasRows((f"mtp_{k}", "block", "ffn", "bias"), "mtp", k))
-    if cfg.moe.vl_bias:  # every learned-routing MoE (DSpark's and MTP's included) holds a bias_vl
-        rows += [BiasRows((*r.path[:-1], "bias_vl"), r.source + "_vl", r.rows) for r in rows]
+    if cfg.moe.vl_bias:  # only the main blocks' bias_vl see span tokens (see the docstring)
+        rows += [BiasRows((*r.path[:-1], "bias_vl"), "main_vl", r.rows) for r in rows if r.source == "main"]
     return rows
 
 

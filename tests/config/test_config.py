@@ -12,7 +12,12 @@ import pytest
 import yaml
 
 from deepseek_jax.config import (
-    Config, ConfigError, load_config, load_model_config, parse_override, to_yaml,
+    Config,
+    ConfigError,
+    load_config,
+    load_model_config,
+    parse_override,
+    to_yaml,
 )
 from tests.utils import CONFIGS
 
@@ -443,3 +448,18 @@ def test_seq_len_longer_than_the_model_names_both_keys_and_sources(tmp_path):
         load_config([path])
     assert load_config([path], ["data.seq_len=64"]).data.seq_len == 64  # equal is fine
     assert load_model_config([path]).max_seq_len == 64  # model only: no data section to check against
+
+
+def test_media_token_ids_list_the_configured_modalities_and_feed_their_checks():
+    """ModelConfig.media_token_ids: kind -> placeholder id for the configured media sections only; the
+    vocabulary and distinctness checks name the config fields."""
+    import dataclasses
+
+    m = load_model_config([CONFIGS / "model" / "tiny_multimodal.yaml"])
+    assert m.media_token_ids() == {"image": 61, "audio": 63, "video": 62}
+    assert dataclasses.replace(m, video=None, audio=None).media_token_ids() == {"image": 61}
+    assert dataclasses.replace(m, vision=None, video=None, audio=None).media_token_ids() == {}
+    with raises(r"model\.audio\.audio_token_id \(999\) must be < vocab_size"):
+        dataclasses.replace(m, audio=dataclasses.replace(m.audio, audio_token_id=999))
+    with raises(r"media placeholder ids must differ, got \{'vision\.image_token_id': 61, 'audio\.audio_token_id': 61"):
+        dataclasses.replace(m, audio=dataclasses.replace(m.audio, audio_token_id=61))

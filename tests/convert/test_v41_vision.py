@@ -35,10 +35,6 @@ from tests.utils import ROOT
 
 FIXTURE = ROOT / "tests" / "golden" / "v41_vision"
 FLASH_VISION = {"model_type": "deepseek_v41_vision", "num_hidden_layers": 32, "hidden_size": 1024}
-FLASH_FLAT = {"vision_n_layers": 32, "vision_dim": 1024, "vision_n_heads": 16, "vision_inter_dim": 2816,
-              "vision_patch_size": 14, "vision_downsample_ratio": 3, "vision_max_n_token": 1024,
-              "vision_min_pixels": 295936, "vision_max_wh_ratio": None, "vision_rope_theta": 10000,
-              "image_token_id": 129264}  # inference/config.json's vision keys (tests/convert/test_v41.py)
 TINY_JSON = json.loads((FIXTURE / "config.json").read_text())
 
 

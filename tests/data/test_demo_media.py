@@ -26,7 +26,7 @@ def model_cfg():
 
 @pytest.fixture(scope="module")
 def demo(model_cfg, tmp_path_factory):
-    return dm.demo_records(None, model_cfg, tmp_path_factory.mktemp("cache"), SMALL)
+    return dm.demo_records(model_cfg, tmp_path_factory.mktemp("cache"), SMALL)
 
 
 def _records(folder: Path, split: str) -> list[dict]:
@@ -42,7 +42,7 @@ def test_layout_and_records(demo, model_cfg):
     assert {p.name for p in demo.iterdir()} >= {"train.jsonl", "validation.jsonl", "tokenizer.json", "spec.json"}
     for split, n in (("train", SMALL.train_per_task), ("validation", SMALL.val_per_task)):
         records = _records(demo, split)
-        assert sorted(r["tag"] for r in records) == sorted(dm.TAGS * n)
+        assert sorted(r["tag"] for r in records) == sorted(list(model_cfg.media_token_ids()) * n)
         for r in records:
             prompt, media, answer = r["segments"]
             assert prompt == {"text": dm.PROMPTS[r["tag"]], "loss": False}
@@ -53,10 +53,10 @@ def test_layout_and_records(demo, model_cfg):
 
 
 def test_deterministic_and_cached(demo, model_cfg, tmp_path):
-    again = dm.demo_records(None, model_cfg, tmp_path, SMALL)
+    again = dm.demo_records(model_cfg, tmp_path, SMALL)
     assert again.name == demo.name and _digest(again) == _digest(demo)
-    assert dm.demo_records(None, model_cfg, tmp_path, SMALL) == again  # cached: same folder, not rewritten
-    other = dm.demo_records(None, model_cfg, tmp_path, dataclasses.replace(SMALL, seed=1))
+    assert dm.demo_records(model_cfg, tmp_path, SMALL) == again  # cached: same folder, not rewritten
+    other = dm.demo_records(model_cfg, tmp_path, dataclasses.replace(SMALL, seed=1))
     assert other != again and _digest(other) != _digest(again)
 
 
@@ -170,17 +170,17 @@ def test_errors(model_cfg, tmp_path):
                            tmp_path / "t.json")
     bare = dataclasses.replace(model_cfg, vision=None, video=None, audio=None)
     with pytest.raises(DataError, match="model.vision, model.audio or model.video"):
-        dm.demo_records(None, bare, tmp_path)
+        dm.demo_records(bare, tmp_path)
     short = dataclasses.replace(model_cfg, audio=dataclasses.replace(model_cfg.audio, max_seconds=0.3))
     with pytest.raises(DataError, match="max_seconds"):
-        dm.demo_records(None, short, tmp_path)
+        dm.demo_records(short, tmp_path)
     with pytest.raises(DataError, match="do not fit"):
         dm.dtmf_clip([1, 2, 3], np.random.default_rng(0), 8000, 0.2)
 
 
 def test_only_the_models_modalities(model_cfg, tmp_path):
     vision_only = dataclasses.replace(model_cfg, video=None, audio=None)
-    folder = dm.demo_records(None, vision_only, tmp_path, SMALL)
+    folder = dm.demo_records(vision_only, tmp_path, SMALL)
     assert {r["tag"] for r in _records(folder, "train")} == {"image"}
     assert not (folder / "audio").exists()
 

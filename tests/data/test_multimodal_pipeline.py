@@ -382,10 +382,10 @@ def test_demo_media_source_reads_the_demo_folder(media_dir, tok, tmp_path, monke
 
     write_records(tmp_path / "train.jsonl", [R_AUDIO] * 2), write_records(tmp_path / "validation.jsonl", [R_IMAGE])
     calls = []
-    monkeypatch.setattr(demo_media, "demo_records", lambda d, m, c: calls.append((d, m, c)) or tmp_path)
+    monkeypatch.setattr(demo_media, "demo_records", lambda m: calls.append(m) or tmp_path)
     cfg = config("demo_media")
-    assert data.list_records(cfg, "validation", MODEL, "cache").names == ["validation.jsonl:1"]
-    assert calls == [(cfg, MODEL, "cache")]
+    assert data.list_records(cfg, "validation", MODEL).names == ["validation.jsonl:1"]
+    assert calls == [MODEL]
     with pytest.raises(DataError, match="needs the model config"):
         data.list_records(cfg, "train")
 
