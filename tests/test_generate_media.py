@@ -9,15 +9,12 @@ configs/model/tiny_v41.yaml with the same three front-ends at vocab 64, both wit
 from the declared shapes (no init compile)."""
 
 import dataclasses
-import io
-import wave
 from types import SimpleNamespace
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import tokenizers
 from PIL import Image
 
 from deepseek_jax import cli
@@ -32,7 +29,7 @@ from deepseek_jax.media.image import load_image, preprocess_image
 from deepseek_jax.media.video import load_video, preprocess_video
 from deepseek_jax.models import build_model, init_inputs
 from deepseek_jax.tokenizer import DataError, Tokenizer
-from tests.utils import CONFIGS, TOL, assert_close
+from tests.utils import CONFIGS, TOL, assert_close, wav_bytes, whitespace_words
 
 MM = CONFIGS / "model/tiny_multimodal.yaml"
 WORDS = ["which", "digit", "?", "tones", "way", "and", "then", "left", "right"]
@@ -49,20 +46,15 @@ def tokenizer(tmp_path_factory):
     vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)},
              "<image>": IMG, "<video>": VID, "<audio>": AUD}
     vocab |= {f"<unused_{i}>": i for i in sorted(set(range(64)) - set(vocab.values()))}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = whitespace_words(vocab)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return Tokenizer.from_file(path)
 
 
-def wav_bytes(seconds: float, rate: int = 8000, freq: float = 1000.0) -> bytes:
+def tone_wav(seconds: float, rate: int = 8000, freq: float = 1000.0) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate), w.writeframes(pcm.tobytes())
-    return buf.getvalue()
+    return wav_bytes((0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16), rate)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def media_dir(tmp_path_factory):
     picture().save(d / "b.png")
     frames = [picture() for _ in range(3)]
     frames[0].save(d / "v.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
-    (d / "s.wav").write_bytes(wav_bytes(0.3))
+    (d / "s.wav").write_bytes(tone_wav(0.3))
     for name in ("bad.png", "bad.wav", "bad.gif"):
         (d / name).write_bytes(b"not a media file at all")
     return d

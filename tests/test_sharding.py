@@ -13,7 +13,6 @@ import functools
 import importlib.util
 import io
 import re
-import wave
 from pathlib import Path
 
 import flax.linen as nn
@@ -21,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
 import yaml
 from PIL import Image
 
@@ -33,10 +31,17 @@ from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row
 from deepseek_jax.models import build_model
 from deepseek_jax.models.media import MediaEmbed, init_media
 from deepseek_jax.plan.analytic import spec_axes
-from deepseek_jax.sharding import abstract_mesh, activate, batch_sharding, logical_shardings, make_mesh, rules
+from deepseek_jax.sharding import (
+    abstract_mesh,
+    activate,
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+    rules,
+)
 from deepseek_jax.tokenizer import Tokenizer
 from deepseek_jax.train import loss_fn
-from tests.utils import ROOT, TOL, assert_close, assert_close_to_scale
+from tests.utils import ROOT, TOL, assert_close, assert_close_to_scale, wav_bytes, whitespace_words
 
 pytestmark = pytest.mark.multidevice
 MESHES = sorted(p.stem for p in (ROOT / "configs" / "mesh").glob("*.yaml"))
@@ -135,11 +140,7 @@ def _b64(image_or_frames=None, wave_=None, rate: int = 8000) -> dict:
     """A PNG (one uint8 [H, W, 3] array), GIF (a list of them, 500 ms per frame) or 16-bit WAV as bytes_b64."""
     buf = io.BytesIO()
     if wave_ is not None:
-        with wave.open(buf, "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes((np.clip(wave_, -1, 1) * 32767).astype("<i2").tobytes())
+        buf.write(wav_bytes((np.clip(wave_, -1, 1) * 32767).astype("<i2"), rate))
     elif isinstance(image_or_frames, list):
         first, *rest = [Image.fromarray(f) for f in image_or_frames]
         first.save(buf, "GIF", save_all=True, append_images=rest, duration=500, loop=0)
@@ -177,8 +178,7 @@ def make_media_batch(cfg) -> dict:
     """`media_rows` through the host path (media.encode RecordEncoder / collate_row, a word-level
     tokenizer) into [B, ...] arrays, with the Engram rows hashed with media spans dead (as the pipeline)."""
     vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2, **{w: 3 + 47 * i for i, w in enumerate(MEDIA_WORDS)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = whitespace_words(vocab)
     encoder = RecordEncoder(cfg.model, Tokenizer(tok, Path("words")))
     budget = MediaBudget.for_model(cfg.model, max_patches=24, max_image_rows=8, max_audio_clips=2, max_audio_frames=21)
     records = [encoder.encode({"segments": segs}, ROOT, f"row {b}") for b, segs in enumerate(media_rows())]

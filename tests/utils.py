@@ -1,8 +1,12 @@
 """Shared test helpers: repository paths, tolerances (STYLE.md §6), a closeness check that reports its
-errors, the numpy comparisons the parity tests share (KL of logits, router top-k margins), and the
-fusing of per-expert checkpoint tensors into transformers' in-memory layout."""
+errors, the numpy comparisons the parity tests share (KL of logits, router top-k margins, sown values
+per layer), the fusing of per-expert checkpoint tensors into transformers' in-memory layout, and small
+fixtures' files (a checkpoint directory, a WAV, a whitespace word-level tokenizer)."""
 
+import io
+import json
 import re
+import wave
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,9 +60,15 @@ def assert_close_to_scale(got, want, rtol: float, what: str = "value") -> None:
 
 
 def per_layer(tree, cfg, *path) -> list:
-    """The value at `path` in every main-model layer, in layer order, from a scanned variable or
-    intermediates tree (segments `layers_a_b`, slots `block_k`, leading [repeats] axis); layers that
-    lack the path are skipped. A sown intermediate is a 1-tuple: end the path with 0."""
+    """The value at `path` in every main-model layer, in layer order (`by_layer`'s values)."""
+    found = by_layer(tree, cfg, *path)
+    return [found[layer] for layer in sorted(found)]
+
+
+def by_layer(tree, cfg, *path) -> dict:
+    """{layer: the value at `path`} for the main-model layers that have it, from a scanned variable or
+    intermediates tree (segments `layers_a_b`, slots `block_k`, leading [repeats] axis). A sown
+    intermediate is a 1-tuple: end the path with 0."""
     from deepseek_jax.models import layer_kinds, layer_segments
 
     found = {}
@@ -69,7 +79,7 @@ def per_layer(tree, cfg, *path) -> list:
                 node = None if node is None or (isinstance(node, dict) and key not in node) else node[key]
             if node is not None:
                 found.update({layer: node[r] for r, layer in enumerate(seg.layers(k))})
-    return [found[layer] for layer in sorted(found)]
+    return found
 
 
 def log_softmax(x):
@@ -122,3 +132,35 @@ def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out[f"{prefix}.gate_up_proj"] = np.concatenate([gate, up], axis=1)
         out[f"{prefix}.down_proj"] = down
     return out
+
+
+def write_checkpoint(directory: Path, tensors: dict, config: dict, max_shard_bytes: int = 400_000) -> Path:
+    """A safetensors checkpoint directory (several shards + index) with `config` as its config.json."""
+    from deepseek_jax.convert.safetensors import dtype_name, write_sharded
+
+    directory.mkdir(parents=True)
+    specs = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
+    write_sharded(directory, specs, tensors.__getitem__, max_shard_bytes=max_shard_bytes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def wav_bytes(pcm, rate: int, width: int = 2, channels: int = 1) -> bytes:
+    """A PCM WAV file's bytes: `pcm` an integer sample array (written as stored) or raw frame bytes."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(pcm if isinstance(pcm, bytes) else np.asarray(pcm).tobytes())
+    return buf.getvalue()
+
+
+def whitespace_words(vocab: dict[str, int]):
+    """A word-level `tokenizers.Tokenizer` over `vocab` that splits on whitespace (`<unk>` otherwise)."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return tok
+

@@ -34,10 +34,10 @@ from deepseek_jax.convert.exporter import export_checkpoint
 from deepseek_jax.convert.formats import dequant
 from deepseek_jax.convert.importer import abstract_variables, expected_shape, import_checkpoint
 from deepseek_jax.convert.orbax_writer import restore_tree
-from deepseek_jax.convert.safetensors import SafetensorsDir, dtype_name, write_sharded
+from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.convert.source import family_of, open_source, split_fused
 from deepseek_jax.models import converter
-from tests.utils import CONFIGS, ROOT
+from tests.utils import CONFIGS, ROOT, write_checkpoint
 
 GOLDEN = ROOT / "tests" / "golden" / "v41"
 RELEASE_KEYS, RELEASE_MTP_KEYS, VISION_KEYS = 96_085, 2_401, 2 + 32 * 8 + 1 + 4 + 3
@@ -107,14 +107,6 @@ def _like(cfg, ours):
 def _read(directory: Path) -> dict[str, np.ndarray]:
     with SafetensorsDir(directory) as sd:
         return {n: np.array(sd.read(n)) for n in sd.names()}
-
-
-def _write(directory: Path, tensors: dict, config: dict) -> Path:
-    directory.mkdir(parents=True)
-    specs = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
-    write_sharded(directory, specs, tensors.__getitem__, max_shard_bytes=400_000)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def _assert_trees_equal(got, want):
@@ -236,7 +228,7 @@ def test_tiny_files_import_export(tiny, tmp_path):
     padded["params"]["layers_1"]["block_0"]["engram"]["table"][:, cfg.engram.num_embeddings[0]:] = 7.0
     state = table.from_variables(padded, v41.FAMILY, cfg, "official")
     notes = []
-    out = import_checkpoint(_write(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
+    out = import_checkpoint(write_checkpoint(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
                             log=notes.append)
     assert not any("MTP" in n or "skipped" in n for n in notes), notes
     _assert_trees_equal(restore_tree(out / "params", abstract), variables)
@@ -269,7 +261,8 @@ def test_tiny_release_format_imports_exactly(tiny, tmp_path):
               "image_newline": np.ones((128,), bf16)}
     config = {**v41.config_to_json(cfg), "quantization_config": FLASH_CONFIG["quantization_config"]}
     notes = []
-    out = import_checkpoint(_write(tmp_path / "src", {**stored, **vision}, config), tmp_path / "ours", log=notes.append)
+    src = write_checkpoint(tmp_path / "src", {**stored, **vision}, config)
+    out = import_checkpoint(src, tmp_path / "ours", log=notes.append)
     assert sum("vision" in n for n in notes) == 1, notes
     want = {}
     for n, kind in kinds.items():
@@ -293,7 +286,7 @@ def test_hf_text_file_with_the_unused_table_scale(tiny, tmp_path):
              if not n.startswith("mtp.")}
     ones = {f"model.layers.{i}.engram.embed.scale": np.ones((n, cfg.engram.head_dim // 32), np.float32)
             for i, n in zip(cfg.engram.layer_ids, cfg.engram.num_embeddings)}
-    src = open_source(_write(tmp_path / "src", {**state, **ones}, v41.config_to_json(cfg)))
+    src = open_source(write_checkpoint(tmp_path / "src", {**state, **ones}, v41.config_to_json(cfg)))
     assert src.layout == "hf_text" and src.refs["model.layers.1.engram.embed.weight"].scale is None
     assert src.cfg.dspark is None and src.cfg.num_nextn_predict_layers == 0
     assert [n for n in src.notes if "no MTP" in n]

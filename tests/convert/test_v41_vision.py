@@ -29,9 +29,9 @@ from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.exporter import export_checkpoint
 from deepseek_jax.convert.importer import abstract_variables, expected_shape, import_checkpoint
 from deepseek_jax.convert.orbax_writer import restore_tree
-from deepseek_jax.convert.safetensors import SafetensorsDir, dtype_name, write_sharded
+from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.layers.vision import Aligner, VisionTower
-from tests.utils import ROOT
+from tests.utils import ROOT, write_checkpoint
 
 FIXTURE = ROOT / "tests" / "golden" / "v41_vision"
 FLASH_VISION = {"model_type": "deepseek_v41_vision", "num_hidden_layers": 32, "hidden_size": 1024}
@@ -218,20 +218,12 @@ def test_missing_vision_tensor_is_named(tiny):
         table.to_variables(state, v41.FAMILY, cfg, "official")
 
 
-def _write(directory, tensors: dict, config: dict):
-    directory.mkdir(parents=True)
-    specs = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
-    write_sharded(directory, specs, tensors.__getitem__, max_shard_bytes=400_000)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
 def test_misshaped_vision_tensor_is_named(tiny, tmp_path):
     cfg, _, variables = tiny
     state = table.from_variables(variables, v41.FAMILY, cfg, "official")
     state["aligner.w1.weight"] = state["aligner.w1.weight"][:, :256]  # 8 input features short
     with pytest.raises(ConversionError, match=r"aligner\.w1\.weight: shape \[64, 256\], the model needs \[64, 288\]"):
-        import_checkpoint(_write(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
+        import_checkpoint(write_checkpoint(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
                           log=lambda _: None)
 
 
@@ -239,7 +231,7 @@ def test_misshaped_vision_tensor_is_named(tiny, tmp_path):
 def test_tiny_files_import_export(tiny, tmp_path):
     cfg, abstract, variables = tiny
     state = table.from_variables(variables, v41.FAMILY, cfg, "official")
-    out = import_checkpoint(_write(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
+    out = import_checkpoint(write_checkpoint(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
                             log=lambda _: None)
     _assert_trees_equal(restore_tree(out / "params", abstract), variables)
     for layout in ("official", "hf_text"):

@@ -5,14 +5,11 @@ numpy, the stdlib `wave`)."""
 
 import json
 import types
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tokenizers
 from PIL import Image
-from tokenizers import models, pre_tokenizers
 
 from deepseek_jax import data
 from deepseek_jax.config import (
@@ -35,6 +32,7 @@ from deepseek_jax.data.pipeline import EngramRows
 from deepseek_jax.engram_hash import engram_layout, hash_rows
 from deepseek_jax.media.audio import load_wav, log_mel
 from deepseek_jax.media.image import load_image, preprocess_image, unshuffle_index
+from tests.utils import wav_bytes, whitespace_words
 
 ALL_TRAIN = 1e-9  # val_fraction that puts every record in train
 IMG, VID, AUD = 60, 61, 62  # placeholder ids
@@ -67,14 +65,11 @@ def media_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "a.png")
     (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
-    with wave.open(str(root / "a.wav"), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(4000)
-        w.writeframes((np.sin(np.arange(400) * 0.3) * 10000).astype("<i2").tobytes())
+    (root / "a.wav").write_bytes(wav_bytes((np.sin(np.arange(400) * 0.3) * 10000).astype("<i2"), 4000))
     frames = [Image.fromarray(np.full((8, 8), 60 * i, np.uint8)) for i in range(3)]
     frames[0].save(root / "v.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     vocab = {"<|endoftext|>": 0, **{f"w{k}": k + 1 for k in range(30)}, "<unk>": 31}  # wK = K + 1
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = whitespace_words(vocab)
     tok.save(str(root / "tok.json"))
     return root
 

@@ -2,9 +2,7 @@
 log-mel front-end against a float64 statement written here (explicit reflect indices, a DFT matrix, a
 Slaney filterbank built band by band), analytic tones, and Whisper's feature extractor."""
 
-import io
 import struct
-import wave
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from deepseek_jax.config.media import AudioConfig
 from deepseek_jax.media.audio import load_wav, log_mel, mel_filters, resample
 from deepseek_jax.tokenizer import DataError
+from tests.utils import wav_bytes
 
 CFG = AudioConfig(audio_token_id=7)  # Whisper's: 16 kHz, n_fft 400, hop 160, 80 mels, 0–8 kHz
 SMALL = AudioConfig(audio_token_id=7, sample_rate=8000, n_fft=200, hop_length=80, n_mels=32, fmin=500.0,
@@ -100,16 +99,6 @@ def test_log_mel_matches_whisper_feature_extractor():
     np.testing.assert_allclose(got[:-1], want, rtol=1e-5, atol=1e-5)
 
 
-def _wav_bytes(frames: bytes, width: int, channels: int, rate: int) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(width)
-        w.setframerate(rate)
-        w.writeframes(frames)
-    return buf.getvalue()
-
-
 def test_load_wav_every_pcm_width(tmp_path):
     v = [0.0, 0.5, -0.5, 0.25, -1.0, 0.75]
     enc = {
@@ -119,11 +108,11 @@ def test_load_wav_every_pcm_width(tmp_path):
         4: b"".join(struct.pack("<i", int(s * 2**31)) for s in v),
     }
     for width, frames in enc.items():
-        got = load_wav(_wav_bytes(frames, width, 1, 16000), "rec", 16000)
+        got = load_wav(wav_bytes(frames, 16000, width, 1), "rec", 16000)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, np.float32(v))
     stereo = b"".join(struct.pack("<hh", int(a * 32768), int(b * 32768)) for a, b in zip(v, v[::-1]))
-    (tmp_path / "s.wav").write_bytes(_wav_bytes(stereo, 2, 2, 16000))
+    (tmp_path / "s.wav").write_bytes(wav_bytes(stereo, 16000, 2, 2))
     got = load_wav(tmp_path / "s.wav", "rec", 16000)
     np.testing.assert_allclose(got, (np.array(v) + np.array(v[::-1])) / 2, atol=1e-7)
 
@@ -140,7 +129,7 @@ def test_resample_keeps_the_band_and_removes_aliases():
     up = resample(np.sin(2 * np.pi * 1000 * np.arange(8000) / 8000), 8000, 16000)
     assert len(up) == 16000 and np.abs(up[inner] - want[inner]).max() < 2e-3
     pcm = b"".join(struct.pack("<h", int(s * 16000)) for s in np.sin(2 * np.pi * 440 * np.arange(800) / 8000))
-    assert load_wav(_wav_bytes(pcm, 2, 1, 8000), "rec", 16000).shape == (1600,)
+    assert load_wav(wav_bytes(pcm, 8000, 2, 1), "rec", 16000).shape == (1600,)
 
 
 @pytest.mark.parametrize("rate_in, rate_out", [(22050, 16000), (8000, 11025), (44101, 16000), (16000, 8000)])
@@ -159,10 +148,10 @@ def test_resample_is_the_windowed_sinc_sum(rate_in, rate_out):
 
 
 def test_load_wav_errors_name_the_record(tmp_path):
-    float_wav = bytearray(_wav_bytes(b"\0" * 8, 4, 1, 16000))
+    float_wav = bytearray(wav_bytes(b"\0" * 8, 16000, 4, 1))
     float_wav[20:22] = struct.pack("<H", 3)  # WAVE_FORMAT_IEEE_FLOAT: not PCM
     cases = [(tmp_path / "missing.wav", "does not exist"), (b"RIFF....WAVEjunk", "cannot decode"),
-             (bytes(float_wav), "cannot decode"), (_wav_bytes(b"", 2, 1, 16000), "no samples")]
+             (bytes(float_wav), "cannot decode"), (wav_bytes(b"", 16000, 2, 1), "no samples")]
     for source, what in cases:
         with pytest.raises(DataError, match=f"train.jsonl:3 segment 2.*{what}"):
             load_wav(source, "train.jsonl:3 segment 2", 16000)

@@ -5,13 +5,10 @@ budgets, and errors that name the record and the segment."""
 
 import base64
 import dataclasses
-import io
 import pickle
-import wave
 
 import numpy as np
 import pytest
-import tokenizers
 from PIL import Image
 
 from deepseek_jax.config import AudioConfig, VideoConfig, VisionConfig, load_model_config
@@ -32,7 +29,7 @@ from deepseek_jax.media.audio import load_wav, log_mel
 from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row, record_cost
 from deepseek_jax.media.image import load_image, preprocess_image
 from deepseek_jax.tokenizer import DataError, Tokenizer
-from tests.utils import CONFIGS
+from tests.utils import CONFIGS, wav_bytes, whitespace_words
 
 WORDS = ["which", "digit", "?", "three", "hear", "this", "a", "b", "watch", "left"]
 IMG, VID, AUD = 61, 62, 63
@@ -53,8 +50,7 @@ def model_cfg():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     vocab = {"<|endoftext|>": 0, "<pad>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}, "IMG": IMG}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok = whitespace_words(vocab)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return Tokenizer.from_file(path)
@@ -62,13 +58,7 @@ def tokenizer(tmp_path_factory):
 
 def _wav(seconds: float, rate: int = 8000, freq: float = 700.0) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((0.4 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+    return wav_bytes((0.4 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2"), rate)
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ from tokenizers import Tokenizer
 
 from deepseek_jax.convert import table, v41
 from deepseek_jax.engram_hash import compressed_vocab, engram_layout, hash_rows
-from deepseek_jax.models import build_model, layer_kinds, layer_segments
-from tests.utils import ROOT
+from deepseek_jax.models import build_model
+from tests.utils import ROOT, by_layer, kl
 
 pytestmark = pytest.mark.parity
 FIXTURE = ROOT / "tests" / "golden" / "v41"
@@ -94,8 +94,7 @@ def test_logits_match_hf(setup):
     for b in range(2):
         g, w = _rows(got, b).astype(np.float64), _rows(want, b).astype(np.float64)
         worst_logit = max(worst_logit, float(np.abs(g - w).max()))
-        lp, lq = jax.nn.log_softmax(w), jax.nn.log_softmax(g)
-        worst_kl = max(worst_kl, float(np.max(np.sum(np.exp(lp) * (lp - lq), axis=-1))))
+        worst_kl = max(worst_kl, float(np.max(kl(w, g))))  # float64
     which = "fake-quant" if cfg.shared_kv.qat else "no fake-quant"
     print(f"V4.1 vs transformers deepseek_v41 @0a2080b4 ({which}): max |Δlogit| {worst_logit:.2e}, "
           f"max KL {worst_kl:.2e} "
@@ -103,23 +102,9 @@ def test_logits_match_hf(setup):
     assert worst_logit <= 1e-4 and worst_kl <= 1e-6
 
 
-def _by_layer(cfg, inter, name):
-    """{layer: [B, T, ...]} of a sown intermediate (each scan segment stacks it over its repeats)."""
-    out = {}
-    for seg in layer_segments(layer_kinds(cfg)):
-        for k in range(len(seg.kinds)):
-            node = inter[seg.name][f"block_{k}"]
-            for part in name.split("/"):
-                node = node.get(part, {}) if isinstance(node, dict) else {}
-            if node:
-                for r, layer in enumerate(seg.layers(k)):
-                    out[layer] = np.asarray(node[0][r])
-    return out
-
-
 def test_routed_experts_equal_hf(setup):
     cfg, ref, _, _, _, inter = setup
-    experts = _by_layer(cfg, inter, "ffn/experts_MA")
+    experts = by_layer(inter, cfg, "ffn", "experts_MA", 0)
     assert sorted(experts) == list(range(cfg.n_layers))
     for layer, e in experts.items():
         got = np.sort(e.reshape(2, -1, e.shape[-1]), axis=-1)
@@ -130,7 +115,7 @@ def test_routed_experts_equal_hf(setup):
 
 def test_indexer_picks_equal_hf(setup):
     cfg, ref, _, _, _, inter = setup
-    picks = _by_layer(cfg, inter, "attn/index_topk_BTU")
+    picks = by_layer(inter, cfg, "attn", "index_topk_BTU", 0)
     assert sorted(picks) == list(cfg.shared_kv.index_source_layers)
     for layer, p in picks.items():
         got = np.sort(np.where(p < 0, np.iinfo(np.int32).max, p), axis=-1)
@@ -142,7 +127,7 @@ def test_indexer_picks_equal_hf(setup):
 
 def test_candidate_pool_equals_hf(setup):
     cfg, ref, _, _, _, inter = setup
-    pool = _by_layer(cfg, inter, "attn/candidates_BTZ")[cfg.shared_kv.candidate_source_layer]
+    pool = by_layer(inter, cfg, "attn", "candidates_BTZ", 0)[cfg.shared_kv.candidate_source_layer]
     want = ref[f"layers.{cfg.shared_kv.candidate_source_layer}.indexer.candidate_mask"].astype(bool)
     for b in range(2):  # our entries run one past the last complete one (never visible): compare HF's 41
         np.testing.assert_array_equal(_rows(pool[:, :, : want.shape[-1]], b), _rows(want, b))

@@ -33,10 +33,15 @@ from tokenizers import Tokenizer
 from deepseek_jax.convert import table, v41
 from deepseek_jax.engram_hash import compressed_vocab, engram_layout, hash_rows
 from deepseek_jax.layers.vision import Aligner, VisionTower
-from deepseek_jax.media.image import expand_image_tokens, load_image, preprocess_image, unshuffle_index
+from deepseek_jax.media.image import (
+    expand_image_tokens,
+    load_image,
+    preprocess_image,
+    unshuffle_index,
+)
 from deepseek_jax.media.slots import IMAGE, MediaInputs
-from deepseek_jax.models import build_model, layer_kinds, layer_segments
-from tests.utils import ROOT
+from deepseek_jax.models import build_model
+from tests.utils import ROOT, by_layer, kl
 
 pytestmark = [pytest.mark.parity, pytest.mark.slow]
 FIXTURE, V41 = ROOT / "tests" / "golden" / "v41_vision", ROOT / "tests" / "golden" / "v41"
@@ -163,40 +168,22 @@ def test_engram_ids_equal_hf(run):
     np.testing.assert_array_equal(rows, ref["engram.hash_ids"])
 
 
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def test_logits_match_hf(run):
     cfg, ref, _, _, out, _ = run
     live = ref["attention_mask"].astype(bool)
     got, want = np.asarray(out.logits, np.float64)[live], ref["logits"].astype(np.float64)[live]
-    lp, lq = _log_softmax(want), _log_softmax(got)  # float64 (jax's would run in float32)
-    worst, kl = float(np.abs(got - want).max()), float(np.max(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    worst, kl_max = float(np.abs(got - want).max()), float(np.max(kl(want, got)))  # float64
     which = "fake-quant" if cfg.shared_kv.qat else "no fake-quant"
-    print(f"V4.1 + vision vs the fixture ({which}): max |Δlogit| {worst:.2e}, max KL {kl:.2e} "
+    print(f"V4.1 + vision vs the fixture ({which}): max |Δlogit| {worst:.2e}, max KL {kl_max:.2e} "
           f"(logit scale {np.abs(want).max():.1f})")
-    assert worst <= 1e-4 and kl <= 1e-6
-
-
-def _by_layer(cfg, inter, name):
-    out = {}
-    for seg in layer_segments(layer_kinds(cfg)):
-        for k in range(len(seg.kinds)):
-            node = inter[seg.name][f"block_{k}"]
-            for part in name.split("/"):
-                node = node.get(part, {}) if isinstance(node, dict) else {}
-            for r, layer in enumerate(seg.layers(k)) if node else ():
-                out[layer] = np.asarray(node[0][r])
-    return out
+    assert worst <= 1e-4 and kl_max <= 1e-6
 
 
 def test_routed_experts_equal_hf(run):
     """bias_vl picks the experts of span tokens (meta: it moves 1-7 tokens per layer against `bias`)."""
     cfg, ref, _, _, _, inter = run
     live = ref["attention_mask"].astype(bool)
-    experts = _by_layer(cfg, inter, "ffn/experts_MA")
+    experts = by_layer(inter, cfg, "ffn", "experts_MA", 0)
     assert sorted(experts) == list(range(cfg.n_layers))
     for layer, e in experts.items():
         got = np.sort(e.reshape(2, -1, e.shape[-1]), axis=-1)
@@ -206,7 +193,7 @@ def test_routed_experts_equal_hf(run):
 def test_indexer_picks_equal_hf(run):
     cfg, ref, _, _, _, inter = run
     live = ref["attention_mask"].astype(bool)
-    picks = _by_layer(cfg, inter, "attn/index_topk_BTU")
+    picks = by_layer(inter, cfg, "attn", "index_topk_BTU", 0)
     assert sorted(picks) == list(cfg.shared_kv.index_source_layers)
     def ordered(x):  # sorted, -1 (no pick) last
         return np.sort(np.where(x < 0, np.iinfo(np.int32).max, x), -1)[live]
