@@ -135,7 +135,7 @@ def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def write_checkpoint(directory: Path, tensors: dict, config: dict, max_shard_bytes: int = 400_000) -> Path:
-    """A safetensors checkpoint directory (several shards + index) with `config` as its config.json."""
+    """Sharded safetensors (scales in other shards than some weights) + `config` as config.json."""
     from deepseek_jax.convert.safetensors import dtype_name, write_sharded
 
     directory.mkdir(parents=True)
@@ -163,4 +163,21 @@ def whitespace_words(vocab: dict[str, int]):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return tok
+
+
+def random_variables(cfg, seed: int = 0) -> tuple[dict, dict]:
+    """(abstract, random N(0, 1) float32 variables) of a model config, Engram tables' padding rows zero
+    as the model initialises them (a converter round trip drops them)."""
+    import jax
+
+    from deepseek_jax.convert import table
+    from deepseek_jax.convert.importer import abstract_variables
+
+    rng = np.random.default_rng(seed)
+    abstract = abstract_variables(cfg)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
+    for j, layer in enumerate(cfg.engram.layer_ids if cfg.engram else ()):
+        leaf = next(p for p, _ in table.iter_leaves(variables) if p[-1] == "table" and p[1] == f"layers_{layer}")
+        table.get_leaf(variables, leaf)[:, cfg.engram.num_embeddings[j]:] = 0
+    return abstract, variables
 

@@ -17,12 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 from deepseek_jax.convert import table  # noqa: E402
 from deepseek_jax.convert.formats import dequant, quantize_fp4, quantize_fp8  # noqa: E402
-from deepseek_jax.convert.safetensors import SafetensorsDir, write_sharded  # noqa: E402
+from deepseek_jax.convert.safetensors import SafetensorsDir  # noqa: E402
 from deepseek_jax.convert.source import family_of  # noqa: E402
 from tests.parity.hf_reference import build_hf_model, tiny_hf_config  # noqa: E402
 from tests.parity.test_parity_v4 import HF_CONFIG as V4_CONFIG  # noqa: E402
 from tests.parity.test_parity_v4 import _randomise  # noqa: E402
 from tests.parity.test_parity_v32 import build_hf_v32, tiny_v32_hf_config  # noqa: E402
+from tests.utils import write_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 BLOCK = [16, 16]  # FP8 tiles small enough that the tiny weights have several, edge tiles included
@@ -44,17 +45,6 @@ def hf_model(family: str):
 def read_all(directory: Path) -> dict[str, np.ndarray]:
     with SafetensorsDir(directory) as sd:
         return {n: np.array(sd.read(n)) for n in sd.names()}
-
-
-def write_dir(directory: Path, tensors: dict, config: dict, shard_bytes: int = 40_000) -> Path:
-    """Sharded safetensors (scales in other shards than some weights) + config.json."""
-    directory.mkdir(parents=True)
-    from deepseek_jax.convert.safetensors import dtype_name
-
-    specs = [(n, dtype_name(a.dtype), a.shape) for n, a in tensors.items()]
-    write_sharded(directory, specs, tensors.__getitem__, max_shard_bytes=shard_bytes)
-    (directory / "config.json").write_text(json.dumps(config))
-    return directory
 
 
 def _quantise(tensors: dict, ents, layout: str, family, fp4: bool) -> tuple[dict, dict]:
@@ -106,14 +96,15 @@ def variant(tmp: Path, family: str, layout: str, quant: str, mtp: bool, base: Pa
                 "weight_block_size": BLOCK,
             },
         }
-    src = write_dir(tmp / f"{family}_{layout}_{quant}_{'mtp' if mtp else 'nomtp'}", tensors, config)
+    src = write_checkpoint(tmp / f"{family}_{layout}_{quant}_{'mtp' if mtp else 'nomtp'}", tensors, config, 40_000)
     ref_state = (
         deq if layout == "hf" else table.from_variables(table.to_variables(deq, fam, cfg, layout), fam, cfg, "hf")
     )
     ref = tmp / f"{src.name}_reference"
     ref.mkdir()
     shutil.copy(base / "config.json", ref / "config.json")
-    write_dir(ref / "w", {n: a for n, a in ref_state.items() if not fam.is_mtp(n, cfg.n_layers)}, config)
+    write_checkpoint(ref / "w", {n: a for n, a in ref_state.items() if not fam.is_mtp(n, cfg.n_layers)}, config,
+                     40_000)
     for f in (ref / "w").iterdir():
         if f.name != "config.json":
             f.rename(ref / f.name)

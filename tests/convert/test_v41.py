@@ -37,7 +37,7 @@ from deepseek_jax.convert.orbax_writer import restore_tree
 from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.convert.source import family_of, open_source, split_fused
 from deepseek_jax.models import converter
-from tests.utils import CONFIGS, ROOT, write_checkpoint
+from tests.utils import CONFIGS, ROOT, random_variables, write_checkpoint
 
 GOLDEN = ROOT / "tests" / "golden" / "v41"
 RELEASE_KEYS, RELEASE_MTP_KEYS, VISION_KEYS = 96_085, 2_401, 2 + 32 * 8 + 1 + 4 + 3
@@ -179,12 +179,7 @@ def test_full_size_every_layout_is_a_bijection(flash):
 @pytest.fixture(scope="module")
 def tiny():
     cfg = _cfg("tiny_v41")
-    rng = np.random.default_rng(0)
-    abstract = abstract_variables(cfg)
-    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
-    for j, layer in enumerate(cfg.engram.layer_ids):  # padding rows zero, as the model initialises them
-        leaf = next(p for p, _ in table.iter_leaves(variables) if p[-1] == "table" and p[1] == f"layers_{layer}")
-        table.get_leaf(variables, leaf)[:, cfg.engram.num_embeddings[j]:] = 0
+    abstract, variables = random_variables(cfg)
     return cfg, abstract, variables
 
 

@@ -27,11 +27,11 @@ from deepseek_jax.config import AudioConfig, VideoConfig, VisionConfig
 from deepseek_jax.convert import table, v41
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.exporter import export_checkpoint
-from deepseek_jax.convert.importer import abstract_variables, expected_shape, import_checkpoint
+from deepseek_jax.convert.importer import expected_shape, import_checkpoint
 from deepseek_jax.convert.orbax_writer import restore_tree
 from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.layers.vision import Aligner, VisionTower
-from tests.utils import ROOT, write_checkpoint
+from tests.utils import ROOT, random_variables, write_checkpoint
 
 FIXTURE = ROOT / "tests" / "golden" / "v41_vision"
 FLASH_VISION = {"model_type": "deepseek_v41_vision", "num_hidden_layers": 32, "hidden_size": 1024}
@@ -151,12 +151,7 @@ def test_full_size_names_shapes_and_counts():
 @pytest.fixture(scope="module")
 def tiny():
     cfg = v41.config_from_json(TINY_JSON)
-    rng = np.random.default_rng(0)
-    abstract = abstract_variables(cfg)
-    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract)
-    for j, layer in enumerate(cfg.engram.layer_ids):  # padding rows zero, as the model initialises them
-        leaf = next(p for p, _ in table.iter_leaves(variables) if p[-1] == "table" and p[1] == f"layers_{layer}")
-        table.get_leaf(variables, leaf)[:, cfg.engram.num_embeddings[j]:] = 0
+    abstract, variables = random_variables(cfg)
     return cfg, abstract, variables
 
 
