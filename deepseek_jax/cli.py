@@ -6,7 +6,8 @@ Commands:
   generate  complete prompts with a run's latest checkpoint (--prompt, repeatable; --speculative: greedy
             with DSpark drafts verified by the model, V4.1, and its acceptance rate); --image / --audio /
             --video FILE (repeatable, any mix) go with every prompt: where it says <image> / <audio> /
-            <video> (the next file of that kind), the rest before its text, in the order given
+            <video> (the next file of that kind), the rest before its text, in the order given;
+            --prefill-chunk N: prompt tokens per prefill call (default 4096, 0 = all at once)
   inspect   print the model's parameter table and run one forward pass (only its output shapes,
             from jax.eval_shape, when the parameters would not fit in a quarter of memory)
   config    print the resolved config as YAML (`config show CONFIG...` also works)
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--speculative", action="store_true",
                    help="generate: greedy decoding with DSpark drafts (V4.1), printing the acceptance rate")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="generate: prompt tokens per prefill call (default 4096; 0 = the whole prompt at once)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=2, help="inspect: batch size")
     p.add_argument("--seq-len", type=int, default=64, help="inspect: sequence length")
@@ -158,7 +161,7 @@ def _generate(cfg, ns) -> None:
     else:
         prompts = ns.prompt or list(cfg.train.sample_prompts)
         texts = sample(s.program.model, variables, s.tokenizer, prompts, ns.max_new_tokens, ns.temperature,
-                       ns.top_p, ns.seed, ns.speculative, stats)
+                       ns.top_p, ns.seed, ns.speculative, stats, ns.prefill_chunk)
         shown = ""
     for p, text in zip(prompts, texts):
         _print0(f"--- {shown}{p!r}\n{p}{text}")

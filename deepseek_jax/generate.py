@@ -2,16 +2,21 @@
 
 Prompts of different lengths are left-padded to a common length P; each row's padding slots are
 excluded from attention (`cache_start_B`) and its positions start at 0 at its first real token.
-One jitted prefill over the prompts, then one jitted step per new token. A model with Engram gets its
-n-gram table rows hashed on the host (engram_hash.EngramHashState: the prompt at prefill, then each
-new token), with the left padding dead so a row hashes as if unpadded. A model with DSpark (V4.1) can
-decode greedily with speculation (`speculative=True`, `speculative_generate`): drafts verified in one
-pass, the same tokens as greedy decoding, fewer main-model passes when the drafts are right.
+The prompt goes into the cache `prefill_chunk` tokens per jitted call (cache_index = slots written so
+far; the same tokens as one call, bounded activation memory), then one jitted step per new token.
+Models with row positions (V4 / V4.1: compression blocks and windows are a row's own slots) admit no
+left padding: prompts of one length share a prefill, each row keeps its own slot count, and all rows
+decode in one jitted step, a batch-1 step vmapped over the rows with a [B] cache index (`_row_step`).
+A model with Engram gets its n-gram table rows hashed on the host (engram_hash.EngramHashState: the
+prompt at prefill, then each new token), with the left padding dead so a row hashes as if unpadded.
+A model with DSpark (V4.1) can decode greedily with speculation (`speculative=True`,
+`speculative_generate`): drafts verified in one pass, the same tokens as greedy decoding, fewer
+main-model passes when the drafts are right (its prefill is one call, its batch rows one length).
 Prompts with images, audio or video: generate_media.py (each prefilled with its media, then `decode`).
 """
 
 import copy
-from functools import partial
+from functools import lru_cache, partial
 
 import flax.linen as nn
 import jax
@@ -37,11 +42,35 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None, media=None):
-    out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=0, cache_start_B=start_B, mtp=False,
-                      engram_rows=engram_rows, media=media)
+PREFILL_CHUNK = 4096  # default prompt tokens per prefill call (memory only: the same tokens)
+
+
+@partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None, media=None,
+             index=0):
+    """Appends the P tokens at slot `index` (0: a whole prompt)."""
+    out = model.apply(variables, tokens_BP, positions_BP, cache=cache, cache_index=index, cache_start_B=start_B,
+                      mtp=False, engram_rows=engram_rows, media=media)
     return out.logits[:, -1], out.cache, out.captures  # captures: DSpark's windows (speculative decoding)
+
+
+def prefill(model: nn.Module, variables, tokens_BP, cache, chunk: int | None = None, positions_BP=None,
+            start_B=None, engram_rows=None, index: int = 0):
+    """(last logits [B, V], cache) after feeding the P tokens tokens_BP into `cache` from slot `index`
+    (0: an empty cache), `chunk` tokens per jitted call (None: PREFILL_CHUNK; 0: all at once), each at
+    cache_index = the slots written so far. positions_BP / start_B (left padding) and engram_rows
+    [B, P, L, K] are sliced alongside."""
+    P = tokens_BP.shape[1]
+    chunk = PREFILL_CHUNK if chunk is None else chunk
+    if chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0 = the whole prompt in one call), got {chunk}")
+    step = chunk or P
+    for c in range(0, P, step):
+        cut = (slice(None), slice(c, c + step))
+        logits_BV, cache, _ = _prefill(model, variables, jnp.asarray(tokens_BP[cut]),
+                                       None if positions_BP is None else positions_BP[cut], cache, start_B,
+                                       None if engram_rows is None else engram_rows[cut], None, jnp.int32(index + c))
+    return logits_BV, cache
 
 
 @partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
@@ -52,6 +81,39 @@ def _step(model: nn.Module, variables, token_B, position_B, cache, index, start_
         cache_start_B=start_B, mtp=False, engram_rows=engram_rows,
     )
     return out.logits[:, -1], out.cache, out.captures
+
+
+@lru_cache(maxsize=None)
+def _batch_axes(cfg) -> tuple[int, ...]:
+    """Each cache leaf's batch axis (flattened order): the one axis whose size follows build_cache's batch."""
+    two, three = (jax.tree.leaves(jax.eval_shape(partial(build_cache, cfg, b, 256))) for b in (2, 3))
+    axes = tuple(tuple(i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n) for a, b in zip(two, three))
+    if any(len(a) != 1 for a in axes):
+        raise ValueError(f"every cache leaf needs exactly one batch axis, found {axes}")
+    return tuple(a[0] for a in axes)
+
+
+@partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def _row_step(model: nn.Module, variables, token_B, cache, index_B, engram_rows=None):
+    """One new token per row at its own slot index_B[b] (rows with their own slot counts: row
+    positions): the batch-1 step vmapped over the cache's rows. (last logits [B, V], cache)."""
+    axes = jax.tree.unflatten(jax.tree.structure(cache), _batch_axes(model.cfg))
+
+    def one(token, cache_row, index, rows):
+        cache_1 = jax.tree.map(jnp.expand_dims, cache_row, axes)
+        out = model.apply(variables, token[None, None], cache=cache_1, cache_index=index, mtp=False,
+                          engram_rows=None if rows is None else rows[None])
+        return out.logits[0, -1], jax.tree.map(jnp.squeeze, out.cache, axes)
+
+    return jax.vmap(one, in_axes=(0, axes, 0, 0), out_axes=(0, axes))(token_B, cache, index_B, engram_rows)
+
+
+def _put_rows(cache, rows_cache, rows: np.ndarray, cfg):
+    """`cache` with its rows `rows` replaced by those of rows_cache (a cache of len(rows) rows)."""
+    leaves, tree = jax.tree.flatten(cache)
+    put = [x.at[(slice(None),) * a + (rows,)].set(y)
+           for x, y, a in zip(leaves, jax.tree.leaves(rows_cache), _batch_axes(cfg))]
+    return jax.tree.unflatten(tree, put)
 
 
 def _engram_state(cfg, engram_map: np.ndarray | None, batch_size: int) -> EngramHashState | None:
@@ -80,11 +142,13 @@ def generate(
     engram_map: np.ndarray | None = None,
     speculative: bool = False,
     stats: dict | None = None,
+    prefill_chunk: int | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (eos excluded), at most `max_new_tokens` each. engram_map: the
     tokenizer's compressed vocabulary (`engram_hash.compressed_vocab`), needed iff the model has Engram.
-    speculative=True (a DSpark model, greedy): `speculative_generate`, the same tokens; its acceptance
-    statistics go into `stats` when given."""
+    prefill_chunk: prompt tokens per prefill call (None: PREFILL_CHUNK, 0: one call; the same tokens).
+    speculative=True (a DSpark model, greedy): `speculative_generate`, the same tokens (its prefill in
+    one call); its acceptance statistics go into `stats` when given."""
     cfg = model.cfg
     if speculative:  # DSpark drafts verified by the main model: greedy decoding's tokens
         return _speculative(model, variables, prompts, max_new_tokens, eos_id, temperature, engram_map, stats)
@@ -94,26 +158,44 @@ def generate(
     if P + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     start_B = np.array([P - len(p) for p in prompts], np.int32)
-    if cfg.row_positions and start_B.any():  # row positions admit no left padding: one prompt at a time
-        return [generate(model, variables, [p], max_new_tokens, eos_id, pad_id, temperature, top_p, seed + i,
-                         engram_map)[0] for i, p in enumerate(prompts)]
     tokens_BP = np.array([[pad_id] * s + list(p) for s, p in zip(start_B, prompts)], np.int32)
     positions_BP = np.maximum(np.arange(P)[None, :] - start_B[:, None], 0).astype(np.int32)
     engram = _engram_state(cfg, engram_map, B)  # left padding is dead: n-grams start at the prompt
     engram_rows = None if engram is None else engram.step(tokens_BP, np.arange(P)[None, :] < start_B[:, None])
+    sampling = (max_new_tokens, eos_id, temperature, top_p, seed)
+    if cfg.row_positions and start_B.any():  # no left padding: each row at its own slots
+        logits_BV, cache = _row_prefill(model, variables, tokens_BP, start_B, engram_rows, max_new_tokens,
+                                        prefill_chunk)
+        return decode(model, variables, logits_BV, cache, P - start_B, None, engram, *sampling)
     cache = build_cache(cfg, B, P + max_new_tokens)
     rows = cfg.row_positions  # the model derives each row's positions itself and takes no start slots
     positions_BP, start_B = (None, None) if rows else (positions_BP, start_B)
-    logits_BV, cache, _ = _prefill(model, variables, tokens_BP, positions_BP, cache, start_B, engram_rows)
-    return decode(model, variables, logits_BV, cache, P, start_B, engram, max_new_tokens, eos_id, temperature,
-                  top_p, seed)
+    logits_BV, cache = prefill(model, variables, tokens_BP, cache, prefill_chunk, positions_BP, start_B, engram_rows)
+    return decode(model, variables, logits_BV, cache, P, start_B, engram, *sampling)
+
+
+def _row_prefill(model, variables, tokens_BP, start_B, engram_rows, max_new_tokens, chunk):
+    """(last logits [B, V], cache of B rows) of left-padded prompts prefilled without their padding:
+    rows of one length together (a cache of their own, then written into their rows)."""
+    cfg, (B, P) = model.cfg, tokens_BP.shape
+    cache, logits_BV = build_cache(cfg, B, P + max_new_tokens), [None] * B
+    for start in np.unique(start_B):
+        rows = np.flatnonzero(start_B == start)
+        last_RV, rows_cache = prefill(model, variables, tokens_BP[rows, start:],
+                                      build_cache(cfg, len(rows), P + max_new_tokens), chunk,
+                                      engram_rows=None if engram_rows is None else engram_rows[rows, start:])
+        cache = _put_rows(cache, rows_cache, rows, cfg)
+        for r, logits_V in zip(rows, last_RV):
+            logits_BV[r] = logits_V
+    return jnp.stack(logits_BV), cache
 
 
 def decode(model: nn.Module, variables, logits_BV, cache, P: int, start_B, engram: EngramHashState | None,
            max_new_tokens: int, eos_id: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
     """The decode loop after a prefill of P slots (last logits `logits_BV`): one jitted step per new
     token. start_B: each row's first real slot (left padding), or None (every row starts at slot 0,
-    positions = slots: models with row positions, prompts prefilled with media)."""
+    positions = slots: models with row positions, prompts prefilled with media). P an array [B]: each
+    row's own slot count (row positions, prompts of different lengths; start_B None)."""
     B = logits_BV.shape[0]
     key = jax.random.key(seed)
     done = np.zeros(B, bool)
@@ -131,19 +213,23 @@ def decode(model: nn.Module, variables, logits_BV, cache, P: int, start_B, engra
             break
         position_B = None if start_B is None else jnp.asarray(P + i - start_B, jnp.int32)
         engram_rows = None if engram is None else engram.step(token_np[:, None])
-        logits_BV, cache, _ = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B,
-                                    engram_rows)
+        if np.ndim(P):  # rows at their own slots
+            logits_BV, cache = _row_step(model, variables, token_B, cache, jnp.asarray(P + i, jnp.int32),
+                                         engram_rows)
+        else:
+            logits_BV, cache, _ = _step(model, variables, token_B, position_B, cache, jnp.int32(P + i), start_B,
+                                        engram_rows)
     return out
 
 
 def sample(model: nn.Module, variables, tokenizer, prompts: list[str], max_new_tokens: int,
            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, speculative: bool = False,
-           stats: dict | None = None) -> list[str]:
+           stats: dict | None = None, prefill_chunk: int | None = None) -> list[str]:
     """Completions of text prompts (`generate` on their token ids, decoded back to text)."""
     ids = [tokenizer.encode(p) for p in prompts]
     engram_map = None if model.cfg.engram is None else compressed_vocab(tokenizer)
     new = generate(model, variables, ids, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id,
-                   temperature, top_p, seed, engram_map, speculative, stats)
+                   temperature, top_p, seed, engram_map, speculative, stats, prefill_chunk)
     return [tokenizer.decode(n) for n in new]
 
 

@@ -45,7 +45,7 @@ from deepseek_jax.program import Program, build_program
 from deepseek_jax.sharding import batch_sharding, in_mesh, make_mesh, rules
 from deepseek_jax.tokenizer import Tokenizer
 
-AVERAGED = ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "skipped", "moe_dropped_frac")
+AVERAGED = ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "skipped", "moe_dropped_frac", "index_loss")
 
 
 class TrainingError(RuntimeError):
@@ -206,7 +206,7 @@ def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
             done = step + 1
             stopping = stop.agreed(at_sync_point=done % t.log_every == 0)
             # losses are averaged over the log window (device-side adds: no host sync per step)
-            window = {k: metrics[k] for k in AVERAGED}
+            window = {k: metrics[k] for k in AVERAGED if k in metrics}
             sums = window if sums is None else jax.tree.map(jnp.add, sums, window)
             if done == start + 1:  # the first step includes compilation: time it apart
                 jax.block_until_ready(state.step)

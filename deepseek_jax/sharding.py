@@ -7,6 +7,7 @@ ordered logical-axis rules. Parameters and optimizer state are created already s
 """
 
 import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -18,6 +19,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from deepseek_jax.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes a batch is split over, when the rules do not say
+# context parallelism (layers/attention/context.py): queries split over the `act_seq` axes, keys either
+# all-gathered (implemented) or passed round a ring (documented in docs/sharding.md, not implemented)
+CONTEXT_STRATEGIES = ("all_gather", "ring")
+_CONTEXT_STRATEGY = contextvars.ContextVar("context_strategy", default="all_gather")
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
@@ -52,12 +57,18 @@ def abstract_mesh(cfg: MeshConfig, n_devices: int) -> jax.sharding.AbstractMesh:
 
 
 @contextlib.contextmanager
-def activate(mesh, mesh_rules):
+def activate(mesh, mesh_rules, context_strategy: str = "all_gather"):
     """Traces under `mesh` (concrete, or abstract for lowering without devices) and the logical
-    rules: constraints and the MoE dispatch see both."""
+    rules: constraints, the MoE dispatch and context parallelism (with `context_strategy`) see them."""
+    if context_strategy not in CONTEXT_STRATEGIES:
+        raise ConfigError(f"context_strategy must be one of {list(CONTEXT_STRATEGIES)}, got {context_strategy!r}")
     use = jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh) else jax.set_mesh
-    with use(mesh), nn.logical_axis_rules(mesh_rules):
-        yield
+    token = _CONTEXT_STRATEGY.set(context_strategy)
+    try:
+        with use(mesh), nn.logical_axis_rules(mesh_rules):
+            yield
+    finally:
+        _CONTEXT_STRATEGY.reset(token)
 
 
 def in_mesh(fn, mesh, mesh_rules):
@@ -86,12 +97,45 @@ class MoEAxes(NamedTuple):
     hidden: tuple[str, ...]  # axes splitting each expert's F (`expert_mlp`): partial sums to reduce
 
 
+class ContextAxes(NamedTuple):
+    """Where context parallelism runs, as resolved from the active mesh and rules."""
+
+    mesh: object  # the (abstract) mesh, or None outside any mesh
+    seq: tuple[str, ...]  # mesh axes splitting T (`act_seq`); () = no context parallelism
+    batch: tuple[str, ...]  # mesh axes splitting B (`act_batch`, less the seq axes)
+    strategy: str  # one of CONTEXT_STRATEGIES
+
+
+def context_axes() -> ContextAxes:
+    """Context parallelism's view of the mesh (never names an axis): axes already manual (inside a
+    shard_map) are left out, so a nested call sees no context split."""
+    mesh, strategy = jax.sharding.get_abstract_mesh(), _CONTEXT_STRATEGY.get()
+    if mesh is None or mesh.empty:
+        return ContextAxes(None, (), (), strategy)
+    free = lambda axes: tuple(a for a in axes if a not in mesh.manual_axes)  # noqa: E731
+    seq = free(logical_mesh_axes("act_seq", mesh))
+    batch = tuple(a for a in free(logical_mesh_axes("act_batch", mesh)) if a not in seq)
+    return ContextAxes(mesh, seq, batch, strategy)
+
+
+def rules_without(axes: tuple[str, ...]) -> tuple:
+    """The active logical rules with `axes` removed from every target (inside a shard_map manual over
+    them, where constraints may name only the other axes)."""
+    def strip(target):
+        kept = tuple(a for a in ((target,) if isinstance(target, str) else target or ()) if a not in axes)
+        return kept or None
+
+    return tuple((name, strip(target)) for name, target in nn.get_logical_axis_rules())
+
+
 def batch_shards() -> int:
-    """How many ways the active rules split a batch (1 outside a mesh)."""
+    """How many ways the active rules split a batch's tokens (1 outside a mesh): the `act_batch` axes
+    times the `act_seq` ones (context parallelism), so per-device sizes (the loss chunk) stay per device."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return 1
-    return math.prod(mesh.shape[a] for a in logical_mesh_axes("act_batch", mesh))
+    axes = set(logical_mesh_axes("act_batch", mesh)) | set(logical_mesh_axes("act_seq", mesh))
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def moe_axes() -> MoEAxes:

@@ -33,6 +33,7 @@ from deepseek_jax.config import Config
 from deepseek_jax.layers.moe.balance import update_router_bias
 from deepseek_jax.media.slots import media_from_batch
 from deepseek_jax.models import BiasRows, router_bias_rows
+from deepseek_jax.models.common import has_index_loss
 from deepseek_jax.sharding import batch_shards
 
 
@@ -55,7 +56,7 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
     out = model.apply(
         {"params": params, "router": router}, batch["tokens"],
         None if mcfg.row_positions else batch["positions"], batch["segment_ids"],
-        return_logits=False, index_loss=index_loss and mcfg.index is not None,
+        return_logits=False, index_loss=index_loss and has_index_loss(mcfg) and tcfg.index_loss_weight > 0,
         engram_rows=batch.get("engram_rows"),  # host-hashed Engram rows (data/pipeline.py); None without
         media=media_from_batch(batch),  # images / video / audio of the batch (media/slots.py); None for text
     )  # fmt: skip
@@ -151,8 +152,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
         "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": terms["tokens"],
         "skipped": (~finite).astype(jnp.int32), "moe_dropped_frac": terms["dropped_frac"],
     }
-    if index is not None:
-        metrics["index_loss"] = terms["index"]  # Σ over DSA layers of the mean per-token KL
+    if has_index_loss(cfg.model) and cfg.train.index_loss_weight > 0:
+        metrics["index_loss"] = terms["index"]  # Σ over DSA / V4 CSA layers of the mean per-token KL
     if "confidence" in terms:
         metrics["dspark_confidence_loss"] = terms["confidence"]
     if counts["main"] is not None:

@@ -53,6 +53,16 @@ def test_left_padding_does_not_change_a_prompt(tiny):
     assert batched[1] == alone
 
 
+def test_chunked_prefill_with_left_padding_gives_one_shot_tokens(tiny):
+    """Chunks of 3 over a 7-token batch whose short row is left-padded by 5: its first chunk is padding."""
+    model, variables = tiny
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [7, 3]]
+    with jax.default_matmul_precision("highest"):
+        one_shot = generate(model, variables, prompts, max_new_tokens=5, eos_id=-1, pad_id=11, prefill_chunk=0)
+        chunked = generate(model, variables, prompts, max_new_tokens=5, eos_id=-1, pad_id=11, prefill_chunk=3)
+    assert chunked == one_shot
+
+
 def test_stops_at_eos(tiny):
     model, variables = tiny
     first = generate(model, variables, [[5, 9]], max_new_tokens=4, eos_id=-1)[0]

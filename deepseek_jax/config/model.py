@@ -50,10 +50,14 @@ class MLAConfig:
     qk_nope_head_dim: int  # H
     qk_rope_head_dim: int  # R, rotated dims per head (and of the shared rope key)
     v_head_dim: int  # O
+    q_block: int = 512  # queries per block of the streamed attention (memory only); 0 = one block
+    k_block: int = 1024  # keys per chunk of its online softmax / DSA's running top-k (memory only); 0 = all
 
     def __post_init__(self):
         for name in ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _check(getattr(self, name) > 0, f"mla.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("q_block", "k_block"):
+            _check(getattr(self, name) >= 0, f"mla.{name} must be >= 0, got {getattr(self, name)}")
         _check(self.q_lora_rank >= 0, f"mla.q_lora_rank must be >= 0, got {self.q_lora_rank}")
         _check(
             self.qk_rope_head_dim % 2 == 0,
@@ -82,6 +86,9 @@ class V4AttentionConfig:
     index_topk: int  # compressed entries each CSA query attends to (Flash 512, Pro 1024)
     compress_rope_theta: float = 160000.0  # RoPE base of the CSA/HCA layers (with YaRN)
     q_block: int = 0  # queries per block of indexer top-k + attention (memory only); 0 = one block
+    k_block: int = 1024  # compressed entries per chunk of the streamed HCA softmax / CSA top-k (memory only); 0 = all
+    document_mask: bool = True  # packed documents (segment_ids): keys stay inside the query's document
+    # (v4.py docstring); false = as released (HF / official attend across documents)
 
     def __post_init__(self):
         sizes = ("n_heads", "head_dim", "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
@@ -102,6 +109,7 @@ class V4AttentionConfig:
         )
         _check(self.compress_rope_theta > 0, "v4.compress_rope_theta must be > 0")
         _check(self.q_block >= 0, f"v4.q_block must be >= 0, got {self.q_block}")
+        _check(self.k_block >= 0, f"v4.k_block must be >= 0, got {self.k_block}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +189,7 @@ class IndexerConfig:
     # training stage: True = dense warm-up (dense attention, KL over all visible keys, only the
     # indexer trained); False = sparse stage (top-k attention, KL over the selected keys, all trained)
     index_dense_warmup: bool = False
-    index_q_block: int = 0  # queries per block of scores + attention (memory only); 0 = one block
+    index_q_block: int = 0  # queries per block of top-k + attention (memory only); 0 = mla.q_block
 
     def __post_init__(self):
         for name in ("index_n_heads", "index_head_dim", "index_topk"):
@@ -220,6 +228,9 @@ class ModelConfig:
     # jax.checkpoint policy of the scanned blocks (none | full | save matmul outputs | save attention
     # outputs | offload matmul outputs to host)
     remat: Remat = "none"
+    # dense MLA training / prefill: xla = streamed online softmax (any backend); cudnn = fused flash
+    # attention via jax.nn.dot_product_attention (NVIDIA GPU, bf16; decoding and DSA stay streamed)
+    attention_impl: Literal["xla", "cudnn"] = "xla"
     mla: MLAConfig | None = None  # V3 / V3.2 attention (exactly one of mla and v4)
     moe: MoEConfig
     rope: RopeConfig = field(default_factory=RopeConfig)  # V4: rope_theta of SWA layers, YaRN of CSA/HCA
@@ -229,6 +240,9 @@ class ModelConfig:
     mhc: MHCConfig | None = None  # hyper-connection residual streams; None = plain residual (v4 needs mhc)
     # FP8/FP4 fake-quant of the released numerics (quant.py, README); "none" = exact float math
     quant_sim: Literal["none", "fp8", "fp8_fp4"] = "none"
+    # V4 / V4.1 decode-cache rows (layers/attention/cache_store.py): float (the cache dtype) | bf16 |
+    # released (V4: fp8 kv + fp4 indexer keys; V4.1: mxfp8 window, nvfp4 entries, fp4 keys)
+    cache_storage: Literal["float", "bf16", "released"] = "float"
     shared_kv: SharedKVConfig | None = None  # V4.1 attention and its cross-layer schedule (needs v4)
     engram: EngramConfig | None = None  # Engram memory before the listed blocks
     dspark: DSparkConfig | None = None  # the MTP layers are DSpark stages (V4.1; needs shared_kv)
@@ -262,6 +276,7 @@ class ModelConfig:
         else:
             _check(not self.compress_ratios, "model.compress_ratios (V4 SWA/CSA/HCA per layer) needs model.v4")
             _check(self.quant_sim == "none", "model.quant_sim is wired for V4 models only (model.v4)")
+            _check(self.cache_storage == "float", "model.cache_storage is wired for V4 models only (model.v4)")
         self._check_v41()
 
     def _check_v4(self):
@@ -278,6 +293,9 @@ class ModelConfig:
     def _check_v41(self):
         if self.shared_kv is not None:
             _check(self.v4 is not None, "model.shared_kv (V4.1 attention) needs model.v4")
+            _check(self.cache_storage == "float", "model.cache_storage is not wired for V4.1 (model.shared_kv) yet")
+            _check(not self.v4.document_mask, "v4.document_mask must be false with model.shared_kv (V4.1): its "
+                   "attention gets no segment ids, so it attends across packed documents (as released)")
             self.shared_kv.check_schedule(self.compress_ratios, self.n_layers, self.v4.index_topk)
         if self.engram is not None:
             for layer in self.engram.layer_ids:

@@ -128,8 +128,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # most recent checkpoints kept
     async_checkpoints: bool = True  # save in the background while training continues
     mtp_loss_weight: float = 0.3  # λ of the MTP loss (V3: 0.3, later 0.1)
-    # weight of the V3.2 indexer KL, summed over layers (each indexer learns only from its own KL,
-    # so this scales the indexers' gradients alone); unused without model.index
+    # weight of the indexer KL (V3.2 DSA blocks, V4 CSA layers), summed over layers (each indexer learns
+    # only from its own KL, so this scales the indexers' gradients alone); 0 = no KL computed, the indexers
+    # stay frozen (V4 before issue 14); unused without an indexer
     index_loss_weight: float = 1.0
     balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
     bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off

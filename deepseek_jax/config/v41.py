@@ -76,6 +76,9 @@ class SharedKVConfig:
     candidate_source_layer: int = -1  # its indexer picks candidate blocks for later ones; -1 = none
     candidate_topk_blocks: int = 2048  # blocks kept per query
     candidate_block_size: int = 8  # entries per candidate block
+    # indexer keys (entries) scored per chunk of the streamed top-k and candidate pool (memory only;
+    # rounded down to whole candidate blocks, at least one); 0 = all at once
+    index_k_block: int = 1024
     # fake-quant HF and the release apply even in float32: window kv FP8 (1×32, UE8M0), compressed
     # entries FP4 (1×16, E4M3 scales), indexer q and k FP4 (1×32, UE8M0)
     qat: bool = True
@@ -88,6 +91,7 @@ class SharedKVConfig:
         )
         _check(self.candidate_topk_blocks > 0 and self.candidate_block_size > 0,
                "shared_kv.candidate_topk_blocks and candidate_block_size must be > 0")
+        _check(self.index_k_block >= 0, f"shared_kv.index_k_block must be >= 0, got {self.index_k_block}")
         _check(
             self.candidate_source_layer < 0 or self.candidate_source_layer in self.index_source_layers,
             f"shared_kv.candidate_source_layer ({self.candidate_source_layer}) must be an index source",

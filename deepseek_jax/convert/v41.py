@@ -327,6 +327,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             q_lora_rank=t["q_lora_rank"], o_groups=t["o_groups"], o_lora_rank=t["o_lora_rank"],
             window_size=t["sliding_window"], index_n_heads=t["index_n_heads"], index_head_dim=t["index_head_dim"],
             index_topk=t["index_topk"], compress_rope_theta=compress_theta,
+            document_mask=False,  # V4.1 attends across documents (config/model.py refuses true)
         ),
         mhc=MHCConfig(hc_mult=t["hc_mult"], hc_sinkhorn_iters=t["hc_sinkhorn_iters"], hc_eps=t["hc_eps"],
                       single_pass=True),

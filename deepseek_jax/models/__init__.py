@@ -13,6 +13,7 @@ import numpy as np
 
 from deepseek_jax.config import ConfigError, ModelConfig
 from deepseek_jax.layers.attention import init_mla_cache, init_v4_attention_cache
+from deepseek_jax.layers.attention.cache_store import storage_formats
 from deepseek_jax.layers.attention.v41 import init_v41_attention_cache
 from deepseek_jax.layers.engram import init_engram_cache
 from deepseek_jax.models.common import (
@@ -68,8 +69,9 @@ def _layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_len: int, dt
         return _layer_cache(cfg, kind._replace(memory="none"), batch, max_len, dtype), memory
     if kind.attention == "v4" and cfg.shared_kv is not None:
         return init_v41_attention_cache(cfg.v4, kind.ratio, kind.share, batch, max_len, dtype)
-    if kind.attention == "v4":
-        return init_v4_attention_cache(cfg.v4, kind.ratio, batch, max_len, dtype)
+    if kind.attention == "v4":  # rows stored per model.cache_storage (cache_store.py)
+        formats = storage_formats(cfg, cfg.cache_storage)
+        return init_v4_attention_cache(cfg.v4, kind.ratio, batch, max_len, dtype, formats)
     return init_mla_cache(
         cfg.mla, cfg.index if kind.attention == "dsa" else None, batch, max_len, dtype
     )

@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.axes import constrain
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.attention import MLA, V4Attention
+from deepseek_jax.layers.attention.compressor import CSA_RATIO
 from deepseek_jax.layers.attention.v41 import SharedKV, V41Attention
 from deepseek_jax.layers.engram import Engram
 from deepseek_jax.layers.mhc import STREAMS, HyperConnection, collapse
@@ -55,7 +56,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     kind: LayerKind
-    index_loss: bool = False  # DSA blocks also return their indexer KL
+    index_loss: bool = False  # DSA and V4 CSA blocks also return their indexer KL
 
     def residual(self, name: str, x, sublayer: Callable, pre_BTI=None):
         """x + F(norm(x)), or the mHC update of the streams around F; returns (x, F's extra, this
@@ -92,10 +93,12 @@ class Block(nn.Module):
             attn = V4Attention(
                 cfg.v4, rope, kind.ratio, cfg.dim, cfg.norm_eps, dtype, cfg.quant_sim, name="attn"
             )
-            out_BTD, cache = attn(h_BTD, inputs.positions_BT, cache, inputs.cache_index)
-            return out_BTD, cache, None, None
+            with_kl = self.index_loss and kind.ratio == CSA_RATIO  # the V4 CSA indexer KL (v4.py)
+            outs = attn(h_BTD, inputs.positions_BT, cache, inputs.cache_index, inputs.segment_ids_BT, with_kl)
+            return outs[0], outs[1], outs[2] if with_kl else None, None
         index = cfg.index if kind.attention == "dsa" else None
-        attn = MLA(cfg.mla, rope, cfg.dim, cfg.norm_eps, dtype, index=index, name="attn")
+        attn = MLA(cfg.mla, rope, cfg.dim, cfg.norm_eps, dtype, index=index, attention_impl=cfg.attention_impl,
+                   name="attn")
         out_BTD, cache, kl = attn(
             h_BTD, inputs.positions_BT, inputs.segment_ids_BT, cache, inputs.cache_index,
             inputs.cache_start_B, self.index_loss and index is not None,

@@ -19,6 +19,7 @@ import numpy as np
 
 from deepseek_jax.axes import constrain
 from deepseek_jax.config import ConfigError, ModelConfig, RopeConfig
+from deepseek_jax.layers.attention.compressor import CSA_RATIO
 from deepseek_jax.layers.moe.layer import ROUTER_COLLECTION, MoEAux
 
 SCAN_COLLECTIONS = {"params": 0, ROUTER_COLLECTION: 0, "intermediates": 0}
@@ -121,6 +122,14 @@ def layer_segments(kinds: list[LayerKind]) -> list[Segment]:
     return segments
 
 
+def has_index_loss(cfg: ModelConfig) -> bool:
+    """Whether the model has blocks with an indexer KL (`index_loss=True`): DSA blocks (V3.2), or V4
+    CSA layers (not V4.1's shared-KV indexers), main or MTP."""
+    kinds = layer_kinds(cfg) + [mtp_kind(cfg, k) for k in range(cfg.num_nextn_predict_layers)]
+    v4_csa = lambda k: k.attention == "v4" and k.ratio == CSA_RATIO and cfg.shared_kv is None  # noqa: E731
+    return any(k.attention == "dsa" or v4_csa(k) for k in kinds)
+
+
 def layer_rope(cfg: ModelConfig, kind: LayerKind) -> RopeConfig:
     """MLA: the model's RoPE. V4: the main θ without YaRN for sliding-window layers, the compressed
     θ with the model's YaRN for CSA / HCA layers."""
@@ -139,7 +148,7 @@ class MTPOutput(NamedTuple):
     logits: jax.Array | None  # [K, B, T, V] float32; slot i of depth k predicts t_{i+k+1}
     hidden: jax.Array  # [K, B, T, D] after each module's norm (what the head reads)
     routing: MoEAux  # per depth, stacked [K, ...]
-    index_loss: jax.Array | None  # [K] indexer KL of DSA blocks (with index_loss=True)
+    index_loss: jax.Array | None  # [K] indexer KL of DSA / V4 CSA blocks (with index_loss=True)
 
 
 class ModelOutput(NamedTuple):
@@ -150,7 +159,7 @@ class ModelOutput(NamedTuple):
         MoEAux | None
     )  # per MoE layer in layer order: counts [L_moe, E] (text), counts_vl [L_moe, E] (media spans), balance_loss,
     # dropped [L_moe]
-    index_loss: jax.Array | None  # [L_dsa] per-layer indexer KL (DSA blocks, index_loss=True)
+    index_loss: jax.Array | None  # [L_dsa or L_csa] per-layer indexer KL (DSA / V4 CSA blocks, index_loss=True)
     mtp: MTPOutput | None  # None without MTP modules, with mtp=False, or when decoding
     captures: jax.Array | None = None  # [B, T, n_targets · D]: DSpark's target-layer inputs (V4.1)
     dspark: Any = None  # models/dspark.py DSparkOutput: teacher-forced drafts of every position (training)

@@ -28,6 +28,7 @@ from deepseek_jax.models.common import (
     ModelOutput,
     MTPOutput,
     embed,
+    has_index_loss,
     head,
     in_layer_order,
     layer_kinds,
@@ -62,9 +63,10 @@ class Decoder(nn.Module):
                     f"this model has Engram: engram_rows must be [B, T, {L}, {K}] int32 row ids for tokens "
                     f"{tuple(tokens_shape)} (engram_hash.hash_rows), got {got}"
                 )
-        if index_loss and not any(k.attention == "dsa" for k in layer_kinds(cfg)):
+        if index_loss and not has_index_loss(cfg):
             raise ValueError(
-                "index_loss=True needs DSA blocks (model.index with model.mla); this model has none"
+                "index_loss=True needs DSA blocks (model.index with model.mla) or V4 CSA layers "
+                "(model.v4, compress ratio 4, no shared_kv); this model has none"
             )
 
     @nn.compact
@@ -85,12 +87,13 @@ class Decoder(nn.Module):
     ) -> ModelOutput:
         """Full forward (cache None) or a decode step that appends T tokens at `cache_index`.
 
-        segment_ids_BT: packed documents (MLA attention stays inside one; 0 marks padding, which the
-        MoE statistics skip). With a cache, slots before cache_start_B[b] are never attended to
-        (left-padded prompts). return_logits=False skips the head (the loss applies it in chunks
-        to `hidden`). index_loss=True also returns each DSA block's indexer KL. engram_rows [B, T,
-        L_engram, K] int32: Engram's host-hashed rows (engram_hash.py), required when the model has
-        Engram. span_BT: True on media-span tokens (V4.1 router bias_vl; Engram gated off there).
+        segment_ids_BT: packed documents (MLA attention stays inside one, V4 attention too with
+        v4.document_mask; 0 marks padding, which the MoE statistics skip). With a cache, slots before
+        cache_start_B[b] are never attended to (left-padded prompts). return_logits=False skips the
+        head (the loss applies it in chunks to `hidden`). index_loss=True also returns each DSA / V4
+        CSA block's indexer KL. engram_rows [B, T, L_engram, K] int32: Engram's host-hashed rows
+        (engram_hash.py), required when the model has Engram. span_BT: True on media-span tokens
+        (V4.1 router bias_vl; Engram gated off there).
         media: images / video / audio (media/slots.py) merged into their spans; span_BT defaults to slots >= 0.
         """
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.params import param_shapes
+from deepseek_jax.plan.context import context_parts
 from deepseek_jax.plan.hlo import KINDS, Volume
 from deepseek_jax.program import Program
-from deepseek_jax.sharding import logical_mesh_axes, moe_axes
+from deepseek_jax.sharding import context_axes, logical_mesh_axes, moe_axes
 
 Part = tuple[str, int, int]  # (collective kind, count, result bytes on one device)
 
@@ -61,16 +62,19 @@ def estimate(p: Program) -> dict[str, Volume]:
 
     Weights: see `_weight_parts`; MoE dispatch: `_dispatch_parts`, per MoE layer (main + MTP).
     Tensor parallelism (axes of `act_heads` / `act_mlp` not splitting tokens): 4 all-reduces of
-    M·D per layer (attention and FFN outputs, and their input gradients). Loss-chunk, router and
-    metric reductions are left out (small).
+    M·D per layer (attention and FFN outputs, and their input gradients). Context parallelism
+    (`act_seq` axes): the attention keys' all-gathers, their gradients' reduce-scatters and the
+    query reorder (`plan.context`). Loss-chunk, router and metric reductions are left out (small).
     """
     mcfg, mesh = p.cfg.model, p.mesh
     with p.activate():
-        ax = moe_axes()
+        ax, cx = moe_axes(), context_axes()
         tensor = {a for n in ("act_heads", "act_mlp") for a in logical_mesh_axes(n, mesh)}
     tokens = set(ax.tokens[0]) | set(ax.tokens[1])
     M = p.cfg.data.global_batch_size * p.cfg.data.seq_len // _size(mesh, tokens)  # tokens per device
     parts = _weight_parts(p, tokens, set(ax.expert)) + _engram_parts(p, tokens, M)
+    B_local = p.cfg.data.global_batch_size // _size(mesh, cx.batch)
+    parts += context_parts(mcfg, B_local, p.cfg.data.seq_len, _size(mesh, cx.seq))
     n_moe = mcfg.n_moe_layers + mcfg.num_nextn_predict_layers
     for kind, count, nbytes in _dispatch_parts(mcfg, M, _size(mesh, ax.expert), not set(ax.expert) <= tokens):
         parts.append((kind, count * n_moe, nbytes * n_moe))

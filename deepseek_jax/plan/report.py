@@ -18,9 +18,10 @@ import jax
 from deepseek_jax.config import Config
 from deepseek_jax.params import count_params
 from deepseek_jax.plan.analytic import estimate, spec_axes, state_memory
+from deepseek_jax.plan.context import ContextLayer, context_rows, context_volume
 from deepseek_jax.plan.hlo import KINDS, Volume, collectives
 from deepseek_jax.program import Program, build_program
-from deepseek_jax.sharding import abstract_mesh, make_mesh, rules
+from deepseek_jax.sharding import abstract_mesh, context_axes, make_mesh, rules
 
 # The plan never runs what it compiles: XLA:CPU's LLVM optimisation is skipped (2-3x faster compiles;
 # HLO passes, buffer assignment and collectives are unchanged: checked on the tiny model).
@@ -44,6 +45,7 @@ class PlanResult:
     platform: str  # the backend compiled for ("abstract" when only lowered)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    context: list[ContextLayer] = field(default_factory=list)  # per attention layer; [] without a context split
 
 
 def memory(compiled, p: Program | None = None) -> dict[str, int]:
@@ -115,8 +117,17 @@ def plan(cfg: Config, n_devices: int | None = None, compile: bool | None = None)
     return PlanResult(
         n, {k: int(v) for k, v in p.mesh.shape.items()}, (cfg.data.global_batch_size, cfg.data.seq_len),
         {k: c[k] for k in ("total", "active", "active_no_embedding")}, mem, coll, estimate(p),
-        "compiled" if compile else "lowered", platform, timings, notes,
+        "compiled" if compile else "lowered", platform, timings, notes, _context(p),
     )
+
+
+def _context(p: Program) -> list[ContextLayer]:
+    """`plan.context.context_volume` at the run's batch and seq_len, on the mesh's context split."""
+    with p.activate():
+        cx = context_axes()
+    ways = lambda axes: math.prod(p.mesh.shape[a] for a in axes)  # noqa: E731
+    B, T = p.cfg.data.global_batch_size, p.cfg.data.seq_len
+    return context_volume(p.cfg.model, B // ways(cx.batch), T, ways(cx.seq))
 
 
 def _check_fits(p: Program) -> None:
@@ -209,6 +220,7 @@ def format_report(r: PlanResult) -> str:
          "est. = analytic estimate, see plan.estimate):"),
         *_collective_rows(r),
         "",
+        *(context_rows(r.context, r.batch[1]) + [""] if r.context else []),
         "timings: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in r.timings.items()),
     ]
     lines += [f"note: {n}" for n in r.notes]

@@ -406,6 +406,13 @@ def test_v4_still_needs_mhc_and_compress_ratios_still_need_v4(tmp_path):
         load_config([model_file(tmp_path, mhc={})], ["model.quant_sim=fp8"])
 
 
+def test_v41_refuses_document_mask():
+    """V4.1's attention gets no segment ids: a document mask it cannot honour is refused, naming the field."""
+    assert not load_model_config([CONFIGS / "model" / "tiny_v41.yaml"]).v4.document_mask
+    with raises(r"v4\.document_mask must be false with model\.shared_kv \(V4\.1\)"):
+        load_model_config([CONFIGS / "model" / "tiny_v41.yaml"], ["model.v4.document_mask=true"])
+
+
 def test_hash_routing_without_v4_is_bounded_by_the_moe_layers(tmp_path):
     path = model_file(tmp_path)  # 4 layers, 1 dense: 3 MoE layers
     assert load_config([path], ["model.moe.n_hash_layers=3"]).model.moe.n_hash_layers == 3

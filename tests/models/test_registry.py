@@ -51,5 +51,6 @@ def test_arguments_a_model_cannot_honour_are_refused():
         jax.eval_shape(lambda v: model.apply(v, tokens, jnp.zeros((1, 8), jnp.int32)), variables)
     with pytest.raises(ValueError, match="row's own positions"):
         jax.eval_shape(lambda v: model.apply(v, tokens, cache_start_B=jnp.zeros((1,), jnp.int32)), variables)
-    with pytest.raises(ValueError, match="index_loss=True needs DSA blocks"):
-        jax.eval_shape(lambda v: model.apply(v, tokens, index_loss=True), variables)
+    jax.eval_shape(lambda v: model.apply(v, tokens, index_loss=True), variables)  # V4 CSA layers: a KL each
+    with pytest.raises(ValueError, match="index_loss=True needs DSA blocks"):  # V3: no indexer at all
+        build_model(model_cfg("tiny")).check_call(None, None, True, None, (1, 8))

@@ -20,7 +20,8 @@ import pytest
 
 from deepseek_jax.config import ConfigError, load_model_config
 from deepseek_jax.engram_hash import EngramHashState, engram_layout, hash_rows
-from deepseek_jax.layers.attention.v41 import candidate_pool
+from deepseek_jax.layers.attention.indexer import index_scores
+from deepseek_jax.layers.attention.v41 import candidate_picks
 from deepseek_jax.models import build_cache, build_model, layer_kinds, layer_segments
 from deepseek_jax.quant import fake_quant_fp4_e4m3
 from tests.utils import ROOT
@@ -79,14 +80,19 @@ def _pool_numpy(scores, visible, pos, ratio, n_blocks, block):
 
 @pytest.mark.parametrize("ratio", [1, 2])
 def test_candidate_pool_matches_numpy(ratio):
+    """The kept block ids of `candidate_picks` (streamed over chunks of whole blocks), as an entry
+    mask, against the numpy statement over the same f32 scores."""
     rng = np.random.default_rng(0)
-    B, T = 2, 23
+    B, T, P, Y = 2, 23, 4, 8
     Z = T // ratio + 1
-    pos = np.broadcast_to(np.arange(T), (B, T))
+    pos = np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)
     visible = np.arange(Z)[None, None] < ((pos + 1) // ratio)[..., None]
-    scores = rng.normal(size=(B, T, Z)).astype(np.float32)
-    got = candidate_pool(jnp.asarray(scores), jnp.asarray(visible), jnp.asarray(pos), ratio, 2, 4)
-    np.testing.assert_array_equal(np.asarray(got), _pool_numpy(scores, visible, pos, ratio, 2, 4))
+    iq, ik = rng.normal(size=(B, T, P, Y)).astype(np.float32), rng.normal(size=(B, Z, Y)).astype(np.float32)
+    iw = rng.normal(size=(B, T, P)).astype(np.float32)
+    scores = np.asarray(index_scores(iq, ik, iw, visible))
+    _, blocks = candidate_picks(iq, iw, pos, ik, ratio=ratio, topk=4, k_block=4, n_blocks=2, block=4)
+    got = (np.arange(Z)[None, None, :, None] // 4 == np.asarray(blocks)[:, :, None, :]).any(-1)
+    np.testing.assert_array_equal(got, _pool_numpy(scores, visible, pos, ratio, 2, 4))
 
 
 def test_fp4_e4m3_fake_quant_matches_a_numpy_statement():

@@ -127,8 +127,11 @@ def test_indexer_picks_equal_hf(setup):
 
 def test_candidate_pool_equals_hf(setup):
     cfg, ref, _, _, _, inter = setup
-    pool = by_layer(inter, cfg, "attn", "candidates_BTZ", 0)[cfg.shared_kv.candidate_source_layer]
+    blocks = by_layer(inter, cfg, "attn", "candidate_blocks_BTK", 0)[cfg.shared_kv.candidate_source_layer]
     want = ref[f"layers.{cfg.shared_kv.candidate_source_layer}.indexer.candidate_mask"].astype(bool)
+    size = cfg.shared_kv.candidate_block_size  # kept block ids [.., T, K] (−1 = none) -> entry mask
+    entry_block = np.arange(want.shape[-1] + size) // size
+    pool = (entry_block[None, None, :] == np.where(blocks < 0, -2, blocks)[..., None]).any(-2)
     for b in range(2):  # our entries run one past the last complete one (never visible): compare HF's 41
         np.testing.assert_array_equal(_rows(pool[:, :, : want.shape[-1]], b), _rows(want, b))
 

@@ -9,7 +9,9 @@ Block j holds tokens j·m … j·m + m − 1 (m = compress ratio, i = slot in th
           (block −1 contributes nothing: its gate is −∞)
     e_j ← RoPE_{j·m}(RMSNorm(e_j))   RoPE on the last R dims at the block's first position
 
-Entry j exists once token j·m + m − 1 has been seen and is visible to query t iff (j+1)·m ≤ t + 1.
+Entry j exists once token j·m + m − 1 has been seen and is visible to query t iff (j+1)·m ≤ t + 1
+(`entry_visible`, evaluated per chunk of entries from the queries' positions; with packed documents
+also only if every token pooled into it lies in the query's document, `entry_segments`).
 The CSA indexer (indexer.py, `CSAIndexer`) owns a second compressor at width Y (`index_head_dim`)
 over the same blocks.
 
@@ -40,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.axes import dense_init, param
-from deepseek_jax.layers.attention.core import NEG_INF
+from deepseek_jax.layers.attention.cache_store import write_at
+from deepseek_jax.layers.attention.core import NEG_INF, visible_count
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail
 
@@ -115,9 +118,34 @@ def compress_blocks(kv_BTU, gate_BTU, state: CompressorState, start, ape_WU, ove
 
 def write_entries(entries_BZX: jax.Array, new_BZX: jax.Array, first, n_done) -> jax.Array:
     """Stores the first n_done new entries at [first, first + n_done); drops the incomplete rest."""
-    Zmax, Z = entries_BZX.shape[1], new_BZX.shape[1]
-    slot_Z = jnp.where(jnp.arange(Z) < n_done, first + jnp.arange(Z), Zmax)  # Zmax: out of range
-    return entries_BZX.at[:, slot_Z].set(new_BZX.astype(entries_BZX.dtype), mode="drop")
+    Z = new_BZX.shape[1]
+    slot_Z = jnp.where(jnp.arange(Z) < n_done, first + jnp.arange(Z), -1)  # −1: dropped
+    return write_at(entries_BZX, new_BZX, slot_Z)  # plain arrays or stored rows (cache_store)
+
+
+def entry_segments(segment_ids_BT: jax.Array, m: int, Z: int) -> jax.Array:
+    """[B, Z] the document of each compressed entry z (blocks of m row slots from 0): the segment id
+    when every token pooled into it (block z; CSA: block z − 1 as well, from z = 1) has it, else −1
+    (an entry that straddles documents, or reaches past the row, belongs to none)."""
+    B, T = segment_ids_BT.shape
+    n = Z * m
+    seg_BS = jnp.pad(segment_ids_BT, ((0, 0), (0, max(n - T, 0))), constant_values=-1)[:, :n]
+    seg_BZW = seg_BS.reshape(B, Z, m)
+    first_BZ = seg_BZW[..., 0]
+    same_BZ = jnp.all(seg_BZW == first_BZ[..., None], axis=-1)
+    if m == CSA_RATIO:  # the overlap: block z − 1 pools into entry z too
+        prev_BZ = same_BZ[:, :-1] & (first_BZ[:, :-1] == first_BZ[:, 1:])
+        same_BZ = same_BZ & jnp.concatenate([jnp.ones((B, 1), jnp.bool_), prev_BZ], axis=1)
+    return jnp.where(same_BZ, first_BZ, -1).astype(jnp.int32)
+
+
+def entry_visible(s_K: jax.Array, positions_BT: jax.Array, seg_BT: jax.Array, eseg_BZ: jax.Array, m: int):
+    """[B, T, K]: whether entries s_K [K] are visible to each query: their block has ended,
+    (z+1)·m ≤ t+1 at the query's position t, and they lie in its document (eseg [B, Z] from
+    `entry_segments`, or zeros with seg zeros when documents are not masked). Slots past Z clip."""
+    ended_BTK = s_K[None, None, :] < visible_count(positions_BT, m)[:, :, None]
+    eseg_BK = jnp.take(eseg_BZ, s_K, axis=1, mode="clip")
+    return ended_BTK & (eseg_BK[:, None, :] == seg_BT[:, :, None])
 
 
 class Compressor(nn.Module):

@@ -41,10 +41,16 @@ def cache_mask(B: int, T: int, S: int, index, start_B: jax.Array | None = None) 
     return mask_BTS
 
 
+def visible_count(positions_BT: jax.Array, m: int) -> jax.Array:
+    """[B, T]: how many compressed entries (blocks of m tokens) the query at position t sees: those
+    whose block has ended, entry z iff (z+1)·m ≤ t+1, i.e. z < ⌊(t+1)/m⌋. The one place of this rule."""
+    return (positions_BT + 1) // m
+
+
 def visible_entries(positions_BT: jax.Array, Z: int, m: int) -> jax.Array:
     """[B, T, Z]: compressed entry z (tokens z·m … z·m + m − 1) is visible to the query at position
-    t iff its block has ended, (z+1)·m ≤ t+1."""
-    return jnp.arange(Z)[None, None, :] < ((positions_BT + 1) // m)[:, :, None]
+    t iff its block has ended (`visible_count`)."""
+    return jnp.arange(Z)[None, None, :] < visible_count(positions_BT, m)[:, :, None]
 
 
 def cache_write(cache: Cache, new: Cache, index) -> Cache:
@@ -63,14 +69,23 @@ def gather_keys(x_BSX: jax.Array, idx_BTU: jax.Array) -> jax.Array:
     return jax.vmap(lambda x_SX, idx_TU: x_SX[idx_TU])(x_BSX, idx_BTU)
 
 
-def over_query_blocks(fn, block: int, *args_BT):
-    """fn(*args_BT) computed `block` queries (axis 1 of every arg) at a time, each under remat,
-    so only one block's [block, S] scores and [block, U] gathered keys are live, forward and
-    backward. fn must be row-local in T (every output's axis 1 is T); block 0 = all at once.
-    A ragged last block is padded with fully masked queries (finite, then dropped)."""
+def over_query_blocks(fn, block: int, *args_BT, keys: tuple = ()):
+    """fn(*q_args, *keys) computed `block` queries (axis 1 of every q arg) at a time, each under remat,
+    so only one block's work is live, forward and backward. fn must be row-local in T (every output's
+    axis 1 is T) and must take every key-side array from `keys` ([B, S, ...], whole for every block),
+    never from a closure: that is what lets `context.over_context` shard the queries over the
+    `context` mesh axis (keys gathered) without fn knowing. Causal rules must come from the queries'
+    positions (a q arg), not from their index in T. block 0 = all at once. A ragged last block is
+    padded with zeros (queries whose outputs are dropped)."""
+    from deepseek_jax.layers.attention.context import over_context  # context imports this module
+
+    return over_context(lambda q, k: _blocks(fn, block, q, k), args_BT, keys)
+
+
+def _blocks(fn, block: int, args_BT: tuple, keys: tuple):
     T = args_BT[0].shape[1]
     if block == 0 or block >= T:
-        return fn(*args_BT)
+        return fn(*args_BT, *keys)
     n = -(-T // block)
 
     def split(a):  # [B, T, ...] -> [n, B, block, ...]
@@ -80,5 +95,5 @@ def over_query_blocks(fn, block: int, *args_BT):
     def merge(a):  # [n, B, block, ...] -> [B, T, ...]
         return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], n * block, *a.shape[3:])[:, :T]
 
-    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(a) for a in args_BT))
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs, *keys)), tuple(split(a) for a in args_BT))
     return jax.tree.map(merge, out)

@@ -18,7 +18,9 @@ frequencies (YaRN included) and, as in HF, its cos/sin scale mscale/mscale_all_d
 
 CSA (V4, `CSAIndexer`; reference notes §1.6): keys are compressed entries of a second compressor
 at width Y over the CSA blocks (compressor.py); q^I = RoPE_t(c_q W^I_uq), RoPE interleaved on the
-last R dims; w as above. Entry z is visible to t iff its block has ended (core.visible_entries).
+last R dims; w as above. Entry z is visible to t iff its block has ended (and, with packed
+documents, lies in t's document: compressor.entry_visible); the top-k streams over chunks of
+entries (`entry_picks`). Training (ours): `entry_kl`, the sparse-stage KL below on the picks.
 
 Training (DSA paper §2.1): the target p_t is the main attention summed over heads, L1-normalised
 over keys, with no gradient. Dense warm-up: L_I = Σ_t KL(p_t ‖ softmax(I_t)) over all visible
@@ -38,8 +40,9 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import dense_init, param
 from deepseek_jax.config import IndexerConfig, V4AttentionConfig
-from deepseek_jax.layers.attention.compressor import CSA_RATIO, Compressor, write_entries
-from deepseek_jax.layers.attention.core import NEG_INF, over_query_blocks, visible_entries
+from deepseek_jax.layers.attention import stream
+from deepseek_jax.layers.attention.compressor import CSA_RATIO, Compressor, entry_visible, write_entries
+from deepseek_jax.layers.attention.core import NEG_INF, gather_keys, visible_count, visible_entries
 from deepseek_jax.layers.norms import LayerNorm
 from deepseek_jax.layers.rope import rope_leading, rope_tail
 from deepseek_jax.quant import sim_act, sim_weight
@@ -57,6 +60,34 @@ def index_scores(
     return jnp.where(mask_BTS, scores_BTS, NEG_INF)
 
 
+def chunk_scores(q_BTPY: jax.Array, k_BKY: jax.Array, w_BTP: jax.Array) -> jax.Array:
+    """I[t, k] = Σ_p w_t,p · ReLU(q_t,p · k_k) [B, T, K] in f32 for one chunk of keys, heads summed
+    inside the chunk (never a [B, T, P, S] array)."""
+    f32 = jnp.float32
+    dots_BTPK = jnp.einsum("BTPY,BKY->BTPK", q_BTPY, k_BKY, preferred_element_type=f32)
+    return jnp.einsum("BTPK,BTP->BTK", jax.nn.relu(dots_BTPK), w_BTP.astype(f32))
+
+
+def streamed_topk(q_BTPY, w_BTP, k_BSY, visible_fn, topk: int, k_block: int, needed=None) -> jax.Array:
+    """The top-min(topk, S) keys [B, T, U] by I[t, s] among those visible_fn(s_K) -> [B, T, K] (bool)
+    allows (−1 = none), keys scored k_block at a time with a running top-k (stream.running_topk): the
+    same picks as `select_topk` over a whole [B, T, S] score array, ties to the lower slot included."""
+    B, T = w_BTP.shape[:2]
+
+    def score(s_K, live_K, k_BKY):
+        return jnp.where(visible_fn(s_K), chunk_scores(q_BTPY, k_BKY, w_BTP), -jnp.inf)
+
+    return stream.running_topk(score, topk, k_block, (k_BSY,), (B, T), needed)
+
+
+def scores_at(q_BTPY: jax.Array, w_BTP: jax.Array, k_BSY: jax.Array, idx_BTU: jax.Array) -> jax.Array:
+    """I[t, idx[t, u]] [B, T, U] f32, recomputed on the selected keys only (differentiable in q, w and
+    k; slots −1 read key 0, the caller masks them)."""
+    k_BTUY = gather_keys(k_BSY, jnp.maximum(idx_BTU, 0))
+    dots_BTPU = jnp.einsum("BTPY,BTUY->BTPU", q_BTPY, k_BTUY, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTPU,BTP->BTU", jax.nn.relu(dots_BTPU), w_BTP.astype(jnp.float32))
+
+
 def select_topk(
     scores_BTS: jax.Array, mask_BTS: jax.Array, topk: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -69,27 +100,46 @@ def select_topk(
 
 def select_entries(iq_BTPY, ik_BZY, iw_BTP, positions_BT, m: int, topk: int) -> jax.Array:
     """The CSA indexer's top-k compressed entries [B, T, U] per query (−1 = none), among those
-    visible to t. Row-local in T (the caller runs q_block queries at a time)."""
+    visible to t, from a whole [B, T, Z] score array: the small-T reference of `entry_picks`."""
     visible_BTZ = visible_entries(positions_BT, ik_BZY.shape[1], m)
     scores_BTZ = index_scores(iq_BTPY, ik_BZY, iw_BTP, visible_BTZ)
     idx_BTU, valid_BTU = select_topk(scores_BTZ, visible_BTZ, topk)
     return jnp.where(valid_BTU, idx_BTU, -1)
 
 
-def csa_topk(indexer, x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start, *, sim, topk, q_block, dtype):
-    """A CSA layer's selection: (top-k entries per query [B, T, U] (−1 = none), the indexer's keys
-    [B, Z, Y] with this call's complete blocks written into the cache's, its compressor state).
-    `indexer` is the layer's bound CSAIndexer, rope_BT its (cos, sin, inv_freq), `sim` the layer's
-    quantisation hook at the indexer's cast point; scoring runs q_block queries at a time."""
+def entry_picks(iq_BTPY, iw_BTP, ik_BZY, positions_BT, seg_BT, eseg_BZ, *, topk: int, k_block: int):
+    """The CSA indexer's top-k entries [B, T, U] (−1 = none) among those visible to each query
+    (compressor.entry_visible: block ended, same document), scored k_block entries at a time with a
+    running top-k (no [T, Z] array; chunks past the block's last position skipped): exactly
+    `select_entries`' picks. Row-local in T; ik is key-side (over_query_blocks' keys)."""
+    if ik_BZY.shape[1] == 0:  # a cache shorter than one block holds no entries
+        return jnp.full((*positions_BT.shape, 0), -1, jnp.int32)
+    visible = lambda s_K: entry_visible(s_K, positions_BT, seg_BT, eseg_BZ, CSA_RATIO)  # noqa: E731
+    needed = lambda s_K: s_K[0] < jnp.max(visible_count(positions_BT, CSA_RATIO))  # noqa: E731
+    return streamed_topk(iq_BTPY, iw_BTP, ik_BZY, visible, topk, k_block, needed)
+
+
+def entry_kl(probs_BTNU: jax.Array, iq_BTPY, iw_BTP, ik_BZY, picks_BTU: jax.Array) -> jax.Array:
+    """V4 CSA indexer KL [B, T] (ours, the V3.2 sparse stage on compressed entries): the main
+    attention's probabilities on the picked entries (heads summed, renormalised over the picks, no
+    gradient) against the softmax of the indexer's scores recomputed at the picks (`scores_at`)."""
+    return indexer_kl(probs_BTNU, scores_at(iq_BTPY, iw_BTP, ik_BZY, picks_BTU), picks_BTU >= 0)
+
+
+def csa_index(indexer, x_BTD, c_q_BTQ, rope_BT, cache, start, *, sim):
+    """A CSA layer's indexer tensors: q [B, T, P, Y], w [B, T, P], keys [B, Z, Y] (this call's
+    complete blocks written into the cache's) and its compressor state. `indexer` is the layer's
+    bound CSAIndexer, rope_BT its (cos, sin, inv_freq), `sim` the quantisation hook at the indexer's
+    cast point. Its inputs are detached: the top-k passes no gradient, so the indexer learns only
+    from `entry_kl` (as V3.2's sparse stage) and the KL trains nothing else."""
+    x_BTD, c_q_BTQ = jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(c_q_BTQ)
     iq_BTPY, iw_BTP, ik_BZY, n_done, state = indexer(
         x_BTD, c_q_BTQ, rope_BT[0], rope_BT[1], None if cache is None else cache.index_state, start, rope_BT[2]
     )
     iq_BTPY, ik_BZY = sim(iq_BTPY), sim(ik_BZY)
     if cache is not None:
         ik_BZY = write_entries(cache.index_keys, ik_BZY, start // CSA_RATIO, n_done)
-    ik_c_BZY = ik_BZY.astype(dtype)
-    pick = lambda iq, iw, pos: select_entries(iq, ik_c_BZY, iw, pos, CSA_RATIO, topk)  # noqa: E731
-    return over_query_blocks(pick, q_block, iq_BTPY, iw_BTP, positions_BT), ik_BZY, state
+    return iq_BTPY, iw_BTP, ik_BZY, state
 
 
 class DSAIndexer(nn.Module):
@@ -176,6 +226,20 @@ def indexer_loss_sparse(attn_probs_BTNU, scores_BTS, idx_BTU, valid_BTU) -> jax.
     """Sparse-stage KL [B, T] over the selected set: the sparse attention's probabilities (already
     restricted to S_t) against the softmax of the indexer scores gathered at S_t."""
     return indexer_kl(attn_probs_BTNU, jnp.take_along_axis(scores_BTS, idx_BTU, axis=-1), valid_BTU)
+
+
+def kl_chunk(logits_BTNK, lse_BTN, scores_BTK, lse_BT, visible_BTK) -> jax.Array:
+    """One key chunk's share [B, T] of the dense warm-up KL, Σ_k p_k (log p_k − log q_k) over its
+    visible keys: p_k = mean_h exp(logits_h,k − lse_h), the main attention with each head's
+    log-sum-exp over ALL visible keys (no gradient), and log q_k = I_k − lse_I, lse_I the indexer
+    scores' log-sum-exp over all visible keys. Summed over every chunk: `indexer_kl` over all keys."""
+    f32 = jnp.float32
+    lse_BTN1 = jax.lax.stop_gradient(lse_BTN.astype(f32))[..., None]
+    logits_BTNK = jnp.where(visible_BTK[:, :, None], jax.lax.stop_gradient(logits_BTNK.astype(f32)), lse_BTN1)
+    p_BTK = jnp.where(visible_BTK, jnp.exp(logits_BTNK - lse_BTN1).mean(2), 0.0)
+    log_q_BTK = jnp.where(visible_BTK, scores_BTK.astype(f32) - lse_BT[..., None], 0.0)
+    terms_BTK = jax.scipy.special.xlogy(p_BTK, p_BTK) - p_BTK * log_q_BTK
+    return jnp.sum(jnp.where(visible_BTK, terms_BTK, 0.0), axis=-1)
 
 
 def mean_over_tokens(kl_BT: jax.Array, mask_BT: jax.Array | None) -> jax.Array:

@@ -10,15 +10,22 @@ The naive path builds per-head keys and values (training). The absorbed path fol
 query and W_uv after the softmax, so attention runs in the latent space and a decode cache holds
 only c_kv and k_rope per token: C + R numbers instead of N(H + R + O).
 
-DSA (V3.2-Exp; indexer.py has the indexer's equations): with `index` set, an indexer submodule
-scores every visible key and each query attends in latent space to its top-U only (MLA's MQA
-mode, as the paper instantiates DSA): it gathers its U latent keys (C + R numbers each), so no
-[T, S] logits or probabilities exist beyond the indexer's; the gathered keys cost O(B·T·U·(C+R)).
-`index_q_block` = b runs b queries at a time under remat (O(B·b·S·P) + O(B·b·U·(C+R)) live); only
-the boolean [B, T, S] visibility mask stays whole. The decode cache also holds the indexer keys.
-Training (DSA paper §2.1): dense warm-up, attention stays dense (naive) and the indexer learns
-the KL to it over all visible keys; sparse stage, both are restricted to S_t and the indexer's
-inputs are detached, so it learns only from its KL and the main model only from the LM loss.
+No [T, S] array exists on any path (latent.py): queries run `mla.q_block` at a time under remat
+(core.over_query_blocks, every key-side array passed as `keys`), keys `mla.k_block` at a time with
+an online softmax, visibility (s <= t, same document; with a cache s <= cache_index + t and
+s >= cache_start_B[b]) computed per chunk from the queries' slots and the keys' document ids.
+`attention_impl` cudnn sends dense MLA training / prefill with no cache, no indexer, no segment ids
+and no context split to cuDNN's fused flash attention instead (latent.use_kernel, kernel_attention:
+no [T, S] array either); packed documents, decoding, DSA and context parallelism stream.
+
+DSA (V3.2-Exp; dsa.py, indexer.py has the indexer's equations): with `index` set, an indexer
+submodule scores every visible key and each query attends in latent space to its top-U only (MLA's
+MQA mode, as the paper instantiates DSA): it gathers its U latent keys (C + R numbers each); the
+indexer's scores are streamed over key chunks into a running top-U. The decode cache also holds
+the indexer keys. Training (DSA paper §2.1): dense warm-up, attention stays dense (naive) and the
+indexer learns the KL to it over all visible keys; sparse stage, both are restricted to S_t and
+the indexer's inputs are detached, so it learns only from its KL and the main model only from the
+LM loss.
 
 References: deepseek-ai/DeepSeek-V3 inference/model.py `MLA` (`attn_impl` naive | absorb);
 DeepSeek_V3_2.pdf §2; HF transformers 5.24 models/deepseek_v32/modeling_deepseek_v32.py
@@ -38,21 +45,16 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import IndexerConfig, MLAConfig, RopeConfig
-from deepseek_jax.layers.attention.core import (
-    cache_mask,
-    cache_write,
-    causal_mask,
-    gather_keys,
-    masked_softmax,
-    over_query_blocks,
-)
-from deepseek_jax.layers.attention.indexer import (
-    DSAIndexer,
-    index_scores,
-    indexer_loss_dense,
-    indexer_loss_sparse,
-    mean_over_tokens,
-    select_topk,
+from deepseek_jax.layers.attention.core import cache_write, over_query_blocks
+from deepseek_jax.layers.attention.dsa import dsa_attention
+from deepseek_jax.layers.attention.indexer import DSAIndexer, mean_over_tokens
+from deepseek_jax.layers.attention.latent import (
+    check_kernel,
+    kernel_attention,
+    key_positions,
+    mla_streamed,
+    naive_keys,
+    use_kernel,
 )
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import apply_rope, rope_cos_sin, yarn_inv_freq, yarn_mscale
@@ -76,113 +78,6 @@ def init_mla_cache(
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions
-
-
-def mla_naive(
-    q_nope_BTNH, q_rope_BTNR, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale
-):
-    """Attention with materialised per-head keys and values; returns [B, T, N, O]. Kept apart
-    from `latent_logits`: contracting with per-head keys rounds differently from the latent path,
-    and training (and the HF parity tests) use these numerics."""
-    k_nope_BSNH = jnp.einsum("BSC,CNH->BSNH", kv_latent_BSC, w_uk_CNH)
-    v_BSNO = jnp.einsum("BSC,CNO->BSNO", kv_latent_BSC, w_uv_CNO)
-    f32 = jnp.float32
-    logits_BTNS = jnp.einsum(
-        "BTNH,BSNH->BTNS", q_nope_BTNH, k_nope_BSNH, preferred_element_type=f32
-    )
-    logits_BTNS += jnp.einsum("BTNR,BSR->BTNS", q_rope_BTNR, k_rope_BSR, preferred_element_type=f32)
-    probs_BTNS = masked_softmax(logits_BTNS * scale, mask_BTS).astype(v_BSNO.dtype)
-    return jnp.einsum("BTNS,BSNO->BTNO", probs_BTNS, v_BSNO)
-
-
-def _key_axes(kv_latent: jax.Array) -> tuple[str, str]:
-    """Einsum letters of the keys' leading axes and of the key axis: shared keys [B, S, ...] or
-    keys gathered per query [B, T, U, ...]."""
-    return ("BS", "S") if kv_latent.ndim == 3 else ("BTU", "U")
-
-
-def latent_logits(q_nope_BTNH, q_rope_BTNR, w_uk_CNH, kv_latent, k_rope, scale) -> jax.Array:
-    """q·k = (W_ukᵀ q_nope)·c + q_rope·k_rope, times scale, in f32; per-head keys are never built.
-    Keys kv_latent [B, S, C], k_rope [B, S, R] give [B, T, N, S]; keys gathered per query,
-    [B, T, U, C] and [B, T, U, R], give [B, T, N, U]."""
-    keys, k = _key_axes(kv_latent)
-    f32 = jnp.float32
-    q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
-    logits = jnp.einsum(
-        f"BTNC,{keys}C->BTN{k}", q_latent_BTNC, kv_latent, preferred_element_type=f32
-    )
-    logits += jnp.einsum(f"BTNR,{keys}R->BTN{k}", q_rope_BTNR, k_rope, preferred_element_type=f32)
-    return logits * scale
-
-
-def latent_attention(q_nope_BTNH, q_rope_BTNR, kv_latent, k_rope, w_uk_CNH, w_uv_CNO, mask, scale):
-    """MLA in latent space over shared or gathered keys (see `latent_logits`; mask [B, T, S or U]):
-    (out [B, T, N, O], probs [B, T, N, S or U] in f32). W_uv is applied after the softmax."""
-    keys, k = _key_axes(kv_latent)
-    probs = masked_softmax(
-        latent_logits(q_nope_BTNH, q_rope_BTNR, w_uk_CNH, kv_latent, k_rope, scale), mask
-    )
-    ctx_BTNC = jnp.einsum(f"BTN{k},{keys}C->BTNC", probs.astype(kv_latent.dtype), kv_latent)
-    return jnp.einsum("BTNC,CNO->BTNO", ctx_BTNC, w_uv_CNO), probs
-
-
-def mla_absorbed(
-    q_nope_BTNH, q_rope_BTNR, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale
-):
-    """The naive path's attention computed in latent space, over all visible keys: [B, T, N, O]."""
-    args = (kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, mask_BTS, scale)
-    return latent_attention(q_nope_BTNH, q_rope_BTNR, *args)[0]
-
-
-def mla_sparse(
-    q_nope_BTNH,
-    q_rope_BTNR,
-    kv_latent_BSC,
-    k_rope_BSR,
-    w_uk_CNH,
-    w_uv_CNO,
-    idx_BTU,
-    valid_BTU,
-    scale,
-) -> tuple[jax.Array, jax.Array]:
-    """MLA in latent space over each query's selected keys only: (out [B, T, N, O], probs
-    [B, T, N, U] f32). The absorbed path's math with the [B, S] keys replaced by gathered ones."""
-    kv_latent_BTUC = gather_keys(kv_latent_BSC, idx_BTU)
-    k_rope_BTUR = gather_keys(k_rope_BSR, idx_BTU)
-    args = (kv_latent_BTUC, k_rope_BTUR, w_uk_CNH, w_uv_CNO, valid_BTU, scale)
-    return latent_attention(q_nope_BTNH, q_rope_BTNR, *args)
-
-
-def dsa_attention(queries, keys, index_qw, w_ukv, mask_BTS, scale, *, topk, dense, with_loss):
-    """Indexer scores, then top-k sparse (or, in the dense warm-up, dense) MLA attention.
-
-    queries = (q_nope [B,T,N,H], q_rope [B,T,N,R]), keys = (kv_latent [B,S,C], k_rope [B,S,R],
-    index_k [B,S,Y]), index_qw = (index_q [B,T,P,Y], index_w [B,T,P]), w_ukv = (w_uk, w_uv).
-    Returns out [B, T, N, O], the selected slots [B, T, U] (-1 = none; None when dense) and the
-    per-query indexer KL [B, T] (None unless with_loss). Row-local in T: see over_query_blocks.
-    """
-    (kv_latent_BSC, k_rope_BSR, ik_BSY), (iq_BTPY, iw_BTP) = keys, index_qw
-    w_uk_CNH, w_uv_CNO = w_ukv
-    with jax.named_scope("indexer"):
-        scores_BTS = index_scores(iq_BTPY, ik_BSY, iw_BTP, mask_BTS)
-    if dense:
-        out_BTNO = mla_naive(*queries, kv_latent_BSC, k_rope_BSR, *w_ukv, mask_BTS, scale)
-        if not with_loss:
-            return out_BTNO, None, None
-        logits_BTNS = latent_logits(*queries, w_uk_CNH, kv_latent_BSC, k_rope_BSR, scale)
-        kl_BT = indexer_loss_dense(masked_softmax(logits_BTNS, mask_BTS), scores_BTS, mask_BTS)
-        return out_BTNO, None, kl_BT
-    idx_BTU, valid_BTU = select_topk(scores_BTS, mask_BTS, topk)
-    with jax.named_scope("sparse_attention"):
-        out_BTNO, probs_BTNU = mla_sparse(
-            *queries, kv_latent_BSC, k_rope_BSR, w_uk_CNH, w_uv_CNO, idx_BTU, valid_BTU, scale
-        )
-    kl_BT = indexer_loss_sparse(probs_BTNU, scores_BTS, idx_BTU, valid_BTU) if with_loss else None
-    return out_BTNO, jnp.where(valid_BTU, idx_BTU, -1), kl_BT
-
-
-# ----------------------------------------------------------------------------------------------
 # The layer
 
 
@@ -197,6 +92,7 @@ class MLA(nn.Module):
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.bfloat16
     index: IndexerConfig | None = None  # the DSA lightning indexer (V3.2), or None
+    attention_impl: str = "xla"  # model.attention_impl: xla (streamed) | cudnn (latent.use_kernel says when)
 
     def setup_rope(self):
         rope, R = self.rope, self.cfg.qk_rope_head_dim
@@ -266,23 +162,25 @@ class MLA(nn.Module):
         indexer = DSAIndexer(ic, self.dim, c.q_lora_rank, self.dtype, name="indexer")
         return indexer(detach(x_BTD), detach(c_q_BTQ), cos_BTr, sin_BTr)
 
-    def attend(
-        self, queries, keys: LatentCache, index_qw, w_ukv, mask_BTS, scale, cached, index_loss
-    ):
-        """out [B, T, N, O] and the per-query indexer KL [B, T] (or None). Without the indexer:
-        naive attention for a full forward, absorbed when decoding from the latent cache."""
-        ic = self.index
+    def attend(self, queries, keys: LatentCache, index_qw, w_ukv, pos, scale, cached, index_loss):
+        """out [B, T, N, O] and the per-query indexer KL [B, T] (or None), streamed over key chunks;
+        pos = (q_slot [B, T], q_doc [B, T], k_doc [B, S]) (latent.key_positions). Without the
+        indexer: naive numerics for a full forward, absorbed (latent keys) when decoding."""
+        c, ic, k_doc_BS = self.cfg, self.index, pos[2]
+        naive = (not cached) if ic is None else ic.index_dense_warmup
+        if naive:  # per-head keys and values, O(S) memory, computed once for every query block
+            keys = (*naive_keys(keys.kv_latent, *w_ukv), keys.k_rope, keys.index_k)
+        keys = tuple(a for a in keys if a is not None) + (k_doc_BS,)
         if ic is None:
-            attention = mla_absorbed if cached else mla_naive
-            return attention(*queries, keys.kv_latent, keys.k_rope, *w_ukv, mask_BTS, scale), None
-        core = functools.partial(
-            dsa_attention, keys=tuple(keys), w_ukv=w_ukv, scale=scale, topk=ic.index_topk,
+            fn = functools.partial(mla_streamed, w_ukv=w_ukv, scale=scale, k_block=c.k_block, absorbed=not naive)
+            attend = lambda qn, qr, slot, doc, *k: fn((qn, qr), (slot, doc), k)  # noqa: E731
+            return over_query_blocks(attend, c.q_block, *queries, *pos[:2], keys=keys), None
+        fn = functools.partial(
+            dsa_attention, w_ukv=w_ukv, scale=scale, topk=ic.index_topk, k_block=c.k_block,
             dense=ic.index_dense_warmup, with_loss=index_loss,
         )  # fmt: skip
-        out_BTNO, idx_BTU, kl_BT = over_query_blocks(
-            lambda qn, qr, iq, iw, m: core((qn, qr), index_qw=(iq, iw), mask_BTS=m),
-            ic.index_q_block, *queries, *index_qw, mask_BTS,
-        )  # fmt: skip
+        q_block = ic.index_q_block or c.q_block
+        out_BTNO, idx_BTU, kl_BT = over_query_blocks(fn, q_block, *queries, *index_qw, *pos[:2], keys=keys)
         if idx_BTU is not None:
             self.sow("intermediates", "index_topk_BTU", idx_BTU)
         return out_BTNO, kl_BT
@@ -317,16 +215,22 @@ class MLA(nn.Module):
         w_uk_CNH, w_uv_CNO, w_o_NOD = self.head_weights()
 
         keys = LatentCache(kv_latent_BTC, k_rope_BTR, ik_BTY)
-        if cache is None:  # training / full forward
-            mask_BTS = causal_mask(segment_ids_BT, B, T)
-        else:  # decoding: append to the cache, attend over its slots
-            cache = cache_write(cache, keys, cache_index)
-            mask_BTS = cache_mask(B, T, cache.kv_latent.shape[1], cache_index, cache_start_B)
-            keys = LatentCache(*(None if a is None else a.astype(self.dtype) for a in cache))
-        out_BTNO, kl_BT = self.attend(
-            (q_nope_BTNH, q_rope_BTNR), keys, (iq_BTPY, iw_BTP), (w_uk_CNH, w_uv_CNO), mask_BTS,
-            scale, cache is not None, index_loss,
-        )  # fmt: skip
+        queries, w_ukv = (q_nope_BTNH, q_rope_BTNR), (w_uk_CNH, w_uv_CNO)
+        kernel = use_kernel(self.attention_impl, segmented=segment_ids_BT is not None, cached=cache is not None,
+                            indexed=ic is not None)  # fmt: skip
+        if kernel:  # a fused kernel: causal, one document, the whole sequence on this device
+            check_kernel(self.attention_impl, self.dtype, max(c.qk_head_dim, c.v_head_dim))
+            k_nope_BSNH, v_BSNO = naive_keys(kv_latent_BTC, *w_ukv)
+            out_BTNO = kernel_attention(queries, k_nope_BSNH, v_BSNO, k_rope_BTR, None, scale, self.attention_impl)
+            kl_BT = None
+        else:
+            if cache is not None:  # decoding: append to the cache, attend over its slots
+                cache = cache_write(cache, keys, cache_index)
+                keys = LatentCache(*(None if a is None else a.astype(self.dtype) for a in cache))
+            S = keys.kv_latent.shape[1]
+            pos = key_positions(B, T, S, segment_ids_BT, cache is not None, cache_index, cache_start_B)
+            out_BTNO, kl_BT = self.attend(queries, keys, (iq_BTPY, iw_BTP), w_ukv, pos, scale, cache is not None,
+                                          index_loss)  # fmt: skip
         real_BT = None if segment_ids_BT is None else segment_ids_BT > 0  # segment 0 = padding
         kl = None if kl_BT is None else mean_over_tokens(kl_BT, real_BT)
         out_BTNO = constrain(out_BTNO, ("act_batch", "act_seq", "act_heads", None))

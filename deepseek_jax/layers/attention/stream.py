@@ -72,11 +72,20 @@ def finish(r: Running, sink_N: jax.Array | None = None) -> tuple[jax.Array, jax.
     return out, r.m + jnp.log(jnp.maximum(r.l, jnp.finfo(jnp.float32).tiny))
 
 
+def _n_slots(keys: tuple) -> int:
+    """S, axis 1 of the first key's (first leaf's) [B, S, ...]."""
+    return jax.tree.leaves(keys[0])[0].shape[1]
+
+
 def scan_keys(body, carry, k_block: int, keys: tuple, needed: Callable | None = None):
     """carry after body(carry, s_K, live_K, *chunks) over the keys' chunks of k_block slots: s_K the
     chunk's key slots [K] (int32), live_K whether each is a real slot (< S), chunks the keys' [B, K, ...]
-    slices. needed(s_K) -> bool scalar skips a chunk when False. Each step runs under remat."""
-    S = keys[0].shape[1]
+    slices. A key may be a pytree (e.g. cache_store's stored rows): every leaf [B, S, ...] is split on
+    axis 1 and its chunk comes back as the same pytree, so a body can dequantise one chunk at a time.
+    needed(s_K) -> bool scalar skips a chunk when False. Each step runs under remat."""
+    S = _n_slots(keys)
+    if S == 0:  # no key at all (a cache with no slot yet): nothing to fold in
+        return carry
     kb = min(k_block, S) if k_block > 0 else S
     n = -(-S // kb)
 
@@ -92,7 +101,7 @@ def scan_keys(body, carry, k_block: int, keys: tuple, needed: Callable | None = 
             return body(c, s_K, live_K, *chunks), None
         return jax.lax.cond(needed(s_K), lambda c_: body(c_, s_K, live_K, *chunks), lambda c_: c_, c), None
 
-    xs = (jnp.arange(n, dtype=jnp.int32), *(split(a) for a in keys))
+    xs = (jnp.arange(n, dtype=jnp.int32), *(jax.tree.map(split, a) for a in keys))
     if n == 1:
         return step(carry, jax.tree.map(lambda a: a[0], xs))[0]
     return jax.lax.scan(jax.checkpoint(step), carry, xs)[0]
@@ -101,8 +110,8 @@ def scan_keys(body, carry, k_block: int, keys: tuple, needed: Callable | None = 
 def running_topk(score_chunk, k: int, k_block: int, keys: tuple, lead: tuple[int, ...], needed=None) -> jax.Array:
     """Slots [*lead, U] of the U = min(k, S) best keys per query (best first; −1 = none), where
     score_chunk(s_K, live_K, *chunks) -> [*lead, K] f32 scores with −inf for keys the query may not
-    pick. No gradient flows through a selection."""
-    U = min(k, keys[0].shape[1])
+    pick (keys may be pytrees, as in scan_keys). No gradient flows through a selection."""
+    U = min(k, _n_slots(keys))
 
     def body(c, s_K, live_K, *chunks):
         vals, idx = c

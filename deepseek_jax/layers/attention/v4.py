@@ -11,18 +11,32 @@
 
 RoPE is interleaved on the last R dims. The caller picks the RopeConfig per layer type: θ =
 rope_theta without YaRN for ratio 0, θ = compress_rope_theta with YaRN otherwise; no mscale.
-The compressors are in compressor.py, the CSA indexer in indexer.py. Attention gathers each
-query's key slots (window + compressed) from one key source, as the official `sparse_attn` does:
-memory O(T·U·X), bounded by `q_block` queries at a time, as is the CSA indexer's scoring and top-k
-(its [b, P, Z] f32 products, b = q_block, each block under remat). Scores and softmax are f32.
+The compressors are in compressor.py, the CSA indexer in indexer.py, the per-query-block math in
+v4_stream.py: no [T, T] nor [T, T/m] array. Each query gathers its w window keys by slot; CSA adds
+its top-k entries (the indexer streamed over `k_block`-entry chunks with a running top-k) to one
+gathered softmax, as the official `sparse_attn`; HCA continues the window's online softmax over the
+entries chunk by chunk (visibility from the queries' positions per chunk). `q_block` queries a time,
+each block under remat; key-side arrays go through over_query_blocks' keys. Scores and softmax f32.
+
+Indexer loss (ours; `index_loss=True`, CSA layers): V3.2's sparse-stage KL on the picked entries
+(indexer.entry_kl); the indexer's inputs are detached, so it learns from the KL alone.
+
+Packed documents (`v4.document_mask`, default on; a full forward given segment_ids): a window key
+counts only inside the query's document, and an entry only if every token pooled into it (CSA:
+its block and the overlapping previous one) lies there (compressor.entry_segments). Blocks stay
+row slots, so a document's first partial block(s) give it no entry (its first entry comes once a
+whole block, CSA two, of it has been seen); other documents' entries are never read. This differs
+from the released code: HF and the official code attend across documents (document_mask: false
+keeps that behaviour; parity tests pass no segment_ids, so they are unaffected).
 
 Decoding: `init_v4_attention_cache` holds a ring buffer of the last w rotated kv (slot = position
 mod w), the compressed entries, each compressor's partial block (f32) and, for CSA, the indexer's
 keys and state. A call appends T ≥ 1 tokens at `cache_index`; any chunking gives the full
 forward's result. Assumptions: positions_BT = cache_index + arange(T) in every row (blocks are row
-slots, as in HF and the official code; no left padding), and one document per row. Packed
-documents are not supported (the paper compresses each separately, which needs a segment-aware
-block layout), so there is no segment_ids argument.
+slots, as in HF and the official code; no left padding), and one document per row (segment_ids
+are ignored with a cache). Rows are stored per `formats` (cache_store.py, `model.cache_storage`):
+plain arrays, or the release's fp8 kv + fp4 indexer keys, exact on rows already on that grid;
+entries and indexer keys are dequantised only where read (v4_stream.py), the w-row window whole.
 
 HF transformers 5.24 (the parity peer) and the official inference/model.py compute the same math;
 the official code differs in precision only: (a) its compressor runs in fp32 (HF: model dtype;
@@ -51,9 +65,10 @@ reference notes §1.4-1.7, §1.12.
 
 Local letters: X head dim (H + R, the shared K=V width), Z compressed entries, U key slots a
 query gathers (window + compressed), W output groups (o_groups), P heads per group, Y per-group
-output rank (o_lora_rank). The CSA indexer's own tensors stay in indexer.py (`csa_topk`).
+output rank (o_lora_rank). The CSA indexer's own tensors stay in indexer.py (`csa_index`, `entry_picks`).
 """
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -62,20 +77,18 @@ import jax.numpy as jnp
 
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import RopeConfig, V4AttentionConfig
+from deepseek_jax.layers.attention.cache_store import PLAIN, LayerFormats, empty, load, n_rows, write_at
 from deepseek_jax.layers.attention.compressor import (
     CSA_RATIO,
     Compressor,
     CompressorState,
     empty_state,
+    entry_segments,
     write_entries,
 )
-from deepseek_jax.layers.attention.core import (
-    NEG_INF,
-    gather_keys,
-    over_query_blocks,
-    visible_entries,
-)
-from deepseek_jax.layers.attention.indexer import CSAIndexer, csa_topk
+from deepseek_jax.layers.attention.core import gather_keys, over_query_blocks
+from deepseek_jax.layers.attention.indexer import CSAIndexer, csa_index, mean_over_tokens
+from deepseek_jax.layers.attention.v4_stream import csa_attention, hca_attention, sink_softmax, swa_attention
 from deepseek_jax.layers.norms import RMSNorm, rms_normalize
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail, yarn_inv_freq
 from deepseek_jax.quant import V4_KV_BLOCK, sim_act, sim_indexer, sim_kv, sim_weight
@@ -115,21 +128,23 @@ class CSACache(NamedTuple):
 
 
 def init_v4_attention_cache(
-    cfg: V4AttentionConfig, compress_ratio: int, batch: int, max_len: int, dtype=jnp.float32
+    cfg: V4AttentionConfig, compress_ratio: int, batch: int, max_len: int, dtype=jnp.float32,
+    formats: LayerFormats = PLAIN,
 ):
-    """An empty decode cache for one layer, up to max_len tokens (compressor state in f32)."""
-    X, B = cfg.head_dim, batch
-    window = jnp.zeros((B, cfg.window_size, X), dtype)
+    """An empty decode cache for one layer, up to max_len tokens (compressor state in f32), rows
+    stored in `formats` (cache_store.storage_formats; plain arrays in `dtype` by default)."""
+    X, B, R = cfg.head_dim, batch, cfg.rope_head_dim
+    window = empty((B, cfg.window_size), X, formats.window, R, dtype)
     if compress_ratio == 0:
         return SWACache(window)
     m, Z = compress_ratio, max_len // compress_ratio
-    entries = jnp.zeros((B, Z, X), dtype)
+    entries = empty((B, Z), X, formats.entries, R, dtype)
     if m != CSA_RATIO:
         return HCACache(window, entries, empty_state(B, m, X, overlap=False))
     width = cfg.index_head_dim  # the indexer compressor's entries
     return CSACache(
         window, entries, empty_state(B, m, X, overlap=True),
-        jnp.zeros((B, Z, width), dtype), empty_state(B, m, width, overlap=True),
+        empty((B, Z), width, formats.index_keys, 0, dtype), empty_state(B, m, width, overlap=True),
     )  # fmt: skip
 
 
@@ -147,25 +162,17 @@ def window_slots(T: int, w: int, start, ring: int) -> jax.Array:
 
 def ring_write(ring_BSX: jax.Array, kv_BTX: jax.Array, start) -> jax.Array:
     """Writes the last min(T, w) new tokens at slot = position mod w (no slot is written twice)."""
-    w, T = ring_BSX.shape[1], kv_BTX.shape[1]
+    w, T = n_rows(ring_BSX), kv_BTX.shape[1]
     n = min(T, w)
     slot_T = (start + T - n + jnp.arange(n)) % w
-    return ring_BSX.at[:, slot_T].set(kv_BTX[:, T - n :].astype(ring_BSX.dtype))
+    return write_at(ring_BSX, kv_BTX[:, T - n :], slot_T)  # plain arrays or stored rows (cache_store)
 
 
 def sink_attention(q_BTNX, kv_BSX, idx_BTU, sink_N, scale) -> jax.Array:
     """Each query attends to its gathered slots (idx −1 = none); the sink only adds exp(sink_n)
     to the softmax denominator. K = V = kv. Returns [B, T, N, X]."""
     kv_BTUX = gather_keys(kv_BSX, jnp.maximum(idx_BTU, 0))
-    logits_BTNU = jnp.einsum("BTNX,BTUX->BTNU", q_BTNX, kv_BTUX, preferred_element_type=jnp.float32)
-    logits_BTNU = jnp.where((idx_BTU >= 0)[:, :, None, :], logits_BTNU * scale, NEG_INF)
-    sink_N1 = sink_N.astype(jnp.float32)[:, None]
-    max_BTN1 = jnp.maximum(jnp.max(logits_BTNU, axis=-1, keepdims=True), sink_N1)
-    exp_BTNU = jnp.exp(logits_BTNU - max_BTN1)
-    probs_BTNU = exp_BTNU / (
-        jnp.sum(exp_BTNU, axis=-1, keepdims=True) + jnp.exp(sink_N1 - max_BTN1)
-    )
-    return jnp.einsum("BTNU,BTUX->BTNX", probs_BTNU.astype(kv_BTUX.dtype), kv_BTUX)
+    return sink_softmax(q_BTNX, kv_BTUX, idx_BTU >= 0, sink_N, scale)[0]
 
 
 def sim_wo_a(w_oa_WPXY: jax.Array, mode: str) -> jax.Array:
@@ -247,36 +254,16 @@ class V4Attention(nn.Module):
         kv_BTX = RMSNorm(X, self.norm_eps, "head_dim", self.dtype, name="kv_norm")(kv_BTX)
         return self.sim("kv", rope_tail(kv_BTX, cos_BTr, sin_BTr))
 
-    def compressed(self, x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start, offset):
-        """Compressed entries [B, Z, X] to append to the key source (which holds `offset` slots
-        before them), each query's slots in it [B, T, Z or topk] (−1 = none), new cache fields."""
-        m, inv_freq = self.compress_ratio, rope_BT[2]
-        X, D = self.cfg.head_dim, self.dim
-        comp = Compressor(m, X, D, self.norm_eps, self.dtype, name="compressor")
-        new_BZX, n_done, state = comp(
-            x_BTD, None if cache is None else cache.state, start, inv_freq
-        )
+    def entries(self, x_BTD, inv_freq, cache, start):
+        """The layer's compressed entries [B, Z, X] (the cache's, this call's complete blocks written
+        in; without a cache the T tokens' blocks) and its compressor state."""
+        m, X = self.compress_ratio, self.cfg.head_dim
+        comp = Compressor(m, X, self.dim, self.norm_eps, self.dtype, name="compressor")
+        new_BZX, n_done, state = comp(x_BTD, None if cache is None else cache.state, start, inv_freq)
         new_BZX = self.sim("kv", new_BZX)
-        entries_BZX = new_BZX
-        if cache is not None:
-            entries_BZX = write_entries(cache.entries, new_BZX, start // m, n_done)
-        Z = entries_BZX.shape[1]
-        if m != CSA_RATIO:  # HCA: every visible entry
-            visible_BTZ = visible_entries(positions_BT, Z, m)
-            slots_BTZ = jnp.where(visible_BTZ, offset + jnp.arange(Z), -1)
-            return entries_BZX, slots_BTZ, (entries_BZX, state)
-
-        indexer = CSAIndexer(
-            self.cfg, self.dim, self.norm_eps, self.dtype, self.quant_sim, name="indexer"
-        )
-        idx_BTU, index_keys, index_state = csa_topk(
-            indexer, x_BTD, c_q_BTQ, rope_BT, positions_BT, cache, start,
-            sim=lambda a: self.sim("index", a), topk=self.cfg.index_topk, q_block=self.cfg.q_block,
-            dtype=self.dtype,
-        )  # fmt: skip
-        self.sow("intermediates", "index_topk_BTU", idx_BTU)
-        slots_BTU = jnp.where(idx_BTU >= 0, offset + idx_BTU, -1)
-        return entries_BZX, slots_BTU, (entries_BZX, state, index_keys, index_state)
+        if cache is None:
+            return new_BZX, state
+        return write_entries(cache.entries, new_BZX, start // m, n_done), state
 
     def output(self, o_BTNX):
         """Grouped low-rank output projection [B, T, N, X] -> [B, T, D]."""
@@ -294,12 +281,15 @@ class V4Attention(nn.Module):
         act = lambda u: self.sim("act", u.reshape(*u.shape[:2], -1)).reshape(u.shape)  # noqa: E731
         return grouped_output(o_BTNX, w_oa_WPXY, self.weight(w_ob_WYD, n_in=2), act)
 
+    def sink(self) -> jax.Array:
+        """The per-head sink logits [N] (f32)."""
+        return param(self, "sink", ("heads",), (self.cfg.n_heads,), nn.initializers.zeros)
+
     def attend(self, q_BTNX, source_BSX, slots_BTU):
         """Sink attention of each query over its slots of the key source, q_block queries a time."""
-        c = self.cfg
-        sink_N = param(self, "sink", ("heads",), (c.n_heads,), nn.initializers.zeros)
-        fn = lambda q, i: sink_attention(q, source_BSX, i, sink_N, c.head_dim**-0.5)  # noqa: E731
-        return over_query_blocks(fn, c.q_block, q_BTNX, slots_BTU)
+        fn = functools.partial(sink_attention, sink_N=self.sink(), scale=self.cfg.head_dim**-0.5)
+        return over_query_blocks(lambda q, i, kv: fn(q, kv, i), self.cfg.q_block, q_BTNX, slots_BTU,
+                                 keys=(source_BSX,))
 
     def window_keys(self, x_BTD, positions_BT, cache, cache_index) -> "WindowKeys":
         """The layer's queries and its sliding-window key source (module docstring): the ring buffer's
@@ -313,17 +303,57 @@ class V4Attention(nn.Module):
         ring = 0 if cache is None else c.window_size
         source_BSX = kv_BTX  # the key source: [ring buffer,] new tokens[, compressed entries]
         if cache is not None:
-            source_BSX = jnp.concatenate([cache.window.astype(self.dtype), kv_BTX], axis=1)
+            source_BSX = jnp.concatenate([load(cache.window, self.dtype), kv_BTX], axis=1)
         slots_BTU = jnp.broadcast_to(window_slots(T, c.window_size, start, ring), (B, T, c.window_size))
         return WindowKeys(c_q_BTQ, q_BTNX, kv_BTX, (cos_BTr, sin_BTr, inv_freq), start, source_BSX, slots_BTU)
 
     def attend_and_project(self, w: "WindowKeys", source_BSX, slots_BTU) -> jax.Array:
         """Sink attention of the queries over their slots, RoPE at −t, grouped output: [B, T, D]."""
+        return self.project(w, self.attend(w.q, source_BSX, slots_BTU))
+
+    def project(self, w: "WindowKeys", o_BTNX) -> jax.Array:
+        """The attention output [B, T, N, X] rotated back (RoPE at −t), grouped output: [B, T, D]."""
         cos_BTr, sin_BTr, _ = w.rope
-        o_BTNX = self.attend(w.q, source_BSX, slots_BTU)
-        o_BTNX = rope_tail(o_BTNX, cos_BTr[:, :, None], -sin_BTr[:, :, None])  # RoPE at −t
+        o_BTNX = rope_tail(o_BTNX.astype(self.dtype), cos_BTr[:, :, None], -sin_BTr[:, :, None])
         o_BTNX = constrain(o_BTNX, ("act_batch", "act_seq", "act_heads", None))
         return self.output(o_BTNX)
+
+    def documents(self, segment_ids_BT, cache, w: "WindowKeys", Z: int):
+        """Segment ids of the queries [B, T], of the key source [B, S] and of the entries [B, Z]
+        (compressor.entry_segments): the documents when `document_mask` and a full forward gets
+        segment_ids, else zeros (every key passes; decoding holds one document per row)."""
+        B, T = w.q.shape[:2]
+        S = w.source.shape[1]
+        if not (self.cfg.document_mask and segment_ids_BT is not None and cache is None):
+            return jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32), jnp.zeros((B, Z), jnp.int32)
+        seg_BT = segment_ids_BT.astype(jnp.int32)
+        eseg_BZ = entry_segments(seg_BT, self.compress_ratio, Z) if self.compress_ratio else jnp.zeros((B, 0))
+        return seg_BT, seg_BT, eseg_BZ  # no cache: the key source is the T tokens
+
+    def compressed_attention(self, x_BTD, w: "WindowKeys", positions_BT, segment_ids_BT, cache, index_loss):
+        """HCA / CSA: (o [B, T, N, X], the cache fields after the window's, and with index_loss (the
+        indexer KL [B, T], whether the query picked any entry [B, T]) else None)."""
+        c, m, inv_freq = self.cfg, self.compress_ratio, w.rope[2]
+        entries_BZX, state = self.entries(x_BTD, inv_freq, cache, w.start)
+        seg_BT, sseg_BS, eseg_BZ = self.documents(segment_ids_BT, cache, w, n_rows(entries_BZX))
+        keys = (w.source, sseg_BS, entries_BZX, eseg_BZ)  # entries (and ik) as stored: loaded per chunk / pick
+        if m != CSA_RATIO:
+            fn = functools.partial(hca_attention, sink_N=self.sink(), scale=c.head_dim**-0.5, m=m,
+                                   k_block=c.k_block)
+            o_BTNX = over_query_blocks(fn, c.q_block, w.q, w.slots, positions_BT, seg_BT, keys=keys)
+            return o_BTNX, (entries_BZX, state), None
+        indexer = CSAIndexer(c, self.dim, self.norm_eps, self.dtype, self.quant_sim, name="indexer")
+        iq_BTPY, iw_BTP, ik_BZY, index_state = csa_index(
+            indexer, x_BTD, w.c_q, w.rope, cache, w.start, sim=lambda a: self.sim("index", a)
+        )
+        fn = functools.partial(csa_attention, sink_N=self.sink(), scale=c.head_dim**-0.5, topk=c.index_topk,
+                               k_block=c.k_block, with_loss=index_loss)
+        o_BTNX, picks_BTU, kl_BT = over_query_blocks(
+            fn, c.q_block, w.q, w.slots, positions_BT, seg_BT, iq_BTPY, iw_BTP, keys=(*keys, ik_BZY)
+        )
+        self.sow("intermediates", "index_topk_BTU", picks_BTU)
+        kl = None if kl_BT is None else (kl_BT, (picks_BTU >= 0).any(-1))
+        return o_BTNX, (entries_BZX, state, ik_BZY, index_state), kl
 
     @nn.compact
     def __call__(
@@ -332,18 +362,29 @@ class V4Attention(nn.Module):
         positions_BT: jax.Array,
         cache: SWACache | HCACache | CSACache | None = None,
         cache_index: jax.Array | int = 0,
+        segment_ids_BT: jax.Array | None = None,
+        index_loss: bool = False,
     ):
-        """(out [B, T, D], updated cache or None). Without a cache, positions are slots 0 … T−1."""
+        """(out [B, T, D], updated cache or None), and with index_loss (CSA layers only) the layer's
+        mean per-token indexer KL over real tokens (segment id > 0) that picked an entry as a third output. Without a
+        cache, positions are slots 0 … T−1; segment_ids_BT: packed documents (module docstring)."""
+        if index_loss and self.compress_ratio != CSA_RATIO:
+            raise ValueError(f"V4Attention: index_loss=True needs a CSA layer (ratio 4), got {self.compress_ratio}")
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
         w = self.window_keys(x_BTD, positions_BT, cache, cache_index)
-        source_BSX, slots_BTU = w.source, w.slots
         fields = () if cache is None else (ring_write(cache.window, w.kv, w.start),)
+        kl = None
         if self.compress_ratio:
-            entries_BZX, cslots_BTU, cfields = self.compressed(
-                x_BTD, w.c_q, w.rope, positions_BT, cache, w.start, source_BSX.shape[1]
-            )
-            source_BSX = jnp.concatenate([source_BSX, entries_BZX.astype(self.dtype)], axis=1)
-            slots_BTU = jnp.concatenate([slots_BTU, cslots_BTU], axis=-1)
+            o_BTNX, cfields, kl = self.compressed_attention(x_BTD, w, positions_BT, segment_ids_BT, cache,
+                                                            index_loss)
             fields += cfields
-        out_BTD = self.attend_and_project(w, source_BSX, slots_BTU)
-        return out_BTD, None if cache is None else type(cache)(*fields)
+        else:
+            seg_BT, sseg_BS, _ = self.documents(segment_ids_BT, cache, w, 0)
+            fn = functools.partial(swa_attention, sink_N=self.sink(), scale=self.cfg.head_dim**-0.5)
+            o_BTNX = over_query_blocks(fn, self.cfg.q_block, w.q, w.slots, seg_BT, keys=(w.source, sseg_BS))
+        out = (self.project(w, o_BTNX), None if cache is None else type(cache)(*fields))
+        if not index_loss:
+            return out
+        kl_BT, picked_BT = kl  # queries with no visible entry yet (first tokens, a document's first block)
+        real_BT = picked_BT if segment_ids_BT is None else picked_BT & (segment_ids_BT > 0)  # 0 = padding
+        return *out, mean_over_tokens(kl_BT, real_BT)

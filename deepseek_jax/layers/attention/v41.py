@@ -10,17 +10,22 @@ notes §1.2–§1.6). By its role (config `shared_kv`, `models/common.py` `share
                and runs its own indexer over them
     candidate  a source whose indexer also keeps, per query, the best `candidate_topk_blocks` blocks of
                `candidate_block_size` entries (block score = max; the block of the newest visible entry
-               always kept) as the pool later `reindex` layers pick from
-    reindex    its own indexer queries (W^I_uq, weights) over the source's keys, restricted to the pool
+               always kept) as the pool later `reindex` layers pick from: block ids [B, T, K]
+    reindex    its own indexer queries (W^I_uq, weights) over the source's keys, scoring only the
+               pool's K·block entries (their keys gathered per query)
     reuse      the entries of the latest source and the picks of the latest indexer, computing nothing
     swa        ratio 0: the window only
 
 Indexer: I[t, j] = Σ_p w_t,p · ReLU(q^I_t,p · k^I_j) over entries with (j+1)·r ≤ t+1, w = (x W_w)·(P·Y)^-½,
-q^I = FP4₃₂(RoPE_t(c_q W^I_uq)); top-min(index_topk, visible) by I, −1 for none. Versus V4: no per-head q
-norm, no indexer compressor (keys from the latent), no Hadamard rotation, and the fake-quant HF and the
-release apply even in float32 (`SharedKVConfig.qat`; quant.py `qat_v41`): window kv e4m3 1×32, entries
-e2m1 1×16 with e4m3 scales, indexer q / k e2m1 1×32. The attention itself (sinks, inverse RoPE on the
-output, grouped output projection) is V4's.
+q^I = FP4₃₂(RoPE_t(c_q W^I_uq)); top-min(index_topk, visible) by I, −1 for none. No [T, Z] array: the
+keys are scored `shared_kv.index_k_block` entries at a time (whole candidate blocks) with running top-k
+lists for the picks and the candidate blocks (stream.py), q_block queries at a time with the keys passed
+as core.over_query_blocks' `keys` and every visibility rule from the query positions; the picks equal a
+top-k over the whole score row, ties to the lower entry included (the pool is walked in entry order).
+Versus V4: no per-head q norm, no indexer compressor (keys from the latent), no Hadamard rotation,
+and the fake-quant HF and the release apply even in float32 (`SharedKVConfig.qat`; quant.py
+`qat_v41`): window kv e4m3 1×32, entries e2m1 1×16 with e4m3 scales, indexer q / k e2m1 1×32. The
+attention itself (sinks, inverse RoPE on the output, grouped output projection) is V4's.
 
 The shared state travels between layers as `SharedKV` (the decoder passes a producer's state to later
 segments). Decoding: a source layer's cache holds the window ring, all entries and keys so far and the
@@ -32,6 +37,7 @@ Local letters: X entry width (head_dim), Y indexer head dim, P indexer heads, Z 
 K candidate blocks.
 """
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -41,8 +47,9 @@ import jax.numpy as jnp
 from deepseek_jax.axes import constrain, dense_init, param
 from deepseek_jax.config import SharedKVConfig
 from deepseek_jax.layers.attention.compressor import CompressorState, compress_blocks, empty_state, write_entries
-from deepseek_jax.layers.attention.core import over_query_blocks, visible_entries
-from deepseek_jax.layers.attention.indexer import index_scores, select_topk
+from deepseek_jax.layers.attention.core import over_query_blocks, visible_count
+from deepseek_jax.layers.attention.indexer import chunk_scores, scores_at, streamed_topk
+from deepseek_jax.layers.attention.stream import running_topk, scan_keys
 from deepseek_jax.layers.attention.v4 import SWACache, V4Attention, ring_write
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin, rope_tail
@@ -58,7 +65,7 @@ class SharedKV(NamedTuple):
     entries: jax.Array  # [B, Z, X] compressed entries of the latest kv source
     index_keys: jax.Array  # [B, Z, Y] their indexer keys
     topk: jax.Array | None  # [B, T, U] picks of the latest indexer (−1 = none)
-    candidates: jax.Array | None  # [B, T, Z] bool, the candidate source's pool
+    candidates: jax.Array | None  # [B, T, K] int32 ids of the candidate source's kept blocks (−1 = none)
 
 
 class SourceCache(NamedTuple):
@@ -84,36 +91,88 @@ def init_v41_attention_cache(cfg, ratio: int, role: str, batch: int, max_len: in
 # Pure functions
 
 
-def candidate_pool(scores_BTZ, visible_BTZ, positions_BT, ratio: int, n_blocks: int, block: int) -> jax.Array:
-    """[B, T, Z] bool: the entries of each query's best `n_blocks` blocks of `block` entries, a block
-    scored by its best visible entry, the block of the newest visible entry forced in, blocks with no
-    visible entry never kept."""
-    B, T, Z = scores_BTZ.shape
+def pick_entries(iq_BTPY, iw_BTP, positions_BT, ik_BZY, *, ratio: int, topk: int, k_block: int) -> jax.Array:
+    """The indexer's top-min(topk, Z) visible entries [B, T, U] (−1 = none), keys scored k_block at a
+    time (indexer.streamed_topk: `select_topk`'s picks, ties to the lower entry)."""
+    n_vis_BT = visible_count(positions_BT, ratio)
+    visible = lambda s_K: s_K[None, None, :] < n_vis_BT[..., None]  # noqa: E731
+    needed = lambda s_K: s_K[0] < jnp.max(n_vis_BT)  # noqa: E731  (chunks wholly in every query's future)
+    return streamed_topk(iq_BTPY, iw_BTP, ik_BZY, visible, topk, k_block, needed)
+
+
+def _merge_topk(vals, ids, new_vals, new_ids, k: int):
+    """The best k of a running list (first, so ties keep it: lower ids) and a chunk's scores."""
+    both_ids = jnp.concatenate([ids, jnp.broadcast_to(new_ids, new_vals.shape)], axis=-1)
+    vals, at = jax.lax.top_k(jnp.concatenate([vals, new_vals], axis=-1), k)
+    return vals, jnp.take_along_axis(both_ids, at, axis=-1)
+
+
+def candidate_picks(iq_BTPY, iw_BTP, positions_BT, ik_BZY, *, ratio: int, topk: int, k_block: int,
+                    n_blocks: int, block: int) -> tuple[jax.Array, jax.Array]:
+    """(the candidate source's own picks [B, T, U] as `pick_entries`, its pool: the ids [B, T, K] of the
+    best K = min(n_blocks, ⌈Z/block⌉) blocks of `block` entries, −1 = none), one pass over the keys in
+    chunks of whole blocks with two running top-k lists. A block scores its best visible entry; the
+    block of the newest visible entry scores +inf; a block with no visible entry is never kept."""
+    B, T = iw_BTP.shape[:2]
+    Z, Y = ik_BZY.shape[1:]
     nb = -(-Z // block)
-    s_BTZ = jnp.where(visible_BTZ, scores_BTZ, -jnp.inf)
-    s_BTKb = jnp.pad(s_BTZ, ((0, 0), (0, 0), (0, nb * block - Z)), constant_values=-jnp.inf)
-    best_BTK = jnp.max(s_BTKb.reshape(B, T, nb, block), axis=-1)
-    newest_BT = (positions_BT + 1) // ratio - 1
-    forced_BTK = (jnp.arange(nb) == (newest_BT // block)[..., None]) & (newest_BT >= 0)[..., None]
-    best_BTK = jnp.where(forced_BTK, jnp.inf, best_BTK)
-    vals_BTK, ids_BTK = jax.lax.top_k(best_BTK, min(n_blocks, nb))
-    keep_BTK = jnp.zeros((B, T, nb), jnp.bool_)
-    keep_BTK = jax.vmap(jax.vmap(lambda k, i, v: k.at[i].set(v > -jnp.inf)))(keep_BTK, ids_BTK, vals_BTK)
-    return jnp.repeat(keep_BTK, block, axis=-1)[..., :Z]
+    U, K = min(topk, Z), min(n_blocks, nb)
+    ik_BNbY = jnp.pad(ik_BZY, ((0, 0), (0, nb * block - Z), (0, 0))).reshape(B, nb, block, Y)
+    n_vis_BT = visible_count(positions_BT, ratio)
+    forced_BT = jnp.where(n_vis_BT > 0, (n_vis_BT - 1) // block, -1)
+
+    def body(c, s_N, live_N, k_BNbY):
+        (e_vals, e_ids), (b_vals, b_ids) = c
+        e_E = (s_N[:, None] * block + jnp.arange(block, dtype=jnp.int32)).reshape(-1)
+        scores_BTE = chunk_scores(iq_BTPY, k_BNbY.reshape(B, -1, Y), iw_BTP)
+        visible_BTE = (e_E < Z) & (e_E[None, None, :] < n_vis_BT[..., None])
+        scores_BTE = jnp.where(visible_BTE, jax.lax.stop_gradient(scores_BTE), -jnp.inf)
+        best_BTN = jnp.max(scores_BTE.reshape(B, T, -1, block), axis=-1)
+        best_BTN = jnp.where(s_N == forced_BT[..., None], jnp.inf, best_BTN)
+        best_BTN = jnp.where(live_N, best_BTN, -jnp.inf)
+        return _merge_topk(e_vals, e_ids, scores_BTE, e_E, U), _merge_topk(b_vals, b_ids, best_BTN, s_N, K)
+
+    def empty(n):
+        return jnp.full((B, T, n), -jnp.inf, jnp.float32), jnp.full((B, T, n), -1, jnp.int32)
+
+    kb = max(k_block // block, 1) if k_block > 0 else 0
+    needed = lambda s_N: s_N[0] * block < jnp.max(n_vis_BT)  # noqa: E731
+    (e_vals, e_ids), (b_vals, b_ids) = scan_keys(body, (empty(U), empty(K)), kb, (ik_BNbY,), needed)
+    return jnp.where(e_vals > -jnp.inf, e_ids, -1), jnp.where(b_vals > -jnp.inf, b_ids, -1)
 
 
-def pick_entries(iq_BTPY, ik_BZY, iw_BTP, positions_BT, allowed_BTZ, *, ratio: int, topk: int, pool=None):
-    """(picks [B, T, U] (−1 = none), the candidate pool [B, T, Z] or None): the indexer's top-k among
-    visible entries (and, for a reindex layer, inside `allowed_BTZ`). pool = (n_blocks, block) makes
-    the candidate pool from these scores. Row-local in T."""
-    visible_BTZ = visible_entries(positions_BT, ik_BZY.shape[1], ratio)
-    scores_BTZ = index_scores(iq_BTPY, ik_BZY, iw_BTP, visible_BTZ)
-    mask_BTZ = visible_BTZ if allowed_BTZ is None else visible_BTZ & allowed_BTZ
-    idx_BTU, valid_BTU = select_topk(scores_BTZ, mask_BTZ, topk)
-    picks_BTU = jnp.where(valid_BTU, idx_BTU, -1)
-    if pool is None:
-        return picks_BTU, None
-    return picks_BTU, candidate_pool(scores_BTZ, visible_BTZ, positions_BT, ratio, *pool)
+def pool_entries(blocks_BTK, Z: int, block: int) -> jax.Array:
+    """[B, T, K·block] the entry ids of each query's kept blocks in ascending order (a −1 block's
+    become ≥ Z, at the end): the pool a `reindex` layer picks from."""
+    nb = -(-Z // block)
+    ids_BTK = jnp.sort(jnp.where(blocks_BTK >= 0, blocks_BTK, nb), axis=-1)
+    e_BTKb = ids_BTK[..., None] * block + jnp.arange(block, dtype=ids_BTK.dtype)
+    return e_BTKb.reshape(*blocks_BTK.shape[:2], -1)
+
+
+def reindex_picks(iq_BTPY, iw_BTP, positions_BT, blocks_BTK, ik_BZY, *, ratio: int, topk: int, k_block: int,
+                  block: int) -> jax.Array:
+    """A reindex layer's top-min(topk, Z) [B, T, U] (−1 = none) among its visible entries inside the
+    candidate pool (`candidate_picks`' block ids): scores of the pool's entries only, their keys
+    gathered k_block at a time, a running top-k over pool slots mapped back to entry ids. The pool
+    runs in ascending entry order, so ties keep the lower entry, as a top-k over all Z would."""
+    B, T = iw_BTP.shape[:2]
+    Z = ik_BZY.shape[1]
+    e_BTE = pool_entries(blocks_BTK, Z, block)
+    # the visible part of the pool is a prefix: ids ascend, visibility is id < min(Z, ⌊(t+1)/r⌋)
+    limit_BT = jnp.minimum(visible_count(positions_BT, ratio), Z)
+    n_ok = jnp.max(jnp.sum(e_BTE < limit_BT[..., None], axis=-1))
+
+    def score(s_K, live_K, e_BKT):
+        e_BTK = jnp.swapaxes(e_BKT, 1, 2)
+        scores_BTK = scores_at(iq_BTPY, iw_BTP, ik_BZY, jnp.clip(e_BTK, 0, Z - 1))
+        return jnp.where(e_BTK < limit_BT[..., None], scores_BTK, -jnp.inf)
+
+    slots_BTU = running_topk(score, topk, k_block, (jnp.swapaxes(e_BTE, 1, 2),), (B, T), lambda s: s[0] < n_ok)
+    picks_BTU = jnp.where(slots_BTU >= 0, jnp.take_along_axis(e_BTE, jnp.maximum(slots_BTU, 0), axis=-1), -1)
+    U = min(topk, Z)
+    pad = max(U - picks_BTU.shape[-1], 0)
+    return jnp.pad(picks_BTU, ((0, 0), (0, 0), (0, pad)), constant_values=-1)[..., :U]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,24 +269,29 @@ class V41Attention(V4Attention):
             indexer = SharedIndexer(c.index_n_heads, c.index_head_dim, c.q_lora_rank, self.dim, self.dtype,
                                     self.shared_cfg.qat, name="indexer")
             iq_BTPY, iw_BTP = indexer(x_BTD, c_q_BTQ, cos_BTr, sin_BTr)
-            s = self.shared_cfg
-            pool = (s.candidate_topk_blocks, s.candidate_block_size) if self.role == "candidate" else None
-            allowed_BTZ = shared.candidates if self.role == "reindex" else None
             ik_BZY = shared.index_keys.astype(self.dtype)
-
-            def pick(iq, iw, pos, *allowed):
-                return pick_entries(iq, ik_BZY, iw, pos, allowed[0] if allowed else None, ratio=m,
-                                    topk=c.index_topk, pool=pool)
-
-            extra = () if allowed_BTZ is None else (allowed_BTZ,)
-            picks_BTU, pool_BTZ = over_query_blocks(pick, c.q_block, iq_BTPY, iw_BTP, positions_BT, *extra)
-            self.sow("intermediates", "index_topk_BTU", picks_BTU)
-            candidates = shared.candidates
-            if self.role == "candidate":
-                candidates = pool_BTZ
-                self.sow("intermediates", "candidates_BTZ", pool_BTZ)
+            picks_BTU, candidates = self.pick(iq_BTPY, iw_BTP, positions_BT, ik_BZY, shared.candidates)
             shared = shared._replace(topk=picks_BTU, candidates=candidates)
         return shared, fields
+
+    def pick(self, iq_BTPY, iw_BTP, positions_BT, ik_BZY, candidates_BTK):
+        """(this indexer's picks [B, T, U], the candidate pool [B, T, K] it hands on), q_block queries at
+        a time, the indexer keys passed as keys (core.over_query_blocks' contract)."""
+        c, s = self.cfg, self.shared_cfg
+        kw = dict(ratio=self.compress_ratio, topk=c.index_topk, k_block=s.index_k_block)
+        q_args = (iq_BTPY, iw_BTP, positions_BT)
+        if self.role == "candidate":
+            fn = functools.partial(candidate_picks, n_blocks=s.candidate_topk_blocks, block=s.candidate_block_size,
+                                   **kw)
+            picks_BTU, candidates_BTK = over_query_blocks(fn, c.q_block, *q_args, keys=(ik_BZY,))
+            self.sow("intermediates", "candidate_blocks_BTK", candidates_BTK)
+        elif self.role == "reindex" and candidates_BTK is not None:
+            fn = functools.partial(reindex_picks, block=s.candidate_block_size, **kw)
+            picks_BTU = over_query_blocks(fn, c.q_block, *q_args, candidates_BTK, keys=(ik_BZY,))
+        else:
+            picks_BTU = over_query_blocks(functools.partial(pick_entries, **kw), c.q_block, *q_args, keys=(ik_BZY,))
+        self.sow("intermediates", "index_topk_BTU", picks_BTU)
+        return picks_BTU, candidates_BTK
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, cache=None, cache_index=0, shared: SharedKV | None = None):

@@ -8,7 +8,8 @@ import pytest
 
 from deepseek_jax.config import MLAConfig, RopeConfig
 from deepseek_jax.layers.attention.core import causal_mask
-from deepseek_jax.layers.attention.mla import MLA, LatentCache, mla_absorbed, mla_naive
+from deepseek_jax.layers.attention.latent import mla_absorbed, mla_naive
+from deepseek_jax.layers.attention.mla import MLA, LatentCache
 from deepseek_jax.layers.rope import yarn_inv_freq
 from tests.utils import TOL, assert_close
 
