@@ -158,6 +158,7 @@ def test_context_volume_of_dsa_stages():
         assert [x.key_bytes for x in layers] == [B * T * row] * len(layers) and layers[0].kind == "DSA", dense
 
 
+@pytest.mark.slow  # plans a whole model on an abstract mesh (~4 s)
 def test_plan_reports_context_volume_on_abstract_mesh():
     """`plan` lowered on an abstract cp mesh (no devices): the tiny V3's dense MLA layers each
     all-gather B_l · T · (N(H + O) + R) · c + 4 (int32 document id) bytes of per-head keys (the naive
