@@ -9,7 +9,7 @@ batch 1, float32, on the CPU; the token-count knobs keep their released values (
 128, top-512), so the growth with T is the real one. Query blocks and key chunks are the configs'
 `*q_block` / `*k_block` fields (`--q-block`, `--k-block`; memory only).
 
-Every (mode, kind, T) runs in its own subprocess, so its peak RSS (getrusage ru_maxrss of that process,
+Every (mode, kind, T) runs in its own subprocess, so its peak RSS (VmHWM of that process,
 which includes the ~0.3 GB JAX runtime and the compiler) is its own; with it come XLA's compiled memory
 analysis (argument, output, temp bytes) and the compile time. A run is killed after `--time-limit`
 seconds, and not started when its estimate (the last measured time extrapolated with the growth
@@ -412,10 +412,22 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def peak_rss_gb() -> float:
+    """This process's peak RSS: VmHWM of /proc/self/status, which belongs to the process's own memory map
+    and so starts afresh at exec. (ru_maxrss survives fork + exec: a child started by a large parent,
+    e.g. a pytest process late in the suite, would report the parent's size.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         result = child(json.loads(sys.argv[2]))
-        result["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        result["rss_gb"] = peak_rss_gb()
         print(RESULT + json.dumps(result), flush=True)
     else:
         main()
