@@ -45,7 +45,7 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
 PREFILL_CHUNK = 4096  # default prompt tokens per prefill call (memory only: the same tokens)
 
 
-@partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("model",))
 def _prefill(model: nn.Module, variables, tokens_BP, positions_BP, cache, start_B, engram_rows=None, media=None,
              index=0):
     """Appends the P tokens at slot `index` (0: a whole prompt)."""
@@ -93,7 +93,7 @@ def _batch_axes(cfg) -> tuple[int, ...]:
     return tuple(a[0] for a in axes)
 
 
-@partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("model",))
 def _row_step(model: nn.Module, variables, token_B, cache, index_B, engram_rows=None):
     """One new token per row at its own slot index_B[b] (rows with their own slot counts: row
     positions): the batch-1 step vmapped over the cache's rows. (last logits [B, V], cache)."""

@@ -4,6 +4,7 @@ XLA:CPU compiles are the suite's main cost; a persistent compilation cache lets 
 same computation (the tiny model's init and forward) share one compile within and across runs.
 """
 
+import gc
 import os
 import tempfile
 
@@ -33,6 +34,17 @@ import sysconfig  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops the jit caches' compiled programs after each test module. XLA:CPU maps every compiled program
+    into memory; by ~1,000 tests one process holds thousands of them and the next compile crashed (SIGSEGV /
+    SIGABRT inside the compilation cache's write, twice at the same point of a full run) — consistent with
+    the kernel's 65,530 memory maps per process running out. Recompiles hit the persistent cache above."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
