@@ -18,6 +18,7 @@ Local letters: P chunks, U tokens per chunk; DSpark: Z draft slots, Y Markov ran
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepseek_jax.axes import constrain
 from deepseek_jax.models.common import shift_left
@@ -31,17 +32,29 @@ def token_nll(h_UD: jax.Array, w_head_DV: jax.Array, targets_U: jax.Array) -> ja
     return jax.nn.logsumexp(logits_UV, axis=-1) - target_logit_U
 
 
+LOGITS_PER_CHUNK = 2**26  # f32 logits of one cross-entropy chunk (256 MB): large enough for the
+# head's matmuls, small enough to stay near the caches (at V3's vocabulary 512 tokens measured 2.4x
+# faster than one 2048-token chunk on the 2-core CPU, experiments/results/bench_peers.md)
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per device per cross-entropy chunk for `train.loss_chunk_tokens: 0`: the largest power
+    of two with at most LOGITS_PER_CHUNK logits (at least 8)."""
+    return max(8, 1 << max(0, (LOGITS_PER_CHUNK // vocab_size).bit_length() - 1))
+
+
 def chunked_cross_entropy(
     h_MD: jax.Array, w_head_DV: jax.Array, targets_M: jax.Array, mask_M: jax.Array, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
     """(Σ_t mask_t · NLL_t, Σ_t mask_t) without ever holding [M, V] logits.
 
-    The M tokens are padded to U·P (U = chunk, P = ceil(M/U) chunks) and mapped over chunk by
-    chunk; the chunk body is rematerialised (jax.checkpoint), so the backward pass recomputes each
-    chunk's [U, V] logits instead of storing them: peak memory ~ U·V instead of M·V.
-    Chunk p holds the strided tokens p, P + p, 2P + p, ...: when M is sharded over devices, every
-    chunk then takes tokens from every shard and the U axis keeps M's sharding (contiguous chunks
-    would put the sharding on the P axis that lax.map walks through).
+    The M tokens are padded to U·P (U = chunk, P = ceil(M/U) chunks) and walked chunk by chunk, so
+    memory holds one chunk's [U, V] logits, never [M, V]. Chunk p holds the strided tokens p, P + p,
+    2P + p, ...: when M is sharded over devices, every chunk then takes tokens from every shard and
+    the U axis keeps M's sharding (contiguous chunks would put the sharding on the P axis that the
+    loop walks through). Differentiated, the chunk's gradients are formed in the same pass as its
+    loss (`_fused_nll_sum`): the logits are computed and exponentiated once, not again in the
+    backward as a rematerialised chunk would.
     """
     M, D = h_MD.shape
     U = min(chunk, M)
@@ -50,19 +63,59 @@ def chunked_cross_entropy(
     mask_M = mask_M.astype(jnp.bool_)
     targets_M = jnp.where(mask_M, targets_M, 0)  # masked slots may hold any id (e.g. -1 fill)
     # as the model's head: cast once, f32 accumulation. Gathered (over FSDP) once, outside the
-    # checkpointed chunk body: otherwise every chunk re-gathers it, forward and backward.
+    # chunk loop: otherwise every chunk re-gathers it, forward and backward.
     w_head_DV = constrain(w_head_DV.astype(h_MD.dtype), (None, "act_vocab"))
     h_PUD = jnp.pad(h_MD, ((0, pad), (0, 0))).reshape(U, P, D).swapaxes(0, 1)
     targets_PU = jnp.pad(targets_M, (0, pad)).reshape(U, P).T
-    mask_PU = jnp.pad(mask_M, (0, pad)).reshape(U, P).T
+    mask_PU = jnp.pad(mask_M, (0, pad)).reshape(U, P).T.astype(jnp.float32)
+    return _fused_nll_sum(h_PUD, w_head_DV, targets_PU, mask_PU), mask_M.sum(dtype=jnp.float32)
 
-    @jax.checkpoint
-    def chunk_loss(xs):
+
+def _chunk_nll(h_UD, w_DV, targets_U, mask_U):
+    """(Σ mask · NLL over one chunk, its f32 logits [U, V], their logsumexp [U])."""
+    logits_UV = jnp.einsum("UD,DV->UV", h_UD, w_DV, preferred_element_type=jnp.float32)
+    lse_U = jax.nn.logsumexp(logits_UV, axis=-1)
+    target_logit_U = jnp.take_along_axis(logits_UV, targets_U[:, None], axis=-1)[:, 0]
+    return (mask_U * (lse_U - target_logit_U)).sum(), logits_UV, lse_U
+
+
+@jax.custom_vjp
+def _fused_nll_sum(h_PUD, w_DV, targets_PU, mask_PU):
+    """Σ mask · NLL over P chunks of U tokens (h_PUD, targets_PU, mask_PU f32) with one head w_DV."""
+    return jax.lax.map(lambda xs: _chunk_nll(xs[0], w_DV, *xs[1:])[0], (h_PUD, targets_PU, mask_PU)).sum()
+
+
+def _fused_nll_fwd(h_PUD, w_DV, targets_PU, mask_PU):
+    """The loss and, in the same chunk loop, its gradients: per chunk, with g = mask · (softmax(z) −
+    onehot(y)) [U, V], dh = g Wᵀ and dW += hᵀ g (f32 accumulation; fed to the matmuls in h's dtype)."""
+
+    def chunk(dw_DV, xs):
         h_UD, targets_U, mask_U = xs
-        return jnp.where(mask_U, token_nll(h_UD, w_head_DV, targets_U), 0.0).sum()
+        logits_UV = jnp.einsum("UD,DV->UV", h_UD, w_DV, preferred_element_type=jnp.float32)
+        max_U = jax.lax.stop_gradient(logits_UV.max(axis=-1))
+        e_UV = jnp.exp(logits_UV - max_U[:, None])  # the one exponential pass
+        sum_U = e_UV.sum(axis=-1)
+        target_logit_U = jnp.take_along_axis(logits_UV, targets_U[:, None], axis=-1)[:, 0]
+        loss = (mask_U * (max_U + jnp.log(sum_U) - target_logit_U)).sum()
+        probs_UV = e_UV / sum_U[:, None]
+        onehot_UV = jnp.arange(w_DV.shape[1])[None, :] == targets_U[:, None]
+        g_UV = ((probs_UV - onehot_UV) * mask_U[:, None]).astype(h_UD.dtype)
+        dh_UD = jnp.einsum("UV,DV->UD", g_UV, w_DV, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.einsum("UD,UV->DV", h_UD, g_UV, preferred_element_type=jnp.float32)
+        return dw_DV, (loss, dh_UD.astype(h_UD.dtype))
 
-    loss_P = jax.lax.map(chunk_loss, (h_PUD, targets_PU, mask_PU))
-    return loss_P.sum(), mask_M.sum(dtype=jnp.float32)
+    dw0_DV = constrain(jnp.zeros(w_DV.shape, jnp.float32), (None, "act_vocab"))
+    dw_DV, (loss_P, dh_PUD) = jax.lax.scan(chunk, dw0_DV, (h_PUD, targets_PU, mask_PU))
+    zeros = (np.zeros(targets_PU.shape, jax.dtypes.float0), jnp.zeros_like(mask_PU))
+    return loss_P.sum(), (dh_PUD, dw_DV.astype(w_DV.dtype), zeros)
+
+
+def _fused_nll_bwd(residuals, ct):
+    dh_PUD, dw_DV, zeros = residuals
+    return ((dh_PUD * ct).astype(dh_PUD.dtype), (dw_DV * ct).astype(dw_DV.dtype), *zeros)
+
+
+_fused_nll_sum.defvjp(_fused_nll_fwd, _fused_nll_bwd)
 
 
 def next_token_targets(

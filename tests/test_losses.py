@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.losses import chunked_cross_entropy, next_token_targets, token_nll
+from deepseek_jax.losses import auto_chunk_tokens, chunked_cross_entropy, next_token_targets, token_nll
 
 
 def ce_inputs(M=37, D=16, V=50, seed=0):
@@ -49,6 +49,24 @@ def test_chunked_ce_matches_full_logits(chunk):
     want = jax.jit(jax.grad(lambda h, w: direct_mean_ce(h, w, t, m), argnums=(0, 1)))(h, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_ce_gradients_in_bf16():
+    """The fused loss's gradients (formed in the forward pass) for bf16 inputs agree with the plain
+    autodiff of the full-logit loss at bf16 resolution, and scale with the incoming cotangent."""
+    h, w, t, m = ce_inputs()
+    hb, wb = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    got = jax.jit(jax.grad(lambda h, w: 3.0 * chunked_cross_entropy(h, w, t, m, 8)[0], argnums=(0, 1)))(hb, wb)
+    want = jax.jit(jax.grad(lambda h, w: 3.0 * direct_mean_ce(h, w, t, m) * m.sum(), argnums=(0, 1)))(h, w)
+    for g, r, ref_dtype in zip(got, want, (hb.dtype, wb.dtype)):
+        assert g.dtype == ref_dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=2e-2, atol=2e-2 * np.abs(r).max())
+
+
+def test_auto_chunk_tokens():
+    assert auto_chunk_tokens(129280) == 512  # 2^26 logits at most per chunk
+    assert auto_chunk_tokens(2048) == 32768
+    assert auto_chunk_tokens(10**9) == 8
 
 
 def all_shapes(jaxpr):

@@ -52,8 +52,13 @@ class MLAConfig:
     v_head_dim: int  # O
     q_block: int = 512  # queries per block of the streamed attention (memory only); 0 = one block
     k_block: int = 1024  # keys per chunk of its online softmax / DSA's running top-k (memory only); 0 = all
+    # dense attention of a full forward (training, prefill): naive (per-head keys), absorbed (latent keys,
+    # as decoding) or auto = the one with fewer FLOPs per (query, key) pair (`absorbed_training`)
+    train_form: Literal["auto", "naive", "absorbed"] = "auto"
 
     def __post_init__(self):
+        _check(self.train_form in ("auto", "naive", "absorbed"),
+               f"mla.train_form must be auto, naive or absorbed, got {self.train_form!r}")
         for name in ("n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _check(getattr(self, name) > 0, f"mla.{name} must be > 0, got {getattr(self, name)}")
         for name in ("q_block", "k_block"):
@@ -67,6 +72,17 @@ class MLAConfig:
     @property
     def qk_head_dim(self) -> int:  # H + R
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def absorbed_training(self) -> bool:
+        """Whether a full forward's dense attention runs in latent space. Per (query, key) pair the
+        naive form costs N(H + R) + N·O multiply-adds (scores, values), the absorbed N(C + R) + N·C;
+        the per-token work (keys expanded vs queries absorbed and outputs un-absorbed) is N·C·(H + O)
+        either way. So absorbed iff 2C < H + O: V3 (C 512, H = O = 128) naive, MaxText's
+        deepseek3-tiny (C 16, H = O = 128) absorbed; ties stay naive (the HF numerics)."""
+        if self.train_form != "auto":
+            return self.train_form == "absorbed"
+        return 2 * self.kv_lora_rank < self.qk_nope_head_dim + self.v_head_dim
 
 
 @dataclass(frozen=True, kw_only=True)

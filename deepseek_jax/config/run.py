@@ -134,7 +134,9 @@ class TrainConfig:
     index_loss_weight: float = 1.0
     balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
     bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off
-    loss_chunk_tokens: int = 4096  # tokens per device per cross-entropy chunk (memory ~ chunk x V)
+    # tokens per device per cross-entropy chunk (memory ~ chunk x V); 0 = auto (losses.auto_chunk_tokens:
+    # ~2^26 logits per chunk, e.g. 512 tokens at V3's 129,280-token vocabulary)
+    loss_chunk_tokens: int = 0
     skip_nonfinite_steps: bool = False  # skip a step whose loss/grads are NaN/Inf instead of stopping
     peak_flops: float = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up
     sample_prompts: tuple[str, ...] = ("def fibonacci(n):", "import os\n")  # completions at the end
@@ -146,7 +148,7 @@ class TrainConfig:
         _check(self.log_every > 0, "train.log_every must be > 0")
         _check(self.eval_every >= 0 and self.ckpt_every >= 0, "train intervals must be >= 0")
         _check(self.keep_checkpoints > 0 and self.eval_batches > 0, "train counts must be > 0")
-        _check(self.loss_chunk_tokens > 0, "train.loss_chunk_tokens must be > 0")
+        _check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must be >= 0 (0 = auto)")
         for name in ("mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops", "index_loss_weight"):
             _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
 

@@ -122,17 +122,22 @@ def mla_absorbed(
 
 def mla_streamed(queries, q_pos, keys, w_ukv, scale, k_block: int, *, absorbed: bool) -> jax.Array:
     """Dense MLA [B, T, N, O] over key chunks of k_block with an online softmax (stream.py): no
-    [T, S] array. queries = (q_nope, q_rope), q_pos = (q_slot [B, T], q_doc [B, T]). Naive
-    (training numerics): keys = (k_nope [B,S,N,H], v [B,S,N,O], k_rope [B,S,R], k_doc [B,S]).
-    Absorbed (decoding): keys = (kv_latent [B,S,C], k_rope [B,S,R], k_doc [B,S]), W_uv after."""
+    [T, S] array. queries = (q_nope, q_rope), q_pos = (q_slot [B, T], q_doc [B, T]). Naive:
+    keys = (k_nope [B,S,N,H], v [B,S,N,O], k_rope [B,S,R], k_doc [B,S]). Absorbed: keys =
+    (kv_latent [B,S,C], k_rope [B,S,R], k_doc [B,S]), W_uk folded into the query and W_uv applied
+    after; w_uk None means q_nope already is the latent query [B,T,N,C], w_uv None returns the latent
+    context [B,T,N,C] (the caller merged them into its own weights, `merge_cheaper`). The softmax
+    scale is folded into the queries (T·N·(H + R) products instead of T·N·S)."""
     (q_nope_BTNH, q_rope_BTNR), (q_slot_BT, q_doc_BT), (w_uk_CNH, w_uv_CNO) = queries, q_pos, w_ukv
     B, T, N, _ = q_nope_BTNH.shape
-    q_latent_BTNC = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH) if absorbed else None
+    if absorbed and w_uk_CNH is not None:
+        q_nope_BTNH = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
+    q_nope_BTNH, q_rope_BTNR = (q * jnp.asarray(scale, q.dtype) for q in (q_nope_BTNH, q_rope_BTNR))
 
     def logits_fn(*chunks):
         if absorbed:
-            return latent_scores(q_latent_BTNC, q_rope_BTNR, chunks[0], chunks[1], scale)
-        return naive_logits(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[2], scale)
+            return latent_scores(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[1], 1.0)
+        return naive_logits(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[2], 1.0)
 
     def values_fn(p_BTNK, *chunks):
         if absorbed:
@@ -146,9 +151,20 @@ def mla_streamed(queries, q_pos, keys, w_ukv, scale, k_block: int, *, absorbed: 
     out, _ = stream.flash_attention(
         logits_fn, values_fn, visible_fn, k_block, keys, (B, T, N), O, needed=past_only(q_slot_BT)
     )
+    if absorbed and w_uv_CNO is None:
+        return out.astype(keys[0].dtype)
     if absorbed:
         return jnp.einsum("BTNC,CNO->BTNO", out.astype(w_uv_CNO.dtype), w_uv_CNO)
     return out.astype(keys[1].dtype)
+
+
+def merge_cheaper(X: int, H: int, C: int) -> bool:
+    """Whether a token's X-wide input meets the latent C through one merged [X, N, C] weight more
+    cheaply than through the H-wide head: X·C < X·H + H·C multiply-adds per head. The query side
+    (X = Q or D, H = qk_nope_head_dim: W_uq·W_ukᵀ) and the output side (X = D, H = v_head_dim:
+    W_uv·W_o) of absorbed MLA both ask it. MaxText's deepseek3-tiny (Q 32, D 64, C 16, H 128):
+    yes; V3 (Q 1536, D 7168, C 512, H 128): no."""
+    return X * C < X * H + H * C
 
 
 def mla_sparse(

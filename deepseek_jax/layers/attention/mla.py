@@ -52,6 +52,7 @@ from deepseek_jax.layers.attention.latent import (
     check_kernel,
     kernel_attention,
     key_positions,
+    merge_cheaper,
     mla_streamed,
     naive_keys,
     use_kernel,
@@ -115,7 +116,8 @@ class MLA(nn.Module):
         return inv_freq, cos_scale, softmax_scale
 
     def query(self, x_BTD, cos_BTr, sin_BTr):
-        """c_q [B, T, Q] (None when Q = 0), q_nope [B, T, N, H], q_rope [B, T, N, R] (rotated)."""
+        """c_q [B, T, Q] (None when Q = 0); the input of the non-rotated query dims and their weight,
+        (c_q or x [B, T, X], w [X, N, H]), for `query_nope`; and q_rope [B, T, N, R] (rotated)."""
         c, D, N, K = self.cfg, self.dim, self.cfg.n_heads, self.cfg.qk_head_dim
         head_init, c_q_BTQ = dense_init([0], [1, 2]), None
         if c.q_lora_rank > 0:
@@ -124,14 +126,22 @@ class MLA(nn.Module):
             w_uq_QNK = param(self, "w_uq", ("q_latent", "heads", "head_dim"), (Q, N, K), head_init)
             c_q_BTQ = jnp.einsum("BTD,DQ->BTQ", x_BTD, w_dq_DQ.astype(self.dtype))
             c_q_BTQ = RMSNorm(Q, self.norm_eps, "q_latent", self.dtype, name="q_norm")(c_q_BTQ)
-            q_BTNK = jnp.einsum("BTQ,QNK->BTNK", c_q_BTQ, w_uq_QNK.astype(self.dtype))
+            src_BTX, w_XNK = c_q_BTQ, w_uq_QNK.astype(self.dtype)
         else:
             w_q_DNK = param(self, "w_q", ("embed", "heads", "head_dim"), (D, N, K), head_init)
-            q_BTNK = jnp.einsum("BTD,DNK->BTNK", x_BTD, w_q_DNK.astype(self.dtype))
-        q_rope_BTNR = apply_rope(
-            q_BTNK[..., c.qk_nope_head_dim :], cos_BTr[:, :, None], sin_BTr[:, :, None]
-        )
-        return c_q_BTQ, q_BTNK[..., : c.qk_nope_head_dim], q_rope_BTNR
+            src_BTX, w_XNK = x_BTD, w_q_DNK.astype(self.dtype)
+        H = c.qk_nope_head_dim
+        q_rope_BTNR = jnp.einsum("BTX,XNR->BTNR", src_BTX, w_XNK[..., H:])
+        q_rope_BTNR = apply_rope(q_rope_BTNR, cos_BTr[:, :, None], sin_BTr[:, :, None])
+        return c_q_BTQ, (src_BTX, w_XNK[..., :H]), q_rope_BTNR
+
+    @staticmethod
+    def query_nope(src_BTX, w_XNH, w_uk_CNH=None):
+        """q_nope [B, T, N, H]; given w_uk, the latent query [B, T, N, C] through the merged weight
+        W_XNH·W_ukᵀ [X, N, C] (absorbed attention where `merge_cheaper` says so)."""
+        if w_uk_CNH is None:
+            return jnp.einsum("BTX,XNH->BTNH", src_BTX, w_XNH)
+        return jnp.einsum("BTX,XNC->BTNC", src_BTX, jnp.einsum("XNH,CNH->XNC", w_XNH, w_uk_CNH))
 
     def key_value(self, x_BTD, cos_BTr, sin_BTr):
         """kv_latent [B, T, C] (normed) and k_rope [B, T, R] (rotated): what the cache holds."""
@@ -165,9 +175,10 @@ class MLA(nn.Module):
     def attend(self, queries, keys: LatentCache, index_qw, w_ukv, pos, scale, cached, index_loss):
         """out [B, T, N, O] and the per-query indexer KL [B, T] (or None), streamed over key chunks;
         pos = (q_slot [B, T], q_doc [B, T], k_doc [B, S]) (latent.key_positions). Without the
-        indexer: naive numerics for a full forward, absorbed (latent keys) when decoding."""
+        indexer: a full forward in the cheaper form (`MLAConfig.absorbed_training`), absorbed (latent
+        keys) when decoding."""
         c, ic, k_doc_BS = self.cfg, self.index, pos[2]
-        naive = (not cached) if ic is None else ic.index_dense_warmup
+        naive = (not cached and not c.absorbed_training) if ic is None else ic.index_dense_warmup
         if naive:  # per-head keys and values, O(S) memory, computed once for every query block
             keys = (*naive_keys(keys.kv_latent, *w_ukv), keys.k_rope, keys.index_k)
         keys = tuple(a for a in keys if a is not None) + (k_doc_BS,)
@@ -207,17 +218,24 @@ class MLA(nn.Module):
         x_BTD = constrain(x_BTD.astype(self.dtype), ("act_batch", "act_seq", "act_embed"))
         inv_freq, cos_scale, scale = self.setup_rope()
         cos_BTr, sin_BTr = rope_cos_sin(positions_BT, inv_freq, cos_scale)  # the indexer's too
-        c_q_BTQ, q_nope_BTNH, q_rope_BTNR = self.query(x_BTD, cos_BTr, sin_BTr)
+        c_q_BTQ, nope_in, q_rope_BTNR = self.query(x_BTD, cos_BTr, sin_BTr)
         kv_latent_BTC, k_rope_BTR = self.key_value(x_BTD, cos_BTr, sin_BTr)
         iq_BTPY = ik_BTY = iw_BTP = None
         if ic is not None:
             iq_BTPY, ik_BTY, iw_BTP = self.indexer(x_BTD, c_q_BTQ, cos_BTr, sin_BTr)
         w_uk_CNH, w_uv_CNO, w_o_NOD = self.head_weights()
-
-        keys = LatentCache(kv_latent_BTC, k_rope_BTR, ik_BTY)
-        queries, w_ukv = (q_nope_BTNH, q_rope_BTNR), (w_uk_CNH, w_uv_CNO)
         kernel = use_kernel(self.attention_impl, segmented=segment_ids_BT is not None, cached=cache is not None,
                             indexed=ic is not None)  # fmt: skip
+        # absorbed dense attention: W_uq·W_ukᵀ and W_uv·W_o merged where that is cheaper (latent.merge_cheaper)
+        absorbed = ic is None and not kernel and (cache is not None or c.absorbed_training)
+        X, C = nope_in[0].shape[-1], c.kv_lora_rank
+        merge_q = absorbed and merge_cheaper(X, c.qk_nope_head_dim, C)
+        merge_o = absorbed and merge_cheaper(self.dim, c.v_head_dim, C)
+        q_nope_BTNH = self.query_nope(*nope_in, w_uk_CNH if merge_q else None)
+
+        keys = LatentCache(kv_latent_BTC, k_rope_BTR, ik_BTY)
+        queries = (q_nope_BTNH, q_rope_BTNR)
+        w_ukv = (None if merge_q else w_uk_CNH, None if merge_o else w_uv_CNO)
         if kernel:  # a fused kernel: causal, one document, the whole sequence on this device
             check_kernel(self.attention_impl, self.dtype, max(c.qk_head_dim, c.v_head_dim))
             k_nope_BSNH, v_BSNO = naive_keys(kv_latent_BTC, *w_ukv)
@@ -234,4 +252,7 @@ class MLA(nn.Module):
         real_BT = None if segment_ids_BT is None else segment_ids_BT > 0  # segment 0 = padding
         kl = None if kl_BT is None else mean_over_tokens(kl_BT, real_BT)
         out_BTNO = constrain(out_BTNO, ("act_batch", "act_seq", "act_heads", None))
+        if merge_o:  # out_BTNO is the latent context [B, T, N, C]
+            w_CND = jnp.einsum("CNO,NOD->CND", w_uv_CNO, w_o_NOD.astype(self.dtype))
+            return jnp.einsum("BTNC,CND->BTD", out_BTNO, w_CND), cache, kl
         return jnp.einsum("BTNO,NOD->BTD", out_BTNO, w_o_NOD.astype(self.dtype)), cache, kl

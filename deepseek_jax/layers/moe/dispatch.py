@@ -167,6 +167,8 @@ def _a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
 
 
 def _ragged_a2a(c, x_MD, experts_MA, weights_MA, mask_M, w, ax):
+    if not ax.experts:  # one expert shard (no mesh, or experts not split): nothing to exchange
+        return _psum(_experts(c, x_MD, experts_MA, weights_MA, w, ax.quant_sim), ax.hidden), jnp.int32(0)
     ragged = _ragged_all_to_all_reference if c.dispatch == "ragged_a2a_emulated" else _ragged_all_to_all
     ep_axes, E_l, (M, A) = ax.experts, w[0].shape[0], experts_MA.shape
     ep, X, D, me = ax.ep, M * A, x_MD.shape[1], _rank(ep_axes)

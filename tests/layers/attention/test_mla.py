@@ -1,5 +1,7 @@
 """Multi-head latent attention: naive vs absorbed, vs numpy float64, masks, and the decode cache."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -188,6 +190,27 @@ def test_module_matches_numpy(module_setup):
     assert cache is None and kl is None
     want, _, _ = np_mla_module(params, cfg, x, positions, np.asarray(causal_mask(None, B, 12)))
     assert_close(out, want, **TOL["layer_f32"], what="MLA module vs numpy")
+
+
+def test_absorbed_training_form_matches_numpy_and_naive_grads(module_setup):
+    """mla.train_form=absorbed (latent keys; at these widths W_uq·W_ukᵀ and W_uv·W_o are merged,
+    latent.merge_cheaper) computes the naive form's function: output vs numpy, gradients vs naive."""
+    cfg, _, params, x, positions = module_setup
+    want, _, _ = np_mla_module(params, cfg, x, positions, np.asarray(causal_mask(None, B, 12)))
+    grads = {}
+    for form in ("naive", "absorbed"):
+        mla = MLA(dataclasses.replace(cfg, train_form=form), ROPE, D, dtype=jnp.float32)
+        out = jax.jit(mla.apply)({"params": params}, x, positions)[0]
+        assert_close(out, want, **TOL["layer_f32"], what=f"MLA train_form={form} vs numpy")
+        loss = lambda p: (mla.apply({"params": p}, x, positions)[0] ** 2).sum()  # noqa: E731
+        grads[form] = jax.jit(jax.grad(loss))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads["absorbed"]):
+        ref = dict(jax.tree_util.tree_leaves_with_path(grads["naive"]))[path]
+        assert_close(g, ref, **TOL["layer_f32"], what=f"grad {jax.tree_util.keystr(path)} absorbed vs naive")
+    assert not MLAConfig(n_heads=4, q_lora_rank=32, kv_lora_rank=512, qk_nope_head_dim=128,
+                         qk_rope_head_dim=64, v_head_dim=128).absorbed_training  # V3: naive
+    assert MLAConfig(n_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128).absorbed_training  # deepseek3-tiny
 
 
 @jax.jit
