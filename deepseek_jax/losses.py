@@ -37,9 +37,17 @@ LOGITS_PER_CHUNK = 2**26  # f32 logits of one cross-entropy chunk (256 MB): larg
 # faster than one 2048-token chunk on the 2-core CPU, experiments/results/bench_peers.md)
 
 
-def auto_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per device per cross-entropy chunk for `train.loss_chunk_tokens: 0`: the largest power
-    of two with at most LOGITS_PER_CHUNK logits (at least 8)."""
+MULTI_DEVICE_CHUNK_TOKENS = 4096  # per device, when the tokens are split over devices (below)
+
+
+def auto_chunk_tokens(vocab_size: int, batch_shards: int = 1) -> int:
+    """Tokens per device per cross-entropy chunk for `train.loss_chunk_tokens: 0`. On one batch shard
+    the largest power of two with at most LOGITS_PER_CHUNK logits (at least 8). With the tokens split
+    over devices every chunk's head gradient dW [D, V] is all-reduced inside the chunk loop (the carry
+    is replicated), so there fewer, larger chunks: MULTI_DEVICE_CHUNK_TOKENS (the default before
+    the auto size)."""
+    if batch_shards > 1:
+        return MULTI_DEVICE_CHUNK_TOKENS
     return max(8, 1 << max(0, (LOGITS_PER_CHUNK // vocab_size).bit_length() - 1))
 
 
@@ -141,8 +149,8 @@ DSPARK_CONFIDENCE_WEIGHT = 0.1  # c: the confidence BCE next to the draft cross-
 def chunked_nll_and_hits(
     h_MD: jax.Array, w_head_DV: jax.Array, targets_M: jax.Array, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
-    """(NLL [M], argmax == target [M] bool, no gradient) chunk by chunk, as chunked_cross_entropy (its
-    strided chunks, each under remat): never [M, V] logits."""
+    """(NLL [M], argmax == target [M] bool, no gradient) chunk by chunk in chunked_cross_entropy's
+    strided chunks, each under remat: never [M, V] logits."""
     M, D = h_MD.shape
     U = min(chunk, M)
     P = -(-M // U)

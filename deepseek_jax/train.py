@@ -62,7 +62,8 @@ def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss
     )  # fmt: skip
     B, T, D = out.hidden.shape
     w_head_DV = params["w_head"].astype(out.hidden.dtype)
-    chunk = (tcfg.loss_chunk_tokens or losses.auto_chunk_tokens(mcfg.vocab_size)) * batch_shards()  # global
+    per_device = tcfg.loss_chunk_tokens or losses.auto_chunk_tokens(mcfg.vocab_size, batch_shards())
+    chunk = per_device * batch_shards()  # global tokens per chunk
 
     def cross_entropy(hidden_BTD, k):  # (Σ NLL, tokens) of the targets k positions ahead
         targets, mask = losses.next_token_targets(batch["tokens"], batch["loss_mask"], k)

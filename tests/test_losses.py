@@ -67,6 +67,7 @@ def test_auto_chunk_tokens():
     assert auto_chunk_tokens(129280) == 512  # 2^26 logits at most per chunk
     assert auto_chunk_tokens(2048) == 32768
     assert auto_chunk_tokens(10**9) == 8
+    assert auto_chunk_tokens(129280, batch_shards=8) == 4096  # fewer [D, V] all-reduces over devices
 
 
 def all_shapes(jaxpr):

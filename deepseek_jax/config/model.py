@@ -53,7 +53,8 @@ class MLAConfig:
     q_block: int = 512  # queries per block of the streamed attention (memory only); 0 = one block
     k_block: int = 1024  # keys per chunk of its online softmax / DSA's running top-k (memory only); 0 = all
     # dense attention of a full forward (training, prefill): naive (per-head keys), absorbed (latent keys,
-    # as decoding) or auto = the one with fewer FLOPs per (query, key) pair (`absorbed_training`)
+    # as decoding) or auto = the one with fewer FLOPs per (query, key) pair (`absorbed_training`); not used
+    # by DSA (index set: its own forms) nor by the cuDNN kernel path (attention_impl: cudnn, per-head keys)
     train_form: Literal["auto", "naive", "absorbed"] = "auto"
 
     def __post_init__(self):

@@ -134,8 +134,8 @@ class TrainConfig:
     index_loss_weight: float = 1.0
     balance_loss_weight: float = 1e-4  # α of the sequence-wise balance loss (V3: 1e-4)
     bias_update_rate: float = 1e-3  # γ of the aux-loss-free bias update (V3: 0.001); 0 = off
-    # tokens per device per cross-entropy chunk (memory ~ chunk x V); 0 = auto (losses.auto_chunk_tokens:
-    # ~2^26 logits per chunk, e.g. 512 tokens at V3's 129,280-token vocabulary)
+    # tokens per device per cross-entropy chunk (memory ~ chunk x V); 0 = auto (losses.auto_chunk_tokens: on
+    # one device ~2^26 logits per chunk, e.g. 512 tokens at V3's 129,280-token vocabulary; else 4096)
     loss_chunk_tokens: int = 0
     skip_nonfinite_steps: bool = False  # skip a step whose loss/grads are NaN/Inf instead of stopping
     peak_flops: float = 0.0  # per-device FLOP/s for MFU; 0 = measure a matmul at start-up

@@ -64,7 +64,8 @@ def estimate(p: Program) -> dict[str, Volume]:
     Tensor parallelism (axes of `act_heads` / `act_mlp` not splitting tokens): 4 all-reduces of
     M·D per layer (attention and FFN outputs, and their input gradients). Context parallelism
     (`act_seq` axes): the attention keys' all-gathers, their gradients' reduce-scatters and the
-    query reorder (`plan.context`). Loss-chunk, router and metric reductions are left out (small).
+    query reorder (`plan.context`). Left out: router and metric reductions (small) and the loss chunks'
+    head-gradient all-reduces (one [D, V] per chunk where the vocabulary is not split: not small).
     """
     mcfg, mesh = p.cfg.model, p.mesh
     with p.activate():

@@ -1,6 +1,6 @@
 """MLA's attention math as pure functions (the layer is mla.py, DSA's parts dsa.py): which keys a
-query sees, and dense attention naive (per-head keys, training numerics), absorbed (latent keys,
-decoding), streamed over key chunks, sparse over gathered keys, or through a fused kernel.
+query sees, and dense attention naive (per-head keys) or absorbed (latent keys: decoding, and training
+where `MLAConfig.absorbed_training`), streamed over key chunks, sparse over gathered keys, or through a fused kernel.
 
 Visibility is computed per key chunk from the queries' slots and document ids and the keys' document
 ids (`key_visible`), never stored as a [T, S] mask: key slot s is visible to the query at slot t iff
@@ -126,18 +126,20 @@ def mla_streamed(queries, q_pos, keys, w_ukv, scale, k_block: int, *, absorbed: 
     keys = (k_nope [B,S,N,H], v [B,S,N,O], k_rope [B,S,R], k_doc [B,S]). Absorbed: keys =
     (kv_latent [B,S,C], k_rope [B,S,R], k_doc [B,S]), W_uk folded into the query and W_uv applied
     after; w_uk None means q_nope already is the latent query [B,T,N,C], w_uv None returns the latent
-    context [B,T,N,C] (the caller merged them into its own weights, `merge_cheaper`). The softmax
-    scale is folded into the queries (T·N·(H + R) products instead of T·N·S)."""
+    context [B,T,N,C] (the caller merged them into its own weights, `merge_cheaper`). Absorbed, the
+    softmax scale is folded into the queries (T·N·(C + R) products instead of T·N·S); naive, it scales
+    the f32 logits as HF does."""
     (q_nope_BTNH, q_rope_BTNR), (q_slot_BT, q_doc_BT), (w_uk_CNH, w_uv_CNO) = queries, q_pos, w_ukv
     B, T, N, _ = q_nope_BTNH.shape
     if absorbed and w_uk_CNH is not None:
         q_nope_BTNH = jnp.einsum("BTNH,CNH->BTNC", q_nope_BTNH, w_uk_CNH)
-    q_nope_BTNH, q_rope_BTNR = (q * jnp.asarray(scale, q.dtype) for q in (q_nope_BTNH, q_rope_BTNR))
+    if absorbed:  # scaled in f32, then rounded once to the compute dtype (the scale itself never is)
+        q_nope_BTNH, q_rope_BTNR = ((q.astype(jnp.float32) * scale).astype(q.dtype) for q in (q_nope_BTNH, q_rope_BTNR))
 
     def logits_fn(*chunks):
         if absorbed:
             return latent_scores(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[1], 1.0)
-        return naive_logits(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[2], 1.0)
+        return naive_logits(q_nope_BTNH, q_rope_BTNR, chunks[0], chunks[2], scale)  # HF: f32 logits x scale
 
     def values_fn(p_BTNK, *chunks):
         if absorbed:
@@ -158,13 +160,14 @@ def mla_streamed(queries, q_pos, keys, w_ukv, scale, k_block: int, *, absorbed: 
     return out.astype(keys[1].dtype)
 
 
-def merge_cheaper(X: int, H: int, C: int) -> bool:
-    """Whether a token's X-wide input meets the latent C through one merged [X, N, C] weight more
-    cheaply than through the H-wide head: X·C < X·H + H·C multiply-adds per head. The query side
-    (X = Q or D, H = qk_nope_head_dim: W_uq·W_ukᵀ) and the output side (X = D, H = v_head_dim:
-    W_uv·W_o) of absorbed MLA both ask it. MaxText's deepseek3-tiny (Q 32, D 64, C 16, H 128):
-    yes; V3 (Q 1536, D 7168, C 512, H 128): no."""
-    return X * C < X * H + H * C
+def merge_cheaper(X: int, H: int, C: int, M: int) -> bool:
+    """Whether M tokens' X-wide inputs meet the latent C through one merged [X, N, C] weight more
+    cheaply than through the H-wide head, counting the merge itself: M·X·C + X·H·C < M·(X·H + H·C)
+    multiply-adds per head. The query side (X = Q or D, H = qk_nope_head_dim: W_uq·W_ukᵀ) and the
+    output side (X = D, H = v_head_dim: W_uv·W_o) of absorbed MLA both ask it. MaxText's
+    deepseek3-tiny (Q 32, D 64, C 16, H 128) training: yes; V3 (Q 1536, D 7168, C 512, H 128): no;
+    decoding one token (M = batch) rarely."""
+    return M * X * C + X * H * C < M * (X * H + H * C)
 
 
 def mla_sparse(

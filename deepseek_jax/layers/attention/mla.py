@@ -173,7 +173,8 @@ class MLA(nn.Module):
         return indexer(detach(x_BTD), detach(c_q_BTQ), cos_BTr, sin_BTr)
 
     def attend(self, queries, keys: LatentCache, index_qw, w_ukv, pos, scale, cached, index_loss):
-        """out [B, T, N, O] and the per-query indexer KL [B, T] (or None), streamed over key chunks;
+        """out [B, T, N, O] (the latent context [B, T, N, C] when w_ukv's W_uv is None: merged into
+        W_o by the caller) and the per-query indexer KL [B, T] (or None), streamed over key chunks;
         pos = (q_slot [B, T], q_doc [B, T], k_doc [B, S]) (latent.key_positions). Without the
         indexer: a full forward in the cheaper form (`MLAConfig.absorbed_training`), absorbed (latent
         keys) when decoding."""
@@ -229,8 +230,8 @@ class MLA(nn.Module):
         # absorbed dense attention: W_uq·W_ukᵀ and W_uv·W_o merged where that is cheaper (latent.merge_cheaper)
         absorbed = ic is None and not kernel and (cache is not None or c.absorbed_training)
         X, C = nope_in[0].shape[-1], c.kv_lora_rank
-        merge_q = absorbed and merge_cheaper(X, c.qk_nope_head_dim, C)
-        merge_o = absorbed and merge_cheaper(self.dim, c.v_head_dim, C)
+        merge_q = absorbed and merge_cheaper(X, c.qk_nope_head_dim, C, B * T)
+        merge_o = absorbed and merge_cheaper(self.dim, c.v_head_dim, C, B * T)
         q_nope_BTNH = self.query_nope(*nope_in, w_uk_CNH if merge_q else None)
 
         keys = LatentCache(kv_latent_BTC, k_rope_BTR, ik_BTY)
