@@ -51,9 +51,9 @@ def blocks(cfg):
     return dataclasses.replace(cfg, **new)
 
 
-def mla(index: str | None = None) -> MLA:
+def mla(index: str | None = None, train_form: str = "auto") -> MLA:
     cfg = blocks(MLAConfig(n_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                           v_head_dim=16))  # fmt: skip
+                           v_head_dim=16, train_form=train_form))  # fmt: skip
     ic = None
     if index is not None:
         ic = blocks(IndexerConfig(index_n_heads=2, index_head_dim=16, index_topk=64,
@@ -146,6 +146,7 @@ def v41_chain(producer_role: str, consumer_role: str | None, ratio: int):
 
 CASES = {
     "mla_train_packed": lambda: training(mla()),
+    "mla_train_absorbed_packed": lambda: training(mla(train_form="absorbed")),  # latent keys, merged weights
     "mla_prefill_cache": lambda: prefill(mla(), lambda: init_mla_cache(mla().cfg, None, 1, T, jnp.float32)),
     "dsa_sparse_train_index_loss": lambda: training(mla("sparse"), index_loss=True),
     "dsa_warmup_train_index_loss": lambda: training(mla("warmup"), index_loss=True),
