@@ -331,7 +331,11 @@ def test_layout_invariance_v4(mesh, reference_v4):
     assert m.compress_ratios == (4, 8, 0) and m.moe.n_hash_layers == 1 and T // 4 > m.v4.index_topk
     assert m.v4.window_size < T and m.mhc.hc_mult > 1 and m.num_nextn_predict_layers == 1
     _, out, grads, _ = run_on_mesh(cfg, v, batch)
-    compare(out, grads, ref_out, ref_grads, f"tiny_v4/{mesh}")
+    # the mHC mixing scales (`*_hc/scale`, `hc_head/scale`: one to three scalars each) are sums over all
+    # B·T tokens that the layout regroups (test_context_parallel: 1e-4 there too); with the loss's input
+    # gradient formed in its forward pass (losses._fused_nll_sum) fsdp_ep / fsdp_tp measured 2.0e-5 / 2.2e-5
+    # on the MTP's hc_head/scale. Every other gradient and the loss terms at rtol 1e-5
+    compare(out, grads, ref_out, ref_grads, f"tiny_v4/{mesh}", rtols={"_hc/scale": 1e-4, "hc_head/scale": 1e-4})
 
 
 @pytest.fixture(scope="module")
