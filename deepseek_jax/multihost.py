@@ -84,14 +84,19 @@ def put_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 
 def check_batch_split(sharding: NamedSharding, cfg: Config) -> None:
-    """Batches split evenly over their mesh axes, and over the processes (B / n distinct rows each)."""
+    """Batches split evenly over their mesh axes, and over the processes (B / n distinct rows each). On an
+    abstract mesh (planning: no devices, no processes) only the first."""
     B, n = cfg.data.global_batch_size, jax.process_count()
     axes = sharding.spec[0] if sharding.spec else None
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     shards = math.prod(sharding.mesh.shape[a] for a in axes)
     if B % shards:
+        sizes = ", ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
         raise ConfigError(f"data.global_batch_size={B} does not split over the {shards} batch shards "
-                          f"(mesh axes {list(axes)} of mesh.shape {list(cfg.mesh.shape)})")
+                          f"(mesh axes {list(axes)}: {sizes}, of mesh.shape {list(cfg.mesh.shape)}): "
+                          f"use a multiple of {shards}, or change mesh.shape or the act_batch rule")
+    if isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+        return
     rows = {tuple(range(*idx[0].indices(B))) for idx in sharding.addressable_devices_indices_map((B,)).values()}
     held = len(set().union(*rows))
     if held * n != B:

@@ -167,3 +167,20 @@ def batch_sharding(mesh: Mesh, mesh_rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def check_state_split(target, mesh) -> None:
+    """ConfigError, before anything compiles, for the first array of `target` (ShapeDtypeStructs carrying
+    NamedShardings: `Program.state_target()`) whose dimension does not divide evenly over the mesh axes
+    its PartitionSpec puts there (JAX itself fails later with an internal error). `mesh` may be abstract."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        spec = getattr(getattr(leaf, "sharding", None), "spec", None) or ()
+        for dim, (size, entry) in enumerate(zip(leaf.shape, spec)):
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            shards = math.prod(mesh.shape[a] for a in axes)
+            if size % shards:
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in axes)
+                raise ConfigError(
+                    f"{'parameter' if name.startswith('params/') else 'state array'} {name} dim {dim} (size {size}) "
+                    f"does not split over mesh axes {sizes} ({shards} shards): change mesh.shape or mesh.rules")

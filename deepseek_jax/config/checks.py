@@ -20,6 +20,29 @@ def _seq_len_fits(cfg: Config) -> str | None:
     return None
 
 
+def _targets_fit(seq_len: int, key: str, furthest: int) -> str | None:
+    """Position t predicts t + k (losses.next_token_targets): a row of T tokens has targets for k <= T - 1."""
+    if seq_len > furthest:
+        return None
+    return (f"data.seq_len={seq_len} leaves no target for {key} (its furthest target is {furthest} tokens ahead): "
+            f"needs data.seq_len >= {furthest + 1}")
+
+
+def _mtp_targets_fit(cfg: Config) -> str | None:
+    """MTP depth d (1 … K) predicts d + 1 tokens ahead (DSpark stages: `_dspark_targets_fit`)."""
+    K = cfg.model.num_nextn_predict_layers
+    if cfg.model.dspark is not None or K == 0:
+        return None
+    return _targets_fit(cfg.data.seq_len, f"model.num_nextn_predict_layers={K}", K + 1)
+
+
+def _dspark_targets_fit(cfg: Config) -> str | None:
+    """DSpark's slots z < block_size predict z + 2 tokens ahead, at every stage."""
+    ds = cfg.model.dspark
+    return None if ds is None else _targets_fit(cfg.data.seq_len, f"model.dspark.block_size={ds.block_size}",
+                                                ds.block_size + 1)
+
+
 def _media_has_model(cfg: Config) -> str | None:
     m = cfg.model
     if cfg.data.media is not None and m.vision is None and m.audio is None:
@@ -61,6 +84,8 @@ def _placeholders_not_text(cfg: Config) -> str | None:
 # (the keys a rule reads, for the error's "from" part; the rule: None when it holds, else the message)
 CHECKS: tuple[tuple[tuple[str, ...], Callable[[Config], str | None]], ...] = (
     (("data.seq_len", "model.max_seq_len"), _seq_len_fits),
+    (("data.seq_len", "model.num_nextn_predict_layers"), _mtp_targets_fit),
+    (("data.seq_len", "model.dspark.block_size"), _dspark_targets_fit),
     (("data.media", "model.vision", "model.audio"), _media_has_model),
     (("data.media.max_image_rows", "data.media.max_patches", "model.vision.max_image_tokens", "data.seq_len"),
      _image_budgets_fit),

@@ -4,10 +4,12 @@ A YAML file may hold any of the sections `model`, `mesh`, `data`, `optim`, `trai
 `include:` list of files (relative to it) merged first, left to right. `a.b=value` overrides come
 last. Unknown keys are errors that name the key, the file it came from and the nearest valid keys.
 Every Config it returns has passed its sections' invariants and the cross-section checks (checks.py).
+File names and includes expand `~`; numbers must be finite; a bad YAML value is a one-line ConfigError.
 """
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -47,14 +49,24 @@ def _leaf_paths(d: dict, prefix: str) -> list[str]:
     return paths
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: its problem and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
 def _read_yaml(path: Path, origin: dict, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
+    path = path.expanduser().resolve()
+    _check(not path.is_dir(), f"config file {path} is a directory")
     _check(path.is_file(), f"config file not found: {path}")
     _check(path not in seen, f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     _check(isinstance(raw, dict), f"{path}: top level must be a mapping, got {type(raw).__name__}")
     includes = raw.pop("include", []) or []
     includes = [includes] if isinstance(includes, str) else includes
@@ -62,7 +74,7 @@ def _read_yaml(path: Path, origin: dict, seen: tuple[Path, ...] = ()) -> dict:
     merged: dict = {}
     for inc in includes:
         _check(isinstance(inc, str), f"{path}: include entries must be file names, got {inc!r}")
-        merged = _merge(merged, _read_yaml(path.parent / inc, origin, seen + (path,)), {}, str(path))
+        merged = _merge(merged, _read_yaml(path.parent / Path(inc).expanduser(), origin, seen + (path,)), {}, str(path))
     return _merge(merged, raw, origin, str(path))
 
 
@@ -70,7 +82,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
     key, sep, value = text.partition("=")
     _check(bool(sep) and bool(key), f"override {text!r} is not of the form a.b=value")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def _set_path(d: dict, keys: list[str], value: Any, done: str = "") -> dict:
@@ -88,15 +103,13 @@ def _set_path(d: dict, keys: list[str], value: Any, done: str = "") -> dict:
 def _coerce(tp, value, where: str):
     """Checks `value` against the annotation `tp`, converting lists to tuples and ints to floats."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin in (typing.Union, types.UnionType):
         return value
     if origin is Literal:
         _check(value in typing.get_args(tp), f"{where}: {value!r} is not one of {typing.get_args(tp)}")
         return value
-    if origin in (typing.Union, types.UnionType):
-        return value
-    if tp is Any and not isinstance(value, list):
-        return value
+    if tp in SCALARS:
+        return SCALARS[tp](value, where)
     if origin is tuple:
         _check(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
@@ -104,26 +117,38 @@ def _coerce(tp, value, where: str):
         return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if isinstance(value, list):  # nested lists (mesh rule targets) become tuples: configs hash
         return tuple(_coerce(Any, v, where) for v in value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        _check(ok, f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        _check(ok, f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        _check(isinstance(value, str), f"{where}: expected a string, got {value!r}")
-        return value
     return value
+
+
+def _float(value, where: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(ok, f"{where}: expected a number, got {value!r}")
+    _check(math.isfinite(value), f"{where}: must be a finite number, got {value}")
+    return float(value)
+
+
+def _int(value, where: str) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    _check(ok, f"{where}: expected an integer, got {value!r}")
+    _check(abs(value) < 2**63, f"{where}: {value} is out of range (|value| < 2**63)")
+    return value
+
+
+def _typed(tp: type, what: str):
+    def coerce(value, where: str):
+        _check(isinstance(value, tp), f"{where}: expected {what}, got {value!r}")
+        return value
+
+    return coerce
+
+
+# scalar annotation -> its check; a list is never a scalar (YAML `[1]` for an int is an error, not a tuple)
+SCALARS = {float: _float, int: _int, bool: _typed(bool, "true/false"), str: _typed(str, "a string")}
 
 
 def build(cls, data: dict, origin: dict | None = None, prefix: str = ""):

@@ -35,7 +35,7 @@ class VisionConfig:
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "intermediate_size", "num_layers", "patch_size",
-                     "downsample_ratio", "min_pixels", "rope_theta"):
+                     "downsample_ratio", "min_pixels", "rope_theta", "norm_eps"):
             _check(getattr(self, name) > 0, f"vision.{name} must be > 0, got {getattr(self, name)}")
         _check(self.hidden_size % self.num_heads == 0,
                f"vision.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")

@@ -176,6 +176,7 @@ class MoEConfig:
         _check(self.swiglu_limit >= 0, f"moe.swiglu_limit must be >= 0 (0 = off), got {self.swiglu_limit}")
         _check(self.n_hash_layers >= 0, f"moe.n_hash_layers must be >= 0, got {self.n_hash_layers}")
         _check(self.gate_temp > 0, f"moe.gate_temp must be > 0, got {self.gate_temp}")
+        _check(self.route_scale > 0, f"moe.route_scale must be > 0, got {self.route_scale}")
 
 
 @dataclass(frozen=True, kw_only=True)

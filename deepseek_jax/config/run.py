@@ -2,6 +2,7 @@
 whole run (model + mesh + data + optim + train) that one YAML file set resolves to."""
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,20 @@ MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 DEMO_SOURCE = "demo_media"  # data.source of the built-in demo records (data/demo_media.py)
 
 
+def _expand_user(section, *names: str) -> None:
+    """Expands a leading `~` in the path fields `names` of a frozen section, so every reader of the field
+    (and the config saved with checkpoints) sees the same path."""
+    for name in names:
+        object.__setattr__(section, name, os.path.expanduser(getattr(section, name)))
+
+
+def _check_ranges(section: str, obj, rules: tuple[tuple[str, object, str], ...]) -> None:
+    """Table-driven range checks: (field, predicate on its value, what it must be)."""
+    for name, ok, must in rules:
+        value = getattr(obj, name)
+        _check(ok(value), f"{section}.{name} must be {must}, got {value}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     axes: tuple[str, ...] = MESH_AXES  # always (data, fsdp, context, expert, tensor)
@@ -21,16 +36,20 @@ class MeshConfig:
 
     def __post_init__(self):
         _check(self.axes == MESH_AXES, f"mesh.axes must be {list(MESH_AXES)}, got {list(self.axes)}")
-        _check(len(self.shape) == len(MESH_AXES), f"mesh.shape needs {len(MESH_AXES)} sizes")
-        _check(sum(s == -1 for s in self.shape) <= 1, "mesh.shape may hold at most one -1")
-        _check(all(s == -1 or s > 0 for s in self.shape), "mesh.shape sizes must be > 0 or -1")
+        shape = list(self.shape)
+        _check(len(self.shape) == len(MESH_AXES), f"mesh.shape needs {len(MESH_AXES)} sizes {list(MESH_AXES)}, "
+               f"got {shape}")
+        _check(sum(s == -1 for s in self.shape) <= 1, f"mesh.shape may hold at most one -1, got {shape}")
+        _check(all(s == -1 or s > 0 for s in self.shape), f"mesh.shape sizes must be > 0 or -1, got {shape}")
         for rule in self.rules:
-            _check(len(rule) == 2, f"mesh.rules entries are [logical_name, mesh_axes], got {rule}")
+            ok = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+            _check(ok, f"mesh.rules entries are [logical_name, mesh_axes], got {rule!r}")
             name, target = rule
             _check(name in LOGICAL_AXES, f"mesh.rules: unknown logical axis {name!r}")
             targets = target if isinstance(target, (list, tuple)) else [target]
             for t in targets:
-                _check(t is None or t in MESH_AXES, f"mesh.rules[{name}]: unknown mesh axis {t!r}")
+                _check(t is None or (isinstance(t, str) and t in MESH_AXES),
+                       f"mesh.rules[{name}]: unknown mesh axis {t!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,11 +104,17 @@ class DataConfig:
     media: MediaDataConfig | None = None
 
     def __post_init__(self):
-        _check(self.seq_len > 0 and self.global_batch_size > 0, "data sizes must be > 0")
-        _check(0 < self.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        _check(self.tokenizer_vocab_size >= 259, "data.tokenizer_vocab_size must be >= 259 (bytes + specials)")
-        _check(self.worker_count >= 0 and self.max_documents >= 0, "data counts must be >= 0")
-        _check(0 <= self.seed < 2**32 and self.shuffle_window >= 0, "data.seed must be in [0, 2**32)")
+        _expand_user(self, "source", "tokenizer")
+        _check(self.source != "", "data.source must name the data (stdlib, demo_media, or a file, folder or glob), "
+               "got ''")
+        _check_ranges("data", self, (
+            ("seq_len", lambda v: v >= 2, ">= 2 (a token and the next one it predicts)"),
+            ("global_batch_size", lambda v: v > 0, "> 0"),
+            ("val_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+            ("tokenizer_vocab_size", lambda v: v >= 259, ">= 259 (bytes + specials)"),
+            ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+            *((name, lambda v: v >= 0, ">= 0") for name in ("shuffle_window", "worker_count", "max_documents")),
+        ))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,11 +130,17 @@ class OptimConfig:
     eps: float = 1e-8  # Adam ε (also Muon's)
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
 
-    def __post_init__(self):
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(self.muon_lr >= 0, f"optim.muon_lr must be >= 0, got {self.muon_lr}")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
-        _check(self.warmup_steps >= 0 and self.clip_norm >= 0, "optim warmup/clip must be >= 0")
+    def __post_init__(self):  # finite: the loader rejects nan / inf, and these checks do for Python callers
+        _check_ranges("optim", self, (
+            ("lr", lambda v: 0 < v < math.inf, "a finite number > 0"),
+            ("muon_lr", lambda v: 0 <= v < math.inf, "a finite number >= 0 (0 = optim.lr)"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("eps", lambda v: 0 < v < math.inf, "a finite number > 0"),
+            ("warmup_steps", lambda v: v >= 0, ">= 0"),
+            *((name, lambda v: 0 <= v < math.inf, "a finite number >= 0") for name in ("weight_decay", "clip_norm")),
+        ))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,14 +174,21 @@ class TrainConfig:
     sample_tokens: int = 48  # tokens generated per prompt
 
     def __post_init__(self):
-        _check(self.steps > 0, f"train.steps must be > 0, got {self.steps}")
-        _check(self.stop_at >= 0, f"train.stop_at must be >= 0, got {self.stop_at}")
-        _check(self.log_every > 0, "train.log_every must be > 0")
-        _check(self.eval_every >= 0 and self.ckpt_every >= 0, "train intervals must be >= 0")
-        _check(self.keep_checkpoints > 0 and self.eval_batches > 0, "train counts must be > 0")
-        _check(self.loss_chunk_tokens >= 0, "train.loss_chunk_tokens must be >= 0 (0 = auto)")
-        for name in ("mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops", "index_loss_weight"):
-            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0")
+        _expand_user(self, "run_dir", "init_from")
+        _check(self.run_dir != "", "train.run_dir must name a directory, got ''")
+        _check_ranges("train", self, (
+            ("steps", lambda v: 0 < v < 2**31, "in [1, 2**31) (the step counter is int32)"),
+            ("stop_at", lambda v: 0 <= v <= self.steps, f"in [0, train.steps={self.steps}] (0 = train.steps)"),
+            *((name, lambda v: v > 0, "> 0") for name in ("log_every", "keep_checkpoints", "eval_batches")),
+            *((name, lambda v: v >= 0, ">= 0") for name in ("eval_every", "ckpt_every", "loss_chunk_tokens")),
+            *((name, lambda v: 0 <= v < math.inf, "a finite number >= 0") for name in (
+                "mtp_loss_weight", "balance_loss_weight", "bias_update_rate", "peak_flops", "index_loss_weight")),
+            ("sample_tokens", lambda v: v > 0 or not self.sample_prompts,
+             "> 0 with train.sample_prompts (set train.sample_prompts=[] for no samples)"),
+        ))  # fmt: skip
+        for i, prompt in enumerate(self.sample_prompts):
+            _check(isinstance(prompt, str) and prompt != "",
+                   f"train.sample_prompts[{i}] must be a non-empty string, got {prompt!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,5 +145,6 @@ class DSparkConfig:
         _check(len(self.target_layers) > 0, "dspark.target_layers must list at least one layer")
         for name in ("markov_rank", "n_routed_experts", "n_activated_experts"):
             _check(getattr(self, name) > 0, f"dspark.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.noise_token_id >= 0, f"dspark.noise_token_id must be >= 0, got {self.noise_token_id}")
         _check(self.n_activated_experts <= self.n_routed_experts,
                "dspark.n_activated_experts must be <= dspark.n_routed_experts")

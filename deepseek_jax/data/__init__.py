@@ -20,6 +20,7 @@ from deepseek_jax.data.pipeline import (
 from deepseek_jax.data.sources import (
     SPLITS,
     Documents,
+    check_splits,
     list_documents,
     load_tokenizer,
     unigram_baseline,
@@ -34,6 +35,7 @@ __all__ = [
     "EngramRows",
     "Tokenizer",
     "build_dataset",
+    "check_splits",
     "engram_stage",
     "list_documents",
     "list_records",

@@ -111,7 +111,8 @@ def list_records(cfg: DataConfig, split: str, model: ModelConfig | None = None) 
             if cfg.max_documents and len(refs) == cfg.max_documents:
                 return Records(refs, names)
     if not refs:
-        raise DataError(f"the {split} split of data.source {source!r} holds no records")
+        how = "add records to its split files" if by_name else "add records or change data.val_fraction"
+        raise DataError(f"the {split} split of data.source {source!r} holds no records; {how}")
     return Records(refs, names)
 
 

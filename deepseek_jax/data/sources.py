@@ -25,7 +25,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from deepseek_jax.config import DataConfig
+from deepseek_jax.config import Config, DataConfig
 from deepseek_jax.config.run import DEMO_SOURCE
 from deepseek_jax.tokenizer import DataError, Tokenizer, count_tokens, load_or_train
 
@@ -181,9 +181,28 @@ def list_documents(cfg: DataConfig, split: str) -> Documents:
     if not keep:
         raise DataError(
             f"the {split} split of data.source {cfg.source!r} is empty: none of its {len(docs)} "
-            f"documents fall there with data.val_fraction={cfg.val_fraction}"
+            f"document(s) fall there with data.val_fraction={cfg.val_fraction}; {_empty_split_hint(len(docs))}"
         )
     return Documents([docs.refs[i] for i in keep], [docs.names[i] for i in keep], docs.field)
+
+
+def _empty_split_hint(n: int) -> str:
+    """How to fix an empty split of a text source with n documents."""
+    what = ("add documents (a text file is one document; each .jsonl line and .array_record record is one) "
+            "or change data.val_fraction")
+    return f"{what}; each split needs at least one" if n < 2 else what
+
+
+def check_splits(cfg: Config, process_count: int = 1) -> None:
+    """DataError before any work is spent if a split of `cfg`'s data is empty, or if the validation split
+    holds fewer documents (records) than processes: each process evaluates its own share once, while the
+    train split repeats, so any train document serves every process. Text listings are cached (_scan_files)."""
+    for split in SPLITS:
+        items = _texts(cfg.data, split, cfg.model)
+        if split == "validation" and len(items) < process_count:
+            raise DataError(f"the validation split of data.source {cfg.data.source!r} holds {len(items)} "
+                            f"document(s), fewer than the {process_count} processes: each needs one; "
+                            f"add documents or raise data.val_fraction (now {cfg.data.val_fraction})")
 
 
 # ----------------------------------------------------------------------------------------------

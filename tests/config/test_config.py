@@ -157,8 +157,9 @@ def test_missing_include_names_the_file(tmp_path):
 
 
 def test_bad_yaml_and_non_mapping_are_errors(tmp_path):
-    with raises(r"bad\.yaml: not valid YAML"):
+    with raises(r"bad\.yaml: not valid YAML: .* at line 2, column 1$") as err:
         load_config([write(tmp_path / "bad.yaml", "model: [unclosed\n")])
+    assert "\n" not in str(err.value)  # one line, not PyYAML's multi-line report
     with raises(r"list\.yaml: top level must be a mapping, got list"):
         load_config([write(tmp_path / "list.yaml", "- 1\n- 2\n")])
 
@@ -301,14 +302,32 @@ INVARIANTS = [
     ("mesh.rules=[[embed, fdsp]]", r"mesh\.rules\[embed\]: unknown mesh axis 'fdsp'"),
     ("mesh.rules=[[act_batch, [data, tensr]]]", r"rules\[act_batch\]: unknown mesh axis 'tensr'"),
     # data / optim / train
-    ("data.seq_len=0", r"data sizes must be > 0"),
-    ("data.global_batch_size=0", r"data sizes must be > 0"),
-    ("optim.lr=0.0", r"optim\.lr must be > 0, got 0\.0"),
+    ("data.seq_len=0", r"data\.seq_len must be >= 2 .*, got 0"),
+    ("data.seq_len=1", r"data\.seq_len must be >= 2 .*, got 1"),
+    ("data.global_batch_size=0", r"data\.global_batch_size must be > 0, got 0"),
+    ("data.shuffle_window=-1", r"data\.shuffle_window must be >= 0, got -1"),
+    ("data.source=''", r"data\.source must name the data"),
+    ("optim.lr=0.0", r"optim\.lr must be a finite number > 0, got 0\.0"),
+    ("optim.lr=.inf", r"optim\.lr \(from override 'optim\.lr=\.inf'\): must be a finite number, got inf"),
+    ("optim.lr=.nan", r"optim\.lr .*must be a finite number, got nan"),
     ("optim.min_lr_ratio=1.5", r"optim\.min_lr_ratio must be in \[0, 1\]"),
-    ("optim.warmup_steps=-1", r"optim warmup/clip must be >= 0"),
-    ("optim.clip_norm=-1.0", r"optim warmup/clip must be >= 0"),
+    ("optim.warmup_steps=-1", r"optim\.warmup_steps must be >= 0, got -1"),
+    ("optim.clip_norm=-1.0", r"optim\.clip_norm must be a finite number >= 0, got -1\.0"),
+    ("optim.weight_decay=-0.1", r"optim\.weight_decay must be a finite number >= 0, got -0\.1"),
+    ("optim.b1=1.0", r"optim\.b1 must be in \[0, 1\), got 1\.0"),
+    ("optim.b2=-0.5", r"optim\.b2 must be in \[0, 1\), got -0\.5"),
+    ("optim.eps=0", r"optim\.eps must be a finite number > 0, got 0\.0"),
     ("optim.name=sgd", r"optim\.name .*'sgd' is not one of \('adamw', 'muon'\)"),
-    ("train.steps=0", r"train\.steps must be > 0, got 0"),
+    ("train.steps=0", r"train\.steps must be in \[1, 2\*\*31\) .*, got 0"),
+    ("train.steps=[5]", r"train\.steps .*: expected an integer, got \[5\]"),
+    ("train.stop_at=2000", r"train\.stop_at must be in \[0, train\.steps=1000\] .*, got 2000"),
+    ("train.run_dir=''", r"train\.run_dir must name a directory"),
+    ("train.sample_tokens=0", r"train\.sample_tokens must be > 0 with train\.sample_prompts"),
+    ("train.sample_prompts=['']", r"train\.sample_prompts\[0\] must be a non-empty string"),
+    ("train.mtp_loss_weight=-1", r"train\.mtp_loss_weight must be a finite number >= 0, got -1\.0"),
+    ("model.moe.route_scale=0", r"moe\.route_scale must be > 0, got 0\.0"),
+    ("model.norm_eps=.inf", r"model\.norm_eps .*must be a finite number, got inf"),
+    ("train.steps=[1,", r"override 'train\.steps=\[1,': the value is not valid YAML \(.* at line 1, column 4\)"),
 ]
 
 
@@ -470,3 +489,30 @@ def test_media_token_ids_list_the_configured_modalities_and_feed_their_checks():
         dataclasses.replace(m, audio=dataclasses.replace(m.audio, audio_token_id=999))
     with raises(r"media placeholder ids must differ, got \{'vision\.image_token_id': 61, 'audio\.audio_token_id': 61"):
         dataclasses.replace(m, audio=dataclasses.replace(m.audio, audio_token_id=61))
+
+
+def test_mtp_and_dspark_need_a_target_inside_the_row(tmp_path):
+    """Depth K of MTP predicts K + 1 tokens ahead, DSpark's last slot block_size + 1: data.seq_len must exceed it."""
+    path = model_file(tmp_path, num_nextn_predict_layers=2)
+    with raises(r"data\.seq_len=3 leaves no target for model\.num_nextn_predict_layers=2 .*needs data\.seq_len >= 4 "
+                r"\(data\.seq_len from override 'data\.seq_len=3', "
+                r"model\.num_nextn_predict_layers from .*model\.yaml\)"):
+        load_config([path], ["data.seq_len=3"])
+    assert load_config([path], ["data.seq_len=4"]).data.seq_len == 4
+    assert load_config([model_file(tmp_path)], ["data.seq_len=2"]).data.seq_len == 2  # no MTP: a next token suffices
+    v41 = CONFIGS / "model" / "tiny_v41.yaml"  # dspark.block_size 3
+    with raises(r"data\.seq_len=4 leaves no target for model\.dspark\.block_size=3 .*needs data\.seq_len >= 5"):
+        load_config([v41], ["data.seq_len=4"])
+    assert load_config([v41], ["data.seq_len=5"]).data.seq_len == 5
+
+
+def test_paths_expand_the_home_directory(tmp_path, monkeypatch):
+    """`~` in config file names, includes and the path fields is the home directory, for every reader."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path / "inc.yaml", {"model": MODEL})
+    write(tmp_path / "sub" / "top.yaml", {"include": ["~/inc.yaml"]})
+    paths = ["train.run_dir=~/run", "train.init_from=~/ckpt", "data.source=~/corpus/*.txt", "data.tokenizer=~/tok.json"]
+    cfg = load_config(["~/sub/top.yaml"], paths)
+    assert cfg.train.run_dir == str(tmp_path / "run") and cfg.train.init_from == str(tmp_path / "ckpt")
+    assert cfg.data.source == str(tmp_path / "corpus" / "*.txt") and cfg.data.tokenizer == str(tmp_path / "tok.json")
+    assert load_config([model_file(tmp_path)]).data.source == "stdlib"  # names that are not paths stay
