@@ -16,6 +16,7 @@ Prompts with images, audio or video: generate_media.py (each prefilled with its 
 """
 
 import copy
+import math
 from functools import lru_cache, partial
 
 import flax.linen as nn
@@ -24,11 +25,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.engram_hash import EngramHashState, compressed_vocab, engram_layout
+from deepseek_jax.inspect_model import InputError
 from deepseek_jax.models import build_cache, dspark
 
 
+def check_sampling(max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   prefill_chunk: int | None = None, speculative: bool = False, *, flags: bool = False) -> None:
+    """An InputError naming the argument (flags: as its CLI flag, --top-p) and its value when a sampling
+    argument is out of range. Checked on the host because inside `sample_logits` a negative temperature
+    would silently mean greedy and a NaN one garbage."""
+    name = (lambda a: "--" + a.replace("_", "-")) if flags else (lambda a: a)  # noqa: E731
+    if max_new_tokens < 1:
+        raise InputError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"{name('temperature')} must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:  # False for NaN too
+        raise InputError(f"{name('top_p')} must be in (0, 1] (1 = no filtering), got {top_p}")
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise InputError(f"{name('prefill_chunk')} must be >= 0 (0 = the whole prompt at once), got {prefill_chunk}")
+    if speculative and temperature > 0:
+        raise InputError(f"speculative decoding is greedy only: {name('temperature')} must be 0, got {temperature}")
+
+
 def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -> jax.Array:
-    """Greedy when temperature == 0; else temperature scaling and nucleus (top-p) filtering."""
+    """Greedy when temperature == 0; else temperature scaling and nucleus (top-p) filtering: the smallest
+    set of most likely tokens whose mass reaches top_p, never fewer than one (top_p -> 0 tends to greedy)."""
     if temperature <= 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV.astype(jnp.float32) / temperature
@@ -36,7 +57,8 @@ def sample_logits(logits_BV: jax.Array, key, temperature: float, top_p: float) -
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
         # smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p
-        n_keep_B = jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1)
+        # at least the most likely token: with none kept, the index -1 below would keep every token
+        n_keep_B = jnp.maximum(jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1), 1)
         cutoff_B = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
         logits_BV = jnp.where(logits_BV < cutoff_B, -jnp.inf, logits_BV)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
@@ -150,13 +172,11 @@ def generate(
     speculative=True (a DSpark model, greedy): `speculative_generate`, the same tokens (its prefill in
     one call); its acceptance statistics go into `stats` when given."""
     cfg = model.cfg
+    check_sampling(max_new_tokens, temperature, top_p, prefill_chunk, speculative)
+    check_prompts(prompts, max_new_tokens, cfg.max_seq_len)
     if speculative:  # DSpark drafts verified by the main model: greedy decoding's tokens
-        return _speculative(model, variables, prompts, max_new_tokens, eos_id, temperature, engram_map, stats)
+        return _speculative(model, variables, prompts, max_new_tokens, eos_id, engram_map, stats)
     B, P = len(prompts), max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ValueError("every prompt needs at least one token")
-    if P + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     start_B = np.array([P - len(p) for p in prompts], np.int32)
     tokens_BP = np.array([[pad_id] * s + list(p) for s, p in zip(start_B, prompts)], np.int32)
     positions_BP = np.maximum(np.arange(P)[None, :] - start_B[:, None], 0).astype(np.int32)
@@ -172,6 +192,19 @@ def generate(
     positions_BP, start_B = (None, None) if rows else (positions_BP, start_B)
     logits_BV, cache = prefill(model, variables, tokens_BP, cache, prefill_chunk, positions_BP, start_B, engram_rows)
     return decode(model, variables, logits_BV, cache, P, start_B, engram, *sampling)
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> None:
+    """An InputError when there is no prompt, one is empty, or the longest one and max_new_tokens do not fit
+    in max_seq_len (naming both)."""
+    if not prompts:
+        raise InputError("no prompts to complete")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise InputError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
+    if max(lengths) + max_new_tokens > max_seq_len:
+        raise InputError(f"a prompt of {max(lengths)} tokens + max_new_tokens={max_new_tokens} exceed "
+                         f"model.max_seq_len={max_seq_len}")
 
 
 def _row_prefill(model, variables, tokens_BP, start_B, engram_rows, max_new_tokens, chunk):
@@ -252,10 +285,8 @@ def _draft(cfg, variables, y_B, rows_BPC, state: dspark.DraftState, n_new):
     return drafts_BZ, state
 
 
-def _speculative(model, variables, prompts, max_new_tokens, eos_id, temperature, engram_map, stats):
+def _speculative(model, variables, prompts, max_new_tokens, eos_id, engram_map, stats):
     """`generate(..., speculative=True)`: the tokens of `speculative_generate`, its statistics into `stats`."""
-    if temperature > 0:
-        raise ValueError("speculative decoding is greedy only: pass temperature=0")
     tokens, spec_stats = speculative_generate(model, variables, prompts, max_new_tokens, eos_id, engram_map)
     if stats is not None:
         stats.update(spec_stats)
@@ -290,12 +321,12 @@ def speculative_generate(model: nn.Module, variables, prompts: list[list[int]], 
     the fewest drafts any of them does. Prompts of different lengths run one at a time (text only)."""
     cfg = model.cfg
     if cfg.dspark is None:
-        raise ValueError("speculative decoding drafts with DSpark: the model has no model.dspark")
+        raise InputError("speculative decoding drafts with DSpark: the model has no model.dspark")
+    check_sampling(max_new_tokens)
+    check_prompts(prompts, max_new_tokens, cfg.max_seq_len)
     if len({len(p) for p in prompts}) > 1:  # row positions: no left padding
         return _one_at_a_time(model, variables, prompts, max_new_tokens, eos_id, engram_map, media)
     B, P, Z = len(prompts), len(prompts[0]), cfg.dspark.block_size
-    if P == 0 or P + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompts need 1 … {cfg.max_seq_len - max_new_tokens} tokens, got {P}")
     tokens_BP = np.array(prompts, np.int32)
     engram = _engram_state(cfg, engram_map, B)
     # the cache of greedy `generate`: verification past the budget writes nothing that is read (dropped)

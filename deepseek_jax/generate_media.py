@@ -18,7 +18,16 @@ import flax.linen as nn
 import numpy as np
 
 from deepseek_jax.engram_hash import compressed_vocab
-from deepseek_jax.generate import _engram_state, _prefill, _spec_stats, decode, speculative_generate
+from deepseek_jax.generate import (
+    _engram_state,
+    _prefill,
+    _spec_stats,
+    check_prompts,
+    check_sampling,
+    decode,
+    speculative_generate,
+)
+from deepseek_jax.inspect_model import InputError
 from deepseek_jax.media.encode import MediaBudget, RecordEncoder, collate_row
 from deepseek_jax.media.slots import MediaInputs, media_from_batch
 from deepseek_jax.models import build_cache
@@ -86,14 +95,13 @@ def generate_media(model: nn.Module, variables, tokens_1P, media: MediaInputs | 
     and verified; its statistics accumulate into `stats` over calls."""
     cfg = model.cfg
     tokens_1P = np.asarray(tokens_1P, np.int32)
-    if tokens_1P.ndim != 2 or tokens_1P.shape[0] != 1 or tokens_1P.shape[1] == 0:
-        raise ValueError(f"generate_media takes one non-empty prompt, tokens [1, P]; got shape {tokens_1P.shape}")
+    if tokens_1P.ndim != 2 or tokens_1P.shape[0] != 1:
+        raise InputError(f"generate_media takes one non-empty prompt, tokens [1, P]; got shape {tokens_1P.shape}")
+    check_sampling(max_new_tokens, temperature, top_p, speculative=speculative)
+    check_prompts(list(tokens_1P), max_new_tokens, cfg.max_seq_len)
     P = tokens_1P.shape[1]
-    if P + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({P}) + new tokens ({max_new_tokens}) exceed model.max_seq_len={cfg.max_seq_len}")
     if speculative:
-        return _speculative_media(model, variables, tokens_1P, media, max_new_tokens, eos_id, temperature,
-                                  engram_map, stats)
+        return _speculative_media(model, variables, tokens_1P, media, max_new_tokens, eos_id, engram_map, stats)
     engram = _engram_state(cfg, engram_map, 1)
     dead_1P = None if media is None else np.asarray(media.slots) >= 0  # no n-gram crosses a media span
     engram_rows = None if engram is None else engram.step(tokens_1P, dead_1P)
@@ -103,10 +111,8 @@ def generate_media(model: nn.Module, variables, tokens_1P, media: MediaInputs | 
                   top_p, seed)[0]
 
 
-def _speculative_media(model, variables, tokens_1P, media, max_new_tokens, eos_id, temperature, engram_map, stats):
+def _speculative_media(model, variables, tokens_1P, media, max_new_tokens, eos_id, engram_map, stats):
     """`generate_media(..., speculative=True)`: DSpark drafts after the media prefill."""
-    if temperature > 0:
-        raise ValueError("speculative decoding is greedy only: pass temperature=0")
     out, spec = speculative_generate(model, variables, tokens_1P.tolist(), max_new_tokens, eos_id, engram_map, media)
     if stats is not None:
         steps, accepted = stats.get("steps", 0) + spec["steps"], stats.get("accepted", 0) + spec["accepted"]

@@ -26,7 +26,8 @@ MEMORY_FRACTION = (
 
 
 class InputError(ValueError):
-    """Token ids or shapes that the model cannot take; the message names them."""
+    """Inputs the model or a command cannot take (token ids, shapes, sampling or command-line arguments);
+    the message names them."""
 
 
 def check_tokens(tokens_BT: np.ndarray, cfg: ModelConfig) -> None:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from deepseek_jax.tokenizer import DataError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 RESERVED = ("step", "split", "time")
@@ -176,7 +178,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             if i == len(lines) - 1:
                 warnings.warn(f"{path}: skipping truncated last line {i + 1}", stacklevel=2)
                 break
-            raise ValueError(f"{path}:{i + 1}: not a JSON record ({err})") from err
+            raise DataError(f"{path}:{i + 1}: not a JSON record ({err})") from err
     return records
 
 
@@ -199,12 +201,14 @@ def plot_run(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist (plot reads RUN_DIR/{METRICS_FILE})")
     records = read_metrics(run_dir)
     train = [r for r in latest_per_step(records, "train") if r.get("loss") is not None]
     if not train:
-        raise ValueError(f"no train records with a loss in {run_dir / METRICS_FILE}")
-    out = Path(out) if out is not None else run_dir / "loss.png"
+        raise DataError(f"no train records with a loss in {run_dir / METRICS_FILE}")
+    out = Path(out).expanduser() if out is not None else run_dir / "loss.png"
 
     fig = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend

@@ -21,7 +21,7 @@ from deepseek_jax.plan.analytic import estimate, spec_axes, state_memory
 from deepseek_jax.plan.context import ContextLayer, context_rows, context_volume
 from deepseek_jax.plan.hlo import KINDS, Volume, collectives
 from deepseek_jax.program import Program, build_program
-from deepseek_jax.sharding import abstract_mesh, context_axes, make_mesh, rules
+from deepseek_jax.sharding import abstract_mesh, check_state_split, context_axes, make_mesh, rules
 
 # The plan never runs what it compiles: XLA:CPU's LLVM optimisation is skipped (2-3x faster compiles;
 # HLO passes, buffer assignment and collectives are unchanged: checked on the tiny model).
@@ -101,6 +101,7 @@ def plan(cfg: Config, n_devices: int | None = None, compile: bool | None = None)
     mesh = make_mesh(cfg.mesh, devices[:n]) if compile else abstract_mesh(cfg.mesh, n)
     p = build_program(cfg, mesh, rules(cfg.mesh))
     timings["build_s"] = time.perf_counter() - t
+    check_state_split(p.state_target(), p.mesh)  # a ConfigError naming the array, not JAX's internal error
     _check_fits(p)
     t = time.perf_counter()
     lowered = p.lower()
