@@ -205,7 +205,7 @@ def _dispatch(ns) -> int:
     elif ns.command == "eval":
         from deepseek_jax.run import TrainingError, evaluate
 
-        s, state = _load(cfg, ns.checkpoint)
+        s, state = _load(cfg, ns.checkpoint, data_check=True)
         metrics = evaluate(s, state)
         if not math.isfinite(metrics["loss"]):  # finite parameters that overflow (a diverged run): no result
             where = ns.checkpoint or f"step {int(state.step)} of {cfg.train.run_dir}"
@@ -275,14 +275,15 @@ def _prompts(cfg, ns) -> list[str]:
     return prompts
 
 
-def _load(cfg, checkpoint: str | None):
-    """(session, state with .params / .router) of a run's latest checkpoint or a converted one."""
+def _load(cfg, checkpoint: str | None, data_check: bool = False):
+    """(session, state with .params / .router) of a run's latest checkpoint or a converted one (data_check:
+    warn when the run's data stream changed since training, for eval)."""
     from types import SimpleNamespace
 
     from deepseek_jax.run import load_converted, load_trained
 
     if checkpoint is None:
-        return load_trained(cfg)
+        return load_trained(cfg, data_check=data_check)
     if not cfg.data.tokenizer:  # a tokenizer trained here would not be the model's
         raise ConfigError(f"{checkpoint} has no tokenizer.json (its source had none): give the model's own with "
                           "data.tokenizer=path/to/tokenizer.json")

@@ -25,8 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import data as data_lib
-from deepseek_jax.checkpoint import Checkpointer, check_compatible, restore_converted
-from deepseek_jax.config import Config, to_dict, to_yaml
+from deepseek_jax import rundir
+from deepseek_jax.checkpoint import (
+    DIVERGED,
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    nonfinite_leaf,
+    restore_converted,
+)
+from deepseek_jax.config import Config, ConfigError, to_dict, to_yaml
+from deepseek_jax.config.run import DEMO_SOURCE
 from deepseek_jax.exact_match import Scorer, accuracy_by_tag
 from deepseek_jax.generate import sample
 from deepseek_jax.layers.moe.dispatch import check_backend
@@ -42,7 +51,7 @@ from deepseek_jax.multihost import (
 )
 from deepseek_jax.params import train_flops_per_token
 from deepseek_jax.program import Program, build_program
-from deepseek_jax.sharding import batch_sharding, in_mesh, make_mesh, rules
+from deepseek_jax.sharding import batch_sharding, check_state_split, in_mesh, make_mesh, rules
 from deepseek_jax.tokenizer import Tokenizer
 
 AVERAGED = ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm", "skipped", "moe_dropped_frac", "index_loss")
@@ -76,6 +85,7 @@ def open_session(cfg: Config) -> Session:
     check_backend(cfg.model.moe.dispatch, platform)
     check_remat_backend(cfg.model, platform)
     p = build_program(cfg, mesh, mesh_rules)
+    check_state_split(p.state_target(), mesh)  # before any compile: JAX's own error is internal
     train_step = in_mesh(in_lockstep(jax.jit(p.train_step, donate_argnums=0)), mesh, mesh_rules)
     scorer = None if cfg.data.media is None else Scorer(p, tokenizer, engram=data_lib.engram_stage(cfg.model.engram,
                                                                                                   tokenizer))
@@ -89,17 +99,23 @@ def _load_tokenizer(cfg: Config, run_dir: Path):
 
 
 def restore_or_init(s: Session, ckpt: Checkpointer):
-    """(state, data-iterator state or None): the latest checkpoint if any, else a fresh state."""
-    step = ckpt.latest_step()
-    if step is None:
+    """(state, data-iterator state or None): the newest checkpoint that restores (damaged newer steps are
+    skipped with a warning: Checkpointer.restore_latest), else a fresh state. A checkpoint holding a NaN or
+    an infinity (the loop saves none; an older version's or a hand-edited one) is refused, naming the leaf."""
+    cfg = s.program.cfg
+    found = ckpt.restore_latest(s.program.state_target(), lambda stored: check_compatible(stored, cfg, s.run_dir))
+    if found is None:
         # Traced outside the mesh: init's dummy batch has one row, which a mesh that splits the batch
         # cannot shard; out_shardings place the parameters, whose values need no mesh.
         if s.program.cfg.train.init_from:  # a converted checkpoint: its weights, a fresh optimizer
             variables = restore_converted(s.program.cfg.train.init_from, s.program.state_target())
             return s.program.state_from(variables["params"], variables["router"]), None
         return s.program.init_state(), None
-    check_compatible(ckpt.stored_config(step), s.program.cfg, s.run_dir)
-    state, data_state, _ = ckpt.restore(step, s.program.state_target())
+    step, state, data_state, _ = found
+    bad = nonfinite_leaf(state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} holds non-finite values ({bad}): no "
+                              f"state to go on from. Move {ckpt.directory / str(step)} aside to use the step before")
     return state, data_state
 
 
@@ -179,15 +195,28 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
-def _check_finite(state, cfg: Config, ckpt: Checkpointer) -> None:
+def _check_finite(state, metrics: dict, cfg: Config, ckpt: Checkpointer) -> None:
+    """Stops the run after a non-finite step (train_step kept the state of the step before it).
+
+    The newest checkpoint is the "last good" one unless its own parameters gave the non-finite loss
+    (checkpoint step == the bad step's start, and the latest step, run from those same frozen parameters,
+    is non-finite too): finite parameters can still overflow in the forward pass (a huge learning rate).
+    That checkpoint is then moved to RUN_DIR/diverged_checkpoints/<step>, so a resume cannot pick it."""
     bad = int(state.bad_step)
-    if bad >= 0 and not cfg.train.skip_nonfinite_steps:
+    if bad < 0 or cfg.train.skip_nonfinite_steps:
+        return
+    ckpt.wait()
+    last, note = ckpt.latest_step(), ""
+    if last == bad and not np.isfinite(float(metrics["total_loss"]) + float(metrics["grad_norm"])):
+        moved = ckpt.move_aside(last, DIVERGED)
+        note = (f" The parameters of step {last} gave it (finite, but they overflow in the forward pass): "
+                f"moved that checkpoint to {moved}.")
         last = ckpt.latest_step()
-        raise TrainingError(
-            f"non-finite loss or gradient at step {bad + 1}; stopped. Last good checkpoint: "
-            f"{'none' if last is None else f'step {last}'} in {ckpt.directory}. "
-            "Set train.skip_nonfinite_steps=true to skip such steps instead."
-        )
+    raise TrainingError(
+        f"non-finite loss, gradient or update at step {bad + 1}; stopped.{note} Last good checkpoint: "
+        f"{'none' if last is None else f'step {last}'} in {ckpt.directory}. "
+        "Set train.skip_nonfinite_steps=true to skip such steps instead."
+    )
 
 
 def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
@@ -215,7 +244,7 @@ def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
             if done % t.log_every == 0 or done == stop_at or stopping:
                 m = _scalars({**metrics, **jax.tree.map(lambda x: x / (done - log_start), sums)})
                 sums, log_start = None, done
-                _check_finite(state, cfg, ckpt)
+                _check_finite(state, metrics, cfg, ckpt)
                 tok_s = tokens_per_step * max(done - window_start, 1) / max(time.perf_counter() - window_t0, 1e-9)
                 m.update(tokens_per_sec=tok_s, mfu=mfu(tok_s, flops_per_token, peak, jax.device_count()),
                          perplexity=float(np.exp(min(m["loss"], 50))))
@@ -226,7 +255,7 @@ def train_loop(s: Session, state, it, ckpt: Checkpointer, log: MetricsLogger):
             if t.eval_every and done % t.eval_every == 0 and done != stop_at:
                 log.log(done, evaluate(s, state), split="eval")
             if (t.ckpt_every and done % t.ckpt_every == 0) or done == stop_at or stopping:
-                _check_finite(state, cfg, ckpt)  # never save a state past a non-finite step
+                _check_finite(state, metrics, cfg, ckpt)  # never save a state past a non-finite step
                 ckpt.save(done, state, it.get_state(), config_dict)
             if stopping:
                 log.message(f"{stopping} received: saved step {done} to {ckpt.directory}; exiting")
@@ -247,13 +276,45 @@ def _start_message(s: Session, ckpt: Checkpointer, start: int, data_restored: bo
 
 
 def run(cfg: Config) -> dict:
-    """Trains (or resumes) `cfg`, evaluates, samples and plots. The README's main job."""
+    """Trains (or resumes) `cfg`, evaluates, samples and plots. The README's main job.
+
+    One writer per run directory: the lock (rundir.py) is taken before the tokenizer, the data or the
+    checkpoints are touched and before any compile; a second writer fails at once, naming the first."""
+    lock = _lock_run_dir(cfg.train.run_dir)
+    try:
+        return _train(cfg)
+    finally:
+        lock.release()
+
+
+def _lock_run_dir(run_dir: str) -> rundir.WriterLock:
+    """The run directory's writer lock, held by process 0; TrainingError on every process when taken."""
+    lock = rundir.WriterLock(run_dir)
+    failed = TrainingError(f"process 0 could not take the writer lock of {run_dir} (its error is in its output)")
+    holder = rundir.on_process_0(lock.acquire, failed)  # an OSError there (permissions, full disk) stops all
+    if any_process(holder is not None):
+        raise TrainingError(f"run directory {run_dir} is in use by another writer ({holder or 'see process 0'}); "
+                            "wait for it or use another train.run_dir")
+    return lock
+
+
+def _train(cfg: Config) -> dict:
+    """`run` under the writer lock."""
+    data_lib.check_splits(cfg, jax.process_count())  # an empty split fails now, not after training
     s = open_session(cfg)
     t, is_main = cfg.train, jax.process_index() == 0
+    if t.sample_prompts:  # the end-of-run samples must fit too: checked now, not after training
+        longest = max(len(s.tokenizer.encode(p)) for p in t.sample_prompts)
+        if longest + t.sample_tokens > cfg.model.max_seq_len:
+            raise ConfigError(f"train.sample_prompts: the longest is {longest} tokens, + train.sample_tokens="
+                              f"{t.sample_tokens} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     ckpt = Checkpointer(s.run_dir, t.keep_checkpoints, t.async_checkpoints)
     log = None
     try:
+        resuming = ckpt.latest_step() is not None  # a fresh start's fingerprints.json (if any) is replaced, unchecked
+        current = rundir.checked_fingerprints(cfg, s.run_dir, s.tokenizer.path, writer=True, check=resuming)
         state, data_state = restore_or_init(s, ckpt)
+        rundir.record_on_process_0(s.run_dir, current, resuming=resuming)  # now: a refused config records nothing
         if is_main:
             (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
         it = data_lib.make_iterator(cfg.data, "train", s.tokenizer, process_index=jax.process_index(),
@@ -297,12 +358,24 @@ def load_converted(cfg: Config, directory: str) -> tuple[Session, dict]:
     return s, restore_converted(directory, s.program.state_target())
 
 
-def load_trained(cfg: Config):
-    """(session, state) from the latest checkpoint in `train.run_dir`; an error if there is none."""
-    s = open_session(cfg)
-    ckpt = Checkpointer(s.run_dir, cfg.train.keep_checkpoints, use_async=False)
-    if ckpt.latest_step() is None:
-        raise TrainingError(f"no checkpoint in {ckpt.directory}; train first (deepseek-jax train ...)")
-    state, _ = restore_or_init(s, ckpt)
-    ckpt.close()
+def load_trained(cfg: Config, *, data_check: bool = False):
+    """(session, state) from the newest intact checkpoint in `train.run_dir`; an error if there is none.
+
+    A reader (eval, generate): no lock, nothing written (no tokenizer trained, no checkpoint cleaned up or
+    moved), so it may run beside the run's training. Another tokenizer than the run's is refused; with
+    `data_check` (eval) a changed data stream is a warning when data.source is there (rundir.py). Without it
+    the corpus is not read: generate works on a run directory copied to a machine without it."""
+    ckpt = Checkpointer(cfg.train.run_dir, use_async=False, read_only=True)
+    try:
+        if ckpt.latest_step() is None:
+            raise TrainingError(f"no checkpoint in {ckpt.directory}; train first (deepseek-jax train ...)")
+        own = Path(cfg.train.run_dir) / "tokenizer.json"
+        if not cfg.data.tokenizer and cfg.data.source != DEMO_SOURCE and not own.is_file():
+            raise data_lib.DataError(f"{own} is missing: the checkpoints need the tokenizer they were trained with "
+                                     "(restore the file, or give it as data.tokenizer=PATH)")
+        s = open_session(cfg)
+        rundir.checked_fingerprints(cfg, s.run_dir, s.tokenizer.path, writer=False, data_check=data_check)
+        state, _ = restore_or_init(s, ckpt)
+    finally:
+        ckpt.close()
     return s, state

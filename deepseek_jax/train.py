@@ -14,9 +14,10 @@ but the indexers (optim.indexer_only) and the router biases stay put.
 Expert loads are the counts over the whole global batch (the step sees global arrays, so under a
 mesh the sum is a cross-device reduction, never a per-shard statistic). Each bias has its own
 modality's load: `bias` the real tokens that selected with it, `bias_vl` (moe.vl_bias) those inside
-media spans; a batch without span tokens leaves `bias_vl` bit for bit (sign 0). A non-finite loss or
-gradient never reaches the state: the update is skipped, and unless `skip_nonfinite_steps` is set
-the step is recorded in `bad_step` and the loop stops with an error naming it.
+media spans; a batch without span tokens leaves `bias_vl` bit for bit (sign 0). A non-finite loss,
+gradient or updated state (parameters, router biases, optimizer state: a finite gradient times a huge
+learning rate overflows) never reaches the state: the update is skipped, and unless
+`skip_nonfinite_steps` is set the step is recorded in `bad_step` and the loop stops with an error naming it.
 """
 
 import functools
@@ -44,7 +45,7 @@ class TrainState:
     router: Any  # aux-loss-free selection biases, updated from expert counts
     opt_state: Any
     rng: jax.Array  # uint32 key data (checkpointable), for anything stochastic
-    bad_step: jax.Array  # int32, first step with a non-finite loss or gradient; -1 if none
+    bad_step: jax.Array  # int32, first step with a non-finite loss, gradient or update; -1 if none
 
 
 def _loss_terms(params, router, batch, model: nn.Module, cfg: Config, index_loss: bool = True):
@@ -124,6 +125,12 @@ def _load_stats(counts_LE):
     return counts_LE.max(-1) / jnp.maximum(counts_LE.mean(-1), 1e-9)
 
 
+def all_finite(tree) -> jax.Array:
+    """True iff every floating-point leaf of `tree` is finite (one reduction per leaf)."""
+    flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
 def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cfg: Config):
     """One optimizer step; pure (jit it with donate_argnums=0)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -137,7 +144,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     bias_rows = router_bias_rows(cfg.model)
     router = update_biases(state.router, counts, rate, bias_rows)
 
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    step_ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite((params, router, opt_state))
+    finite = step_ok
     if not cfg.train.skip_nonfinite_steps:
         finite = finite & (state.bad_step < 0)  # after a bad step the state stays at the last good one
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -146,7 +154,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
         params=keep(params, state.params),
         router=keep(router, state.router),
         opt_state=keep(opt_state, state.opt_state),
-        bad_step=jnp.where((state.bad_step < 0) & ~jnp.isfinite(total + grad_norm), state.step, state.bad_step),
+        bad_step=jnp.where((state.bad_step < 0) & ~step_ok, state.step, state.bad_step),
     )
     metrics = {
         "loss": terms["ce"], "total_loss": total, "mtp_loss": terms["mtp"], "balance_loss": terms["balance"],

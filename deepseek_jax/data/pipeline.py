@@ -31,6 +31,7 @@ data config and process layout, so a resume continues at the next batch or raise
 
 import dataclasses
 import gc
+import os
 import weakref
 from collections.abc import Sequence
 
@@ -43,6 +44,8 @@ from deepseek_jax.data.media_pack import media_batches, media_row
 from deepseek_jax.data.sources import list_documents, this_process_items
 from deepseek_jax.engram_hash import EngramLayout, check_compressed_vocab, compressed_vocab, engram_layout, hash_rows
 from deepseek_jax.tokenizer import DataError, Tokenize, Tokenizer
+
+PATH_KEYS = ("source", "tokenizer")  # data config keys naming files: compared with `~` expanded (_comparable)
 
 
 class Collate:
@@ -200,11 +203,12 @@ class DataIterator:
 
     def set_state(self, state: dict) -> None:
         old = state.get("fingerprint", {})
-        diff = sorted(k for k in self._fingerprint if old.get(k) != self._fingerprint[k])
+        new = self._fingerprint
+        diff = sorted(k for k in new if _comparable(k, old.get(k)) != _comparable(k, new[k]))
         if diff:
             raise DataError(
                 "data state was saved by a different pipeline; changed: "
-                + ", ".join(f"{k} {old.get(k)!r} -> {self._fingerprint[k]!r}" for k in diff)
+                + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in diff)
             )
         self._it.set_state(_from_json(state["grain"]))
         self.skipped_records = state.get("skipped_records", 0)
@@ -241,6 +245,12 @@ def make_iterator(
     ds = build_dataset(cfg, split, tokenizer, shuffle=shuffle, engram=engram, model=model, **kw)
     fingerprint = {"split": split, "shuffle": shuffle, **kw, **dataclasses.asdict(cfg)}
     return DataIterator(ds, fingerprint)
+
+
+def _comparable(key: str, value):
+    """A fingerprint value as set_state compares it: the path keys with `~` expanded, since a state saved before
+    the config expanded `~` holds "~/corpus" where the same config now gives "/home/u/corpus"."""
+    return os.path.expanduser(value) if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def _to_json(x):
