@@ -36,6 +36,9 @@ SMALL = {  # config, overrides, engram_map
     "v41": ("tiny_v41.yaml", V41, CMAP),
 }
 PROMPTS = [[int(t) for t in np.random.default_rng(k).integers(2, 64, n)] for k, n in enumerate((21, 13, 21))]
+# every test decodes N_NEW tokens (a cache of P + N_NEW slots) with chunks of CHUNK: the prefills and decode
+# steps of one prompt length are one compile each, shared across the tests (the persistent compilation cache)
+N_NEW, CHUNK = 6, 8
 
 
 def small_model(name):
@@ -52,22 +55,22 @@ def test_chunked_prefill_gives_one_shot_tokens(name):
     model, variables, cmap = small_model(name)
     prompt = PROMPTS[0]  # 21 tokens: chunks of 8 cross V4's window (8) and compression blocks (4, 16)
     with jax.default_matmul_precision("highest"):
-        one_shot = gen.generate(model, variables, [prompt], 5, eos_id=-1, engram_map=cmap, prefill_chunk=0)
-        chunked = gen.generate(model, variables, [prompt], 5, eos_id=-1, engram_map=cmap, prefill_chunk=8)
+        one_shot = gen.generate(model, variables, [prompt], N_NEW, eos_id=-1, engram_map=cmap, prefill_chunk=0)
+        chunked = gen.generate(model, variables, [prompt], N_NEW, eos_id=-1, engram_map=cmap, prefill_chunk=CHUNK)
     assert chunked == one_shot
 
 
-@pytest.mark.slow  # one-shot vs chunked prefill logits of the tiny V4 (~40 s)
+@pytest.mark.slow  # one-shot vs chunked prefill logits of the tiny V4 (~5 s after the test above: its compiles)
 def test_chunked_prefill_logits_match_one_shot():
     model, variables, _ = small_model("v4")
     tokens_1P = np.asarray([PROMPTS[0]], np.int32)
     with jax.default_matmul_precision("highest"):
-        want, _ = gen.prefill(model, variables, tokens_1P, build_cache(model.cfg, 1, 32), 0)
-        got, cache = gen.prefill(model, variables, tokens_1P, build_cache(model.cfg, 1, 32), 8)
+        want, _ = gen.prefill(model, variables, tokens_1P, build_cache(model.cfg, 1, 21 + N_NEW), 0)
+        got, cache = gen.prefill(model, variables, tokens_1P, build_cache(model.cfg, 1, 21 + N_NEW), CHUNK)
     assert_close(got, want, **TOL["model_f32"], what="last logits, chunks of 8 vs one call")
 
 
-@pytest.mark.slow  # batched row prefill + vmapped decode vs three one-prompt runs (~2 min)
+@pytest.mark.slow  # batched row prefill + vmapped decode vs three one-prompt runs (~1-1.5 min)
 @pytest.mark.parametrize("name", ["v4", "v41"])
 def test_unequal_prompts_batch_like_one_at_a_time(name):
     """Prompts of lengths 21, 13, 21 on a row-position model: rows of one length share a prefill, the
@@ -77,15 +80,17 @@ def test_unequal_prompts_batch_like_one_at_a_time(name):
     batch's samples, so a sampled row is not the prompt's sample alone: top-p 0.9 is checked in range.)"""
     model, variables, cmap = small_model(name)
     assert model.cfg.row_positions
-    run = lambda prompts, **kw: gen.generate(model, variables, prompts, 6, eos_id=-1, engram_map=cmap, **kw)  # noqa: E731
+    run = lambda prompts, **kw: gen.generate(model, variables, prompts, N_NEW, eos_id=-1, engram_map=cmap, **kw)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        alone = [run([p])[0] for p in PROMPTS]
-        batched = run(PROMPTS, prefill_chunk=8)
-        nucleus = run(PROMPTS, temperature=0.7, top_p=1e-6, seed=3)
+        alone = [run([p], prefill_chunk=0)[0] for p in PROMPTS]
+        # the sampled runs take the greedy run's chunks: one set of batched prefill compiles (the row prefill
+        # is the same code at any chunk; test_chunked_prefill_gives_one_shot_tokens checks chunks vs one call)
+        batched = run(PROMPTS, prefill_chunk=CHUNK)
+        nucleus = run(PROMPTS, temperature=0.7, top_p=1e-6, seed=3, prefill_chunk=CHUNK)
+        sampled = run(PROMPTS, temperature=1.0, top_p=0.9, seed=3, prefill_chunk=CHUNK)  # (one precision: no recompile)
     assert batched == alone
     assert nucleus == alone
-    sampled = run(PROMPTS, temperature=1.0, top_p=0.9, seed=3)
-    assert all(len(row) == 6 and all(0 <= t < model.cfg.vocab_size for t in row) for row in sampled)
+    assert all(len(row) == N_NEW and all(0 <= t < model.cfg.vocab_size for t in row) for row in sampled)
 
 
 def test_cache_batch_axes_are_found_for_every_leaf():

@@ -24,6 +24,7 @@ from deepseek_jax.media import slots as S
 from deepseek_jax.models import build_model, init_inputs
 from deepseek_jax.models.media import MediaEmbed
 from tests.layers import media_numpy as ref
+from tests.models.test_v41 import V41_THREE
 from tests.utils import CONFIGS, assert_close
 
 IMG, VID, AUD = 250, 251, 252
@@ -280,10 +281,10 @@ def test_media_the_model_lacks_are_refused():
 
 @pytest.mark.slow
 def test_v41_span_selects_bias_vl():
-    """tiny_v41 (moe.vl_bias) + the reference §5 vision: with media, span_BT defaults to slots >= 0;
+    """tiny_v41 (moe.vl_bias; 3 layers) + the reference §5 vision: with media, span_BT defaults to slots >= 0;
     a changed bias_vl moves the logits of span positions and after, never before the first span, and
     nothing at all when span_BT is passed all False."""
-    cfg = cfg_of("tiny_v41")
+    cfg = cfg_of("tiny_v41", extra=V41_THREE)  # 3 layers: bias_vl selects in each MoE layer alike
     assert cfg.moe.vl_bias
     model = build_model(cfg)
     tokens, media, _ = build_batch(cfg, ROWS)

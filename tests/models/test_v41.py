@@ -3,7 +3,7 @@
 - the layer roles of V4.1-Flash equal the schedule of the reference notes §1.2, and the config checks
   transformers' validation rules with errors that name the field;
 - the candidate pool and the FP4 (e4m3-scaled) fake-quant against plain numpy statements;
-- decoding in chunks (prefill 17 + 24, then single tokens) equals the full forward. The fake-quant is
+- decoding in chunks (prefill 21 + 21, then single tokens) equals the full forward. The fake-quant is
   discontinuous (a 1-ulp difference between two summation orders can move a value across a rounding
   boundary), so the exact-equality check runs with `shared_kv.qat` off and a second one with it on
   bounds the difference.
@@ -115,16 +115,43 @@ def test_fp4_e4m3_fake_quant_matches_a_numpy_statement():
     np.testing.assert_array_equal(want[0, :8], [0, 1, 1, 2, 2, 4, 4, 6])
 
 
+# tiny_v41 cut to 3 layers (sliding window; a ratio-2 kv and index source with Engram before it; the ratio-1
+# kv and candidate source), no DSpark: for checks of one layer's part, at about a third of the 9 layers' compile
+V41_THREE = ["model." + o for o in (
+    "n_layers=3", "compress_ratios=[0,2,1]", "num_nextn_predict_layers=0", "dspark=null",
+    "shared_kv.kv_source_layers=[1,2]", "shared_kv.index_source_layers=[1,2]", "shared_kv.candidate_source_layer=2",
+    "engram.layer_ids=[1]", "engram.num_embeddings=[8214]")]
+
+
+# ... cut to 5 layers that keep every layer role: sliding window, Engram before the ratio-2 kv and index
+# source, the ratio-1 candidate source, a reuse layer and a reindex layer, and both DSpark stages (reading
+# the last 3 layers); for whole-model checks whose cost is the compile (tests/test_context_parallel.py)
+V41_FIVE = ["model." + o for o in (
+    "n_layers=5", "compress_ratios=[0,2,1,1,1,0,0]", "shared_kv.kv_source_layers=[1,2]",
+    "shared_kv.index_source_layers=[1,2,4]", "shared_kv.candidate_source_layer=2", "engram.layer_ids=[1]",
+    "engram.num_embeddings=[8214]", "dspark.target_layers=[2,3,4]")]
+
+
+def tiny_cfg(qat: bool, overrides=()):
+    """tiny_v41 at vocab 256 with the KV / indexer fake-quant on or off."""
+    cfg = load_model_config([CONFIGS / "tiny_v41.yaml"], list(overrides))
+    return dataclasses.replace(cfg, vocab_size=256, shared_kv=dataclasses.replace(cfg.shared_kv, qat=qat))
+
+
 @functools.cache
 def tiny(qat: bool):
-    cfg = load_model_config([CONFIGS / "tiny_v41.yaml"])
-    cfg = dataclasses.replace(cfg, vocab_size=256, shared_kv=dataclasses.replace(cfg.shared_kv, qat=qat))
+    cfg = tiny_cfg(qat)
     model = build_model(cfg)
     B, T = 2, 41
     tokens = jax.random.randint(jax.random.key(0), (B, T + 8), 0, 256)
     rows = jax.random.randint(jax.random.key(2), (B, T + 8, 2, cfg.engram.n_columns), 0, 8000)
     variables = jax.jit(model.init)(jax.random.key(1), tokens[:, :T], engram_rows=rows[:, :T])
     return cfg, model, variables, tokens, rows
+
+
+# prefill 21 (odd: a ratio-2 block left pending), 21 more from slot 21 (across the window of 32), then single
+# tokens to 49: two prefill shapes, one compile each (tiny(False)'s shared by the decode tests via the cache)
+CHUNKS = (21, 21) + (1,) * 7
 
 
 def _decode(cfg, model, variables, tokens, rows, chunks):
@@ -143,7 +170,7 @@ def _decode(cfg, model, variables, tokens, rows, chunks):
 def test_decode_in_chunks_equals_the_full_forward(qat):
     cfg, model, variables, tokens, rows = tiny(qat)
     full = jax.jit(model.apply)(variables, tokens, engram_rows=rows).logits
-    dec = _decode(cfg, model, variables, tokens, rows, (17, 24) + (1,) * 8)
+    dec = _decode(cfg, model, variables, tokens, rows, CHUNKS)
     err = float(jnp.abs(dec - full).max())
     print(f"qat={qat}: max |Δlogit| chunked decode vs full = {err:.2e}")
     assert err < (1e-4 if not qat else 5e-2)
@@ -153,8 +180,10 @@ def test_decode_in_chunks_equals_the_full_forward(qat):
 def test_decode_with_the_incremental_hash_state_equals_the_full_forward(variant):
     """Engram's rows hashed on the host: the whole sequence at once (`hash_rows`, as the Grain stage
     does) for the full forward, chunk by chunk (`EngramHashState`, as generation does) for decoding.
-    The paper variant's causal conv keeps its history in the layer's decode cache."""
+    The paper variant's causal conv keeps its history in the layer's decode cache (its own parameters, so
+    its own compiles: on the 3-layer model, whose one Engram layer has the conv)."""
     cfg, model, variables, tokens, _ = tiny(False)
+    cfg = tiny_cfg(False, V41_THREE) if variant == "paper" else cfg
     cfg_e = dataclasses.replace(cfg.engram, compressed_vocab_size=cfg.vocab_size, variant=variant)
     cfg = dataclasses.replace(cfg, engram=cfg_e)
     layout, cmap = engram_layout(cfg_e), np.arange(cfg.vocab_size)  # identity map: the raw ids
@@ -167,9 +196,9 @@ def test_decode_with_the_incremental_hash_state_equals_the_full_forward(variant)
     full = jax.jit(build_model(cfg).apply)(variables, tokens, engram_rows=hash_rows(layout, cmap, tokens)).logits
     state, rows = EngramHashState(layout, cmap, tokens.shape[0]), []
     start = 0
-    for n in (17, 24) + (1,) * 8:
+    for n in CHUNKS:
         rows.append(state.step(tokens[:, start:start + n]))
         start += n
-    dec = _decode(cfg, build_model(cfg), variables, tokens, np.concatenate(rows, axis=1), (17, 24) + (1,) * 8)
+    dec = _decode(cfg, build_model(cfg), variables, tokens, np.concatenate(rows, axis=1), CHUNKS)
     np.testing.assert_array_equal(np.concatenate(rows, axis=1), hash_rows(layout, cmap, tokens))
     assert float(jnp.abs(dec - full).max()) < 1e-4
