@@ -47,23 +47,27 @@ def in_lockstep(jitted):
     return call
 
 
-def on_all_processes(fn):
-    """fn() on process 0, then on the others once it has returned (e.g. written a shared file).
-
-    An error on process 0 is raised on every process, so none waits for it forever."""
-    if jax.process_count() == 1:
-        return fn()
+def on_process_0(fn, elsewhere: Exception):
+    """fn() on process 0 alone (None elsewhere). Whatever it raises there is raised on every process
+    (`elsewhere` on the others) once all have agreed, so none waits for process 0 forever."""
     out, error = None, None
     if jax.process_index() == 0:
         try:
             out = fn()
         except Exception as e:  # noqa: BLE001 (re-raised below, once the others are told)
             error = e
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))  # also the barrier
-    if error is not None:
-        raise error
-    if failed:
-        raise ProcessError("process 0 failed (its error is in its output); stopping")
+    if any_process(error is not None):  # also the barrier
+        raise error or elsewhere
+    return out
+
+
+def on_all_processes(fn):
+    """fn() on process 0, then on the others once it has returned (e.g. written a shared file).
+
+    An error on process 0 is raised on every process, so none waits for it forever."""
+    if jax.process_count() == 1:
+        return fn()
+    out = on_process_0(fn, ProcessError("process 0 failed (its error is in its output); stopping"))
     return fn() if jax.process_index() else out
 
 

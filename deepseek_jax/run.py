@@ -46,6 +46,7 @@ from deepseek_jax.multihost import (
     check_batch_split,
     in_lockstep,
     on_all_processes,
+    on_process_0,
     put_batch,
     sync,
 )
@@ -291,7 +292,7 @@ def _lock_run_dir(run_dir: str) -> rundir.WriterLock:
     """The run directory's writer lock, held by process 0; TrainingError on every process when taken."""
     lock = rundir.WriterLock(run_dir)
     failed = TrainingError(f"process 0 could not take the writer lock of {run_dir} (its error is in its output)")
-    holder = rundir.on_process_0(lock.acquire, failed)  # an OSError there (permissions, full disk) stops all
+    holder = on_process_0(lock.acquire, failed)  # an OSError there (permissions, full disk) stops all
     if any_process(holder is not None):
         raise TrainingError(f"run directory {run_dir} is in use by another writer ({holder or 'see process 0'}); "
                             "wait for it or use another train.run_dir")

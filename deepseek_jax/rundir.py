@@ -28,11 +28,9 @@ import socket
 import sys
 from pathlib import Path
 
-import jax
-
 from deepseek_jax.config import Config
 from deepseek_jax.config.run import DEMO_SOURCE
-from deepseek_jax.multihost import any_process
+from deepseek_jax.multihost import on_process_0
 from deepseek_jax.tokenizer import DataError
 
 LOCK_FILE = ".lock"
@@ -261,20 +259,6 @@ def record_fingerprints(run_dir: str | Path, current: dict, *, resuming: bool) -
 
 # ----------------------------------------------------------------------------------------------
 # With several processes: process 0 reads and writes the shared files, every process fails together
-
-
-def on_process_0(fn, elsewhere: Exception):
-    """fn() on process 0 alone (the run directory is shared; None elsewhere). Whatever it raises there is raised
-    on every process (`elsewhere` on the others) once all have agreed, so none waits for process 0 forever."""
-    out, error = None, None
-    if jax.process_index() == 0:
-        try:
-            out = fn()
-        except Exception as e:  # noqa: BLE001 (re-raised below, once the others are told)
-            error = e
-    if any_process(error is not None):
-        raise error or elsewhere
-    return out
 
 
 def checked_fingerprints(cfg: Config, run_dir: Path, tokenizer_path: str | Path, *, writer: bool, check: bool = True,
