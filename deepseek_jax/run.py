@@ -208,7 +208,8 @@ def _check_finite(state, metrics: dict, cfg: Config, ckpt: Checkpointer) -> None
         return
     ckpt.wait()
     last, note = ckpt.latest_step(), ""
-    if last == bad and not np.isfinite(float(metrics["total_loss"]) + float(metrics["grad_norm"])):
+    overflowed = not np.isfinite(float(metrics["total_loss"]) + float(metrics["grad_norm"]))
+    if last == bad and overflowed and nonfinite_leaf(state) is None:  # (not a non-finite update itself)
         moved = ckpt.move_aside(last, DIVERGED)
         note = (f" The parameters of step {last} gave it (finite, but they overflow in the forward pass): "
                 f"moved that checkpoint to {moved}.")

@@ -14,10 +14,12 @@ but the indexers (optim.indexer_only) and the router biases stay put.
 Expert loads are the counts over the whole global batch (the step sees global arrays, so under a
 mesh the sum is a cross-device reduction, never a per-shard statistic). Each bias has its own
 modality's load: `bias` the real tokens that selected with it, `bias_vl` (moe.vl_bias) those inside
-media spans; a batch without span tokens leaves `bias_vl` bit for bit (sign 0). A non-finite loss,
-gradient or updated state (parameters, router biases, optimizer state: a finite gradient times a huge
-learning rate overflows) never reaches the state: the update is skipped, and unless
-`skip_nonfinite_steps` is set the step is recorded in `bad_step` and the loop stops with an error naming it.
+media spans; a batch without span tokens leaves `bias_vl` bit for bit (sign 0). A non-finite loss or
+gradient never reaches the state: the update is skipped, and unless `skip_nonfinite_steps` is set the
+step is recorded in `bad_step` and the loop stops with an error naming it. A non-finite updated state
+(parameters, router biases, optimizer state: a finite gradient times a huge learning rate overflows) is
+recorded in `bad_step` too, but not undone: selecting on it made XLA:CPU compile the step 7x slower
+(76 s vs 11 s, tiny V4), so the loop stops on it before any save, and a save refuses it (checkpoint.py).
 """
 
 import functools
@@ -144,8 +146,8 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer, schedule, cf
     bias_rows = router_bias_rows(cfg.model)
     router = update_biases(state.router, counts, rate, bias_rows)
 
-    step_ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite((params, router, opt_state))
-    finite = step_ok
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    step_ok = finite & all_finite((params, router, opt_state))
     if not cfg.train.skip_nonfinite_steps:
         finite = finite & (state.bad_step < 0)  # after a bad step the state stays at the last good one
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
