@@ -254,3 +254,19 @@ def test_tiny_models_on_context_parallel_meshes(model, mesh_name):
         assert want and len(got) == len(want), (len(got), len(want))
         for i, (g, w) in enumerate(zip(got, want)):
             np.testing.assert_array_equal(g, w, err_msg=f"{model}/{mesh_name}: indexer picks of layer entry {i}")
+
+
+@pytest.mark.slow  # one 8-device grad compile (~20 s)
+def test_query_blocks_inside_context_parallelism():
+    """Query blocks smaller than a device's T/cp queries: the blocked scan runs inside the context
+    shard_map (core._blocks), where the weights fn closes over used to arrive typed on the outer mesh and
+    the scan's transpose failed to trace. Tiny V3.2 (DSA) on fsdp_cp with mla.q_block 2 equals one device."""
+    from tests import test_sharding as ts
+
+    v, batch, ref_out, ref_grads = reference("tiny_v32")
+    cfg = small_cfg("fsdp_cp", "tiny_v32")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mla=dataclasses.replace(cfg.model.mla,
+                                                                                              q_block=2)))
+    assert batch["tokens"].shape[1] // 4 > 2  # T/cp queries a device, more than one block of them
+    _, out, grads, _ = ts.run_on_mesh(cfg, v, batch)
+    ts.compare(out, grads, ref_out, ref_grads, "tiny_v32/fsdp_cp/q_block=2")

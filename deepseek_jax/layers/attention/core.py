@@ -95,5 +95,11 @@ def _blocks(fn, block: int, args_BT: tuple, keys: tuple):
     def merge(a):  # [n, B, block, ...] -> [B, T, ...]
         return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], n * block, *a.shape[3:])[:, :T]
 
-    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs, *keys)), tuple(split(a) for a in args_BT))
+    blocks = tuple(split(a) for a in args_BT)
+    # the weights fn closes over become explicit arguments, re-typed on the current mesh: inside
+    # context parallelism's shard_map they arrive typed on the outer mesh, and the scan's transpose
+    # (zero cotangents of its constants) would build arrays on that mesh, which JAX refuses there
+    body, consts = jax.closure_convert(lambda *xs: fn(*xs, *keys), *(b[0] for b in blocks))
+    consts = [c * jnp.ones((), c.dtype) if jnp.issubdtype(c.dtype, jnp.inexact) else c for c in consts]
+    out = jax.lax.map(jax.checkpoint(lambda xs: body(*xs, *consts)), blocks)
     return jax.tree.map(merge, out)
