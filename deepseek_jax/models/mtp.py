@@ -24,7 +24,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers.mhc import HyperHead
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.models.block import Block, BlockInputs
-from deepseek_jax.models.common import LayerKind, shift_left
+from deepseek_jax.models.common import LayerKind, remat_policy, shift_left
 from deepseek_jax.quant import sim_act, sim_weight
 
 
@@ -76,8 +76,12 @@ class StreamMTP(nn.Module):
 
 
 def mtp_module(cfg: ModelConfig, kind: LayerKind, index_loss: bool, name: str) -> nn.Module:
-    """The MTP kind of the model's residual kind."""
+    """The MTP kind of the model's residual kind, under the model's remat policy like the main blocks (MTP
+    runs in full forwards only): without it a full-size MTP block keeps every inner activation."""
     cls = ChainMTP if cfg.mhc is None else StreamMTP
+    wrap, policy = remat_policy(cfg.remat)
+    if wrap:
+        cls = nn.remat(cls, policy=policy)
     return cls(cfg, kind, index_loss, name=name)
 
 
