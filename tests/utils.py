@@ -181,3 +181,18 @@ def random_variables(cfg, seed: int = 0) -> tuple[dict, dict]:
         table.get_leaf(variables, leaf)[:, cfg.engram.num_embeddings[j]:] = 0
     return abstract, variables
 
+
+def read_safetensors_dir(directory) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors checkpoint directory (sharded or one file), by name."""
+    from deepseek_jax.convert.safetensors import SafetensorsDir
+
+    with SafetensorsDir(directory) as sd:
+        return {n: np.array(sd.read(n)) for n in sd.names()}
+
+
+def assert_trees_equal(got, want) -> None:
+    """Same tree structure and bit-identical leaves."""
+    import jax
+
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)

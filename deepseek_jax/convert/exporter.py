@@ -11,7 +11,8 @@ the weights the released checkpoints store in FP8 as e4m3 with block scales, so 
 export reproduces the FP8-rounded values bit for bit: 128×128 blocks (V3: f32 `weight_scale_inv`,
 V4: E8M0 `.scale`), or, for a family with a hook (`HOOKS`, V4.1), exactly the release's dtype and
 block per tensor (FP8 32×32, FP4 experts, FP8 table rows, F32 / BF16; `--dtype` does not apply).
-`--quant release` asks for the latter and is refused for families without a hook.
+`--quant release` asks for the latter and is refused for families without a hook. A family's `row_names`
+(article.py: the Engram tables) are written in row chunks too, without a hook.
 """
 
 import json
@@ -39,7 +40,7 @@ from deepseek_jax.convert.importer import (
 )
 from deepseek_jax.convert.safetensors import DTYPES, write_sharded
 from deepseek_jax.convert.staging import staging_dir
-from deepseek_jax.convert.table import Entry, Family, ckpt_array, entries, get_leaf
+from deepseek_jax.convert.table import Entry, Family, ckpt_array, entries, get_leaf, iter_leaves
 
 FP8_BLOCK = (128, 128)
 QUANTS = ("none", "fp8", "release")
@@ -112,10 +113,16 @@ def _plan(family: Family, cfg: ModelConfig, layout: str, quant: str, dtype: str,
     """[(name, dtype code, shape, entry, role)]; role "plain" | "fp8" | "scale" (its weight's scale) |
     "hook" (the family's quantiser) | "rows" (read and converted in row chunks)."""
     abstract = abstract_variables(cfg)
+    ents = entries(family, cfg)
+    covered = {leaf for ent in ents for leaf in ent.leaves}
+    uncovered = sorted("/".join(p) for p, _ in iter_leaves(abstract) if p not in covered)
+    if uncovered:  # (the importer refuses such a table too: nothing is dropped silently)
+        raise ConversionError(f"the {family.name} table does not cover {uncovered[:6]} of this model")
+    rows = hook.rows if hook is not None else family.row_names
     out = []
-    for ent in entries(family, cfg):
+    for ent in ents:
         name, shape, official = ent.name(layout), expected_shape(ent, abstract, cfg), ent.name("official")
-        by_rows = hook is not None and re.search(hook.rows, official) is not None
+        by_rows = re.search(rows, official) is not None
         if np.issubdtype(get_leaf(abstract, ent.leaves[0]).dtype, np.integer):
             out.append((name, "I64", shape, ent, "plain"))
         elif hook is not None and quant != "none":
@@ -208,8 +215,9 @@ def _check_options(family: Family, layout: str | None, quant: str, dtype: str) -
                               f"writes its FP8 weights with {FP8_BLOCK[0]}×{FP8_BLOCK[1]} block scales")
     layout = family.layouts[0] if layout is None else layout
     if layout not in family.layouts[:2]:
-        why = (hook.read_only if hook else {}).get(layout, "read only")
-        what = f"reads but does not write it ({why})" if layout in family.layouts else "has no such layout"
+        why, refused = (hook.read_only if hook else {}).get(layout, "read only"), dict(family.not_offered)
+        what = (f"reads but does not write it ({why})" if layout in family.layouts
+                else f"has no such layout ({refused[layout]})" if layout in refused else "has no such layout")
         raise ConversionError(f"--layout {layout!r}: {family.name} {what}; it writes {list(family.layouts[:2])}")
     return layout, hook
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.convert import v3, v4, v41
+from deepseek_jax.convert import article, v3, v4, v41
 from deepseek_jax.convert.config_json import quant_block
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.convert.formats import dequant
 from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.convert.table import Entry, Family, check_names, entries
 
-FAMILIES: tuple[Family, ...] = (v3.FAMILY, v4.FAMILY, v41.FAMILY)
+FAMILIES: tuple[Family, ...] = (v3.FAMILY, v4.FAMILY, v41.FAMILY, article.FAMILY)
 _FUSED = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 _SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}

@@ -1,5 +1,5 @@
 """One rule-table format and one walker for every checkpoint family (v3.py: V3 / V3.2, v4.py: V4,
-v41.py: V4.1).
+v41.py: V4.1, article.py: MLA / DSA blocks on mHC streams).
 
 A family's table is a sequence of `Scope`s (one per layer in the decoder's plan, MTP layers, the
 globals), each holding `Rule`s. A rule ties one checkpoint tensor to one or more of our arrays,
@@ -80,6 +80,9 @@ class Family:
     pow2_scales: Callable[[ModelConfig], bool] = lambda cfg: False  # float32 scales that are powers of two
     scale_suffix: Mapping[str, str] | None = None  # layout -> the scale's name suffix after the base
     dropped: tuple[Dropped, ...] = ()  # tensors skipped with a note (import) and in `to_variables`
+    # export: official names of row-local tensors written in row chunks (a family hook's `rows` wins)
+    row_names: str = "$^"
+    not_offered: tuple[tuple[str, str], ...] = ()  # (layout, why the family has none): export's error says so
 
     @property
     def ignored(self) -> tuple[str, ...]:

@@ -107,7 +107,8 @@ ATTN = (
     vector("attn/indexer/k_norm/bias", _n("self_attn.indexer.k_norm.bias"), _index),
     linear("attn/indexer/w_weights", _n("self_attn.indexer.weights_proj.weight"), _index),
 )
-DENSE = ATTN + tuple(linear(f"ffn/w_{p}", _n(f"mlp.{p}_proj.weight")) for p in ("gate", "up", "down"))
+DENSE_FFN = tuple(linear(f"ffn/w_{p}", _n(f"mlp.{p}_proj.weight")) for p in ("gate", "up", "down"))
+DENSE = ATTN + DENSE_FFN
 MOE = ATTN + (
     linear("ffn/w_router", _n("mlp.gate.weight")),
     vector("router:ffn/bias", _n("mlp.gate.e_score_correction_bias")),
@@ -203,15 +204,38 @@ def _check_semantics(hf) -> None:
     quant_block(hf)
 
 
-def config_from_json(hf, **overrides) -> ModelConfig:
-    """Our ModelConfig from a DeepseekV3 / V32 `config.json` dict (`overrides`: e.g. dtype="float32")."""
-    _check_semantics(hf)
+def rope_from_json(hf) -> RopeConfig:
+    """RoPE / YaRN from `rope_parameters` (or `rope_scaling`) as DeepseekV3Config writes it (also read by
+    convert/article.py): YaRN's attention temperature comes from mscale / mscale_all_dim, never
+    `attention_factor`."""
     rope = rope_section(hf.get("rope_parameters") or hf.get("rope_scaling"), "config.json rope_parameters")
     yarn = rope.get("rope_type", rope.get("type", "default")) == "yarn"
     expect(rope, "attention_factor", (None,), None, "config.json rope_parameters")  # mscale comes from mscale*
     if yarn and (rope.get("mscale") is None) != (rope.get("mscale_all_dim") is None):
         raise ConversionError("config.json rope_parameters: give both mscale and mscale_all_dim or neither "
                               "(transformers ignores one alone; we would not)")
+    return RopeConfig(
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
+        original_seq_len=rope.get("original_max_position_embeddings", 4096),
+        beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+        mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
+    )
+
+
+def rope_to_json(r: RopeConfig) -> dict:
+    """`rope_parameters` of DeepseekV3Config for our RoPE (read back by `rope_from_json`)."""
+    rope = {"rope_type": "yarn" if r.yarn else "default", "rope_theta": r.rope_theta}
+    if r.yarn:
+        rope.update(factor=r.rope_factor, original_max_position_embeddings=r.original_seq_len,
+                    beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
+    return rope
+
+
+def config_from_json(hf, **overrides) -> ModelConfig:
+    """Our ModelConfig from a DeepseekV3 / V32 `config.json` dict (`overrides`: e.g. dtype="float32")."""
+    _check_semantics(hf)
+    rope = rope_from_json(hf)
     fields = dict(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], inter_dim=hf["intermediate_size"],
         n_layers=hf["num_hidden_layers"], n_dense_layers=hf["first_k_dense_replace"], norm_eps=hf["rms_norm_eps"],
@@ -229,13 +253,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             route_scale=hf["routed_scaling_factor"], norm_topk_prob=hf["norm_topk_prob"],
             moe_inter_dim=hf["moe_intermediate_size"],
         ),
-        rope=RopeConfig(
-            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
-            original_seq_len=rope.get("original_max_position_embeddings", 4096),
-            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-            mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)),
-        ),
+        rope=rope,
     )
     if hf.get("model_type") == "deepseek_v32" or "index_topk" in hf:
         fields["index"] = IndexerConfig(
@@ -256,10 +274,6 @@ def config_to_json(cfg: ModelConfig) -> dict:
         ("moe.weight_before_down", mo.weight_before_down, not mo.weight_before_down),
         ("moe.n_hash_layers", mo.n_hash_layers, mo.n_hash_layers == 0),
     ) if not ok})
-    rope = {"rope_type": "yarn" if r.yarn else "default", "rope_theta": r.rope_theta}
-    if r.yarn:
-        rope.update(factor=r.rope_factor, original_max_position_embeddings=r.original_seq_len,
-                    beta_fast=r.beta_fast, beta_slow=r.beta_slow, mscale=r.mscale, mscale_all_dim=r.mscale_all_dim)
     hf = dict(
         architectures=["DeepseekV3ForCausalLM" if cfg.index is None else "DeepseekV32ForCausalLM"],
         model_type="deepseek_v3" if cfg.index is None else "deepseek_v32",
@@ -271,7 +285,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
         v_head_dim=m.v_head_dim, n_routed_experts=mo.n_routed_experts, n_shared_experts=mo.n_shared_experts,
         num_experts_per_tok=mo.n_activated_experts, n_group=mo.n_expert_groups, topk_group=mo.n_limited_groups,
         scoring_func=mo.score_func, routed_scaling_factor=mo.route_scale, norm_topk_prob=mo.norm_topk_prob,
-        moe_intermediate_size=mo.moe_inter_dim, rope_parameters=rope, tie_word_embeddings=False,
+        moe_intermediate_size=mo.moe_inter_dim, rope_parameters=rope_to_json(r), tie_word_embeddings=False,
         hidden_act="silu", topk_method="noaux_tc",
     )
     if cfg.index is not None:

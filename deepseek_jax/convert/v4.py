@@ -123,11 +123,15 @@ ATTN = (
     _r("attn/indexer/compressor/norm/scale", "attn.indexer.compressor.norm.weight",
        "self_attn.compressor.indexer.kv_norm.weight", VEC, CSA),
 )
-BLOCK = ATTN + (
+NORMS = (
     _r("attn_norm/scale", "attn_norm.weight", "input_layernorm.weight"),
     _r("ffn_norm/scale", "ffn_norm.weight", "post_attention_layernorm.weight"),
+)
+HC = (  # the two mHC sites of a block (shared with convert/article.py)
     *(_r(f"{s}_hc/fn", f"hc_{s}_fn", f"{s}_hc.fn", (_hc_fn, _hc_fn_back)) for s in ("attn", "ffn")),
     *(_r(f"{s}_hc/{p}", f"hc_{s}_{p}", f"{s}_hc.{p}") for s in ("attn", "ffn") for p in ("base", "scale")),
+)
+MOE = (  # V4's MoE: router, selection bias (learned layers) or tid2eid (hash layers), experts, shared experts
     _r("ffn/w_router", "ffn.gate.weight", "mlp.gate.weight", LIN),
     _r("router:ffn/bias", "ffn.gate.bias", "mlp.gate.e_score_correction_bias", VEC, LEARNED),
     _r("router:ffn/tid2eid", "ffn.gate.tid2eid", "mlp.gate.tid2eid", (same_ours, _int64), HASHED),
@@ -137,6 +141,7 @@ BLOCK = ATTN + (
     *(_r(f"ffn/shared/w_{p}", f"ffn.shared_experts.w{w}.weight", f"mlp.shared_experts.{p}_proj.weight", LIN,
          SHARED) for p, w in (("gate", 1), ("up", 3), ("down", 2))),
 )
+BLOCK = ATTN + NORMS + HC + MOE
 HEAD = tuple(  # the mHC head that merges the streams before the final norm
     Rule((f"hc_head/{p}",), {"official": f"hc_head_{p}", "hf": f"model.hc_head.hc_{p}",
                              "hf_memory": f"model.hc_head.hc_{p}"},
@@ -145,7 +150,7 @@ HEAD = tuple(  # the mHC head that merges the streams before the final norm
 )
 
 
-MTP = tuple(map(in_block, BLOCK)) + tuple(  # MTP's own head: `hc_head_fn` officially, `hc_head.hc_fn` in HF
+MTP_OWN = tuple(  # MTP's own head: `hc_head_fn` officially, `hc_head.hc_fn` in HF
     Rule(r.ours, {"official": r.names["official"], "hf": r.names["official"],
                   "hf_memory": r.names["hf_memory"].removeprefix("model.")}, r.to_ours, r.to_ckpt)
     for r in HEAD
@@ -153,7 +158,8 @@ MTP = tuple(map(in_block, BLOCK)) + tuple(  # MTP's own head: `hc_head_fn` offic
     _r("w_e", "e_proj.weight", "e_proj.weight", LIN),
     _r("w_h", "h_proj.weight", "h_proj.weight", LIN),
     *(_r(f"{p}/scale", f"{p}.weight", f"{p}.weight") for p in ("enorm", "hnorm", "norm")),
-)
+)  # the MTP layer's tensors outside its block (shared with convert/article.py)
+MTP = tuple(map(in_block, BLOCK)) + MTP_OWN
 GLOBAL = HEAD + (
     Rule(("embedding",), {"official": "embed.weight", "hf": "model.embed_tokens.weight",
                           "hf_memory": "model.embed_tokens.weight"}, *VEC),

@@ -60,6 +60,12 @@ def VL(kind, cfg):  # noqa: N802 (a rule condition, named like the others)
 
 
 HEADS_KV = v4._heads(lambda c: c.mhc.hc_mult + 1, lambda c: c.dim)  # wkv [(I+1)·D, X] <-> [X, I+1, D]
+BIAS_VL = _r("router:ffn/bias_vl", "ffn.gate.bias_vl", "mlp.gate.e_score_correction_bias_vl", VEC, VL)
+ENGRAM = (  # an Engram layer's projections (its table: `table_rule`); shared with convert/article.py
+    _r("engram/w_kv", "engram.wkv.weight", "engram.wkv.weight", HEADS_KV, MEMORY),
+    _r("engram/q_weight", "engram.q_weight", "engram.q_weight", VEC, MEMORY),
+    _r("engram/k_weight", "engram.k_weight", "engram.k_weight", VEC, MEMORY),
+)
 BLOCK = (
     _r("attn/w_dq", "attn.wq_a.weight", "self_attn.q_a_proj.weight", LIN),
     _r("attn/q_norm/scale", "attn.q_norm.weight", "self_attn.q_a_norm.weight"),
@@ -83,15 +89,13 @@ BLOCK = (
     *(_r(f"{s}_hc/{p}", f"hc_{s}_{p}", f"{s}_hc.{p}") for s in ("attn", "ffn") for p in ("base", "scale")),
     _r("ffn/w_router", "ffn.gate.weight", "mlp.gate.weight", LIN),
     _r("router:ffn/bias", "ffn.gate.bias", "mlp.gate.e_score_correction_bias", VEC, LEARNED),
-    _r("router:ffn/bias_vl", "ffn.gate.bias_vl", "mlp.gate.e_score_correction_bias_vl", VEC, VL),
+    BIAS_VL,
     _r("ffn/w_gate", "ffn.experts.{e}.w1.weight", "mlp.experts.{e}.gate_proj.weight", LIN, experts=True),
     _r("ffn/w_up", "ffn.experts.{e}.w3.weight", "mlp.experts.{e}.up_proj.weight", LIN, experts=True),
     _r("ffn/w_down", "ffn.experts.{e}.w2.weight", "mlp.experts.{e}.down_proj.weight", LIN, experts=True),
     *(_r(f"ffn/shared/w_{p}", f"ffn.shared_experts.w{w}.weight", f"mlp.shared_experts.{p}_proj.weight", LIN,
          SHARED) for p, w in (("gate", 1), ("up", 3), ("down", 2))),
-    _r("engram/w_kv", "engram.wkv.weight", "engram.wkv.weight", HEADS_KV, MEMORY),
-    _r("engram/q_weight", "engram.q_weight", "engram.q_weight", VEC, MEMORY),
-    _r("engram/k_weight", "engram.k_weight", "engram.k_weight", VEC, MEMORY),
+    *ENGRAM,
 )
 
 
@@ -171,14 +175,20 @@ def scopes(cfg: ModelConfig):
                     STAGE_KIND, cfg.dspark.n_routed_experts)
     for k, rules in ((0, DSPARK_FIRST), (K - 1, DSPARK_LAST)) if K else ():
         yield Scope(("dspark",), None, dict.fromkeys(LAYOUTS, f"mtp.{k}."), rules, STAGE_KIND)
-    if cfg.vision is not None:  # the ViT (blocks along its scan axis), the aligner, the delimiters: our `media/`
+    if cfg.vision is not None:
         tower = {"official": "vision.", "hf_text": "model.vision.", "hf": "model.visual."}
-        yield Scope(("media", "vision"), None, tower, VISION_TOWER, STAGE_KIND)
-        for b in range(cfg.vision.num_layers):
-            prefix = {lay: f"{p}blocks.{b}." for lay, p in tower.items()}
-            yield Scope(("media", "vision", "blocks"), b, prefix, VISION_BLOCK, STAGE_KIND)
-        yield Scope(("media",), None, {"official": "", "hf_text": "model.", "hf": "model."}, MEDIA, STAGE_KIND)
+        yield from vision_scopes(cfg, tower, {"official": "", "hf_text": "model.", "hf": "model."})
     yield Scope((), None, dict.fromkeys(LAYOUTS, ""), GLOBAL, STAGE_KIND)
+
+
+def vision_scopes(cfg: ModelConfig, tower: dict[str, str], media: dict[str, str]):
+    """The ViT (blocks along its scan axis) under the `tower` prefixes, the aligner and the image delimiters
+    under the `media` ones: our `media/` (shared with convert/article.py)."""
+    yield Scope(("media", "vision"), None, tower, VISION_TOWER, STAGE_KIND)
+    for b in range(cfg.vision.num_layers):
+        prefix = {lay: f"{p}blocks.{b}." for lay, p in tower.items()}
+        yield Scope(("media", "vision", "blocks"), b, prefix, VISION_BLOCK, STAGE_KIND)
+    yield Scope(("media",), None, media, MEDIA, STAGE_KIND)
 
 
 # config.json: the composite one (`text_config`), a bare text config, or inference/config.json
@@ -273,7 +283,8 @@ def _schedule(t, n: int, n_mtp: int) -> tuple[list[int], SharedKVConfig]:
         candidate_block_size=t.get("candidate_block_size", 8))
 
 
-def _engram(t) -> EngramConfig | None:
+def engram_from_json(t) -> EngramConfig | None:
+    """model.engram from the `engram_*` keys (None without layers; shared with convert/article.py)."""
     if not t.get("engram_layer_ids"):
         return None
     require(t, ("engram_num_embeddings",), "config.json text_config")
@@ -282,6 +293,12 @@ def _engram(t) -> EngramConfig | None:
         raise ConversionError(f"config.json: engram_pad_token_id and engram_pad_id disagree ({sorted(pads)})")
     return EngramConfig(layer_ids=tuple(t["engram_layer_ids"]), num_embeddings=tuple(t["engram_num_embeddings"]),
                         pad_id=pads.pop() if pads else 2, **{k: t.get(key, d) for k, (key, d) in _ENGRAM.items()})
+
+
+def engram_json(e: EngramConfig) -> dict:
+    """The `engram_*` keys of model.engram (read back by `engram_from_json`; shared with convert/article.py)."""
+    return dict(engram_layer_ids=list(e.layer_ids), engram_num_embeddings=list(e.num_embeddings),
+                engram_pad_token_id=e.pad_id, **{key: getattr(e, k) for k, (key, _) in _ENGRAM.items()})
 
 
 def _dspark(t, n: int, n_mtp: int, kv) -> DSparkConfig | None:
@@ -338,7 +355,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             moe_inter_dim=t["moe_intermediate_size"], swiglu_limit=float(t["swiglu_limit"]),
             weight_before_down=True, gate_temp=float(t.get("gate_temp", 1.0)), vl_bias=True,
         ),
-        shared_kv=shared, engram=_engram(t), dspark=_dspark(t, n, n_mtp, shared.kv_source_layers),
+        shared_kv=shared, engram=engram_from_json(t), dspark=_dspark(t, n, n_mtp, shared.kv_source_layers),
         vision=config_json.vision_from_json(hf),
     )
     fields.update(overrides)
@@ -383,8 +400,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
         engram_layer_ids=[], engram_num_embeddings=[], num_nextn_predict_layers=cfg.num_nextn_predict_layers,
     )
     if e is not None:
-        text.update(engram_layer_ids=list(e.layer_ids), engram_num_embeddings=list(e.num_embeddings),
-                    engram_pad_token_id=e.pad_id, **{key: getattr(e, k) for k, (key, _) in _ENGRAM.items()})
+        text.update(engram_json(e))
     if d is not None:
         text.update({key: getattr(d, k) for k, (key, _) in _DSPARK.items()})
     vision = {} if cfg.vision is None else config_json.vision_to_json(cfg.vision)

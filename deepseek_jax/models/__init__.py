@@ -2,7 +2,8 @@
 
 `build_model(cfg)` is the decoder (every variant is a config of it), `build_cache` its empty decode
 cache, `router_bias_rows` where each selection bias sits and which rows of the routing counts
-update it, `converter(cfg)` the HF name table for the layout (V3 / V3.2 or V4) the config has.
+update it, `converter(cfg)` the checkpoint name table (V3 / V3.2, V4, V4.1 or the article's MLA on mHC)
+the config has.
 """
 
 from typing import NamedTuple
@@ -132,13 +133,15 @@ def router_bias_rows(cfg: ModelConfig) -> list[BiasRows]:
 
 def converter(cfg: ModelConfig):
     """The checkpoint family (convert/table.py `Family`) of this composition: `convert.v3.FAMILY`
-    (DeepSeek-V3 / V3.2: MLA blocks on a plain residual), `convert.v4.FAMILY` (DeepSeek-V4: V4
-    attention on mHC streams) or `convert.v41.FAMILY` (DeepSeek-V4.1: the same with `shared_kv`)."""
-    from deepseek_jax.convert import v3, v4, v41  # the converters read the registry's layer plan
+    (DeepSeek-V3 / V3.2: MLA blocks on a plain residual), `convert.article.FAMILY` (MLA / DSA blocks on
+    mHC streams, the article's model: official names per part, no release), `convert.v4.FAMILY`
+    (DeepSeek-V4: V4 attention on mHC streams) or `convert.v41.FAMILY` (DeepSeek-V4.1: the same with
+    `shared_kv`)."""
+    from deepseek_jax.convert import article, v3, v4, v41  # the converters read the registry's layer plan
 
     attention = {k.attention for k in layer_kinds(cfg)}
-    if attention <= {"mla", "dsa"} and cfg.mhc is None:
-        return v3.FAMILY
+    if attention <= {"mla", "dsa"}:
+        return v3.FAMILY if cfg.mhc is None else article.FAMILY
     if attention == {"v4"} and cfg.mhc is not None:
         return v4.FAMILY if cfg.shared_kv is None else v41.FAMILY
     raise ConfigError(

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import math
-from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -37,7 +36,7 @@ from deepseek_jax.convert.orbax_writer import restore_tree
 from deepseek_jax.convert.safetensors import SafetensorsDir
 from deepseek_jax.convert.source import family_of, open_source, split_fused
 from deepseek_jax.models import converter
-from tests.utils import CONFIGS, ROOT, random_variables, write_checkpoint
+from tests.utils import CONFIGS, ROOT, assert_trees_equal, random_variables, read_safetensors_dir, write_checkpoint
 
 GOLDEN = ROOT / "tests" / "golden" / "v41"
 RELEASE_KEYS, RELEASE_MTP_KEYS, VISION_KEYS = 96_085, 2_401, 2 + 32 * 8 + 1 + 4 + 3
@@ -102,16 +101,6 @@ def _like(cfg, ours):
         v4=dataclasses.replace(cfg.v4, q_block=ours.v4.q_block),
         shared_kv=dataclasses.replace(cfg.shared_kv, qat=ours.shared_kv.qat),
     )
-
-
-def _read(directory: Path) -> dict[str, np.ndarray]:
-    with SafetensorsDir(directory) as sd:
-        return {n: np.array(sd.read(n)) for n in sd.names()}
-
-
-def _assert_trees_equal(got, want):
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +196,7 @@ def test_tiny_round_trip_in_memory(tiny, layout):
     state = table.from_variables(variables, v41.FAMILY, cfg, layout)
     if layout == "hf":  # transformers holds the experts fused
         state = split_fused(_fused(state))
-    _assert_trees_equal(table.to_variables(state, v41.FAMILY, cfg, layout), variables)
+    assert_trees_equal(table.to_variables(state, v41.FAMILY, cfg, layout), variables)
     rows = cfg.engram.num_embeddings[0]
     table_name = {"official": "layers.1.engram.embed.weight", "hf_text": "model.layers.1.engram.embed.weight",
                   "hf": "model.language_model.engram_tables.1.weight"}[layout]
@@ -226,12 +215,12 @@ def test_tiny_files_import_export(tiny, tmp_path):
     out = import_checkpoint(write_checkpoint(tmp_path / "src", state, v41.config_to_json(cfg)), tmp_path / "ours",
                             log=notes.append)
     assert not any("MTP" in n or "skipped" in n for n in notes), notes
-    _assert_trees_equal(restore_tree(out / "params", abstract), variables)
+    assert_trees_equal(restore_tree(out / "params", abstract), variables)
     for layout in ("official", "hf_text"):
         exported = export_checkpoint(out, tmp_path / layout, layout=layout, max_shard_bytes=400_000,
                                      log=lambda _: None)
         want = table.from_variables(variables, v41.FAMILY, cfg, layout)
-        got = _read(exported)
+        got = read_safetensors_dir(exported)
         assert sorted(got) == sorted(want)
         for n, a in want.items():
             np.testing.assert_array_equal(got[n], a, n)
@@ -265,7 +254,7 @@ def test_tiny_release_format_imports_exactly(tiny, tmp_path):
         want[n] = (dequant(n, stored[n], stored[scale], config_block=(32, 32), fp4=kind == "fp4")
                    if kind in ("fp4", "fp8", "table") else stored[n].astype(np.float32))
     got = restore_tree(out / "params", abstract)
-    _assert_trees_equal(got, table.to_variables(want, v41.FAMILY, cfg, "official"))
+    assert_trees_equal(got, table.to_variables(want, v41.FAMILY, cfg, "official"))
     tbl = np.asarray(got["params"]["layers_1"]["block_0"]["engram"]["table"])[0]
     assert tbl.shape[0] % 1024 == 0 and not tbl[cfg.engram.num_embeddings[0]:].any()  # padding rows zero
     # FP8 / FP4 values differ from the float32 originals, but by the formats' rounding only
@@ -431,7 +420,7 @@ def test_release_export_stores_every_tensor_as_released(released):
     assert {n: got[n] for n in sample} == sample
     assert got["layers.0.hc_attn_fn"][0] == got["layers.8.ffn.gate.bias_vl"][0] == "F32"
     assert got["layers.2.attn.compressor.wkv.weight"][0] == got["layers.2.attn.indexer.wk.weight"][0] == "BF16"
-    files = _read(fp8)
+    files = read_safetensors_dir(fp8)
     for n, w in state.items():
         for k, a in v41.quantize_as_released(n, w).items():
             assert files[k].tobytes() == a.tobytes(), k
@@ -445,13 +434,13 @@ def test_release_export_imports_exactly_and_reexports_the_same_bytes(released):
     """Importing the export gives exactly its dequantised values; exporting that import (`--quant release`)
     writes byte-identical files."""
     cfg, abstract, state, fp8, back, again = released
-    stored = _read(fp8)
+    stored = read_safetensors_dir(fp8)
     want = {}
     for n in state:
         kind, scale = v41.stored_as(n), n.removesuffix(".weight") + ".scale"
         want[n] = (dequant(n, stored[n], stored[scale], config_block=(32, 32), fp4=kind == "fp4")
                    if kind in ("fp4", "fp8", "table") else stored[n].astype(np.float32))
-    _assert_trees_equal(restore_tree(back / "params", abstract), table.to_variables(want, v41.FAMILY, cfg, "official"))
+    assert_trees_equal(restore_tree(back / "params", abstract), table.to_variables(want, v41.FAMILY, cfg, "official"))
     names = sorted(p.name for p in fp8.iterdir())
     assert names == sorted(p.name for p in again.iterdir()) and len(names) > 3  # shards, index, config.json
     for name in names:
