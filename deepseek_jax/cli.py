@@ -19,7 +19,8 @@ Commands:
             `generate --checkpoint OUT` and `plan OUT/config.yaml` take (--dtype float32|bfloat16);
             `convert export CKPT OUT [--layout hf|official|hf_text] [--quant none|fp8|release]`: a converted
             checkpoint or run directory -> safetensors + config.json that transformers loads (the layouts
-            a family writes: V3 / V4 hf (default), official; V4.1 official (default), hf_text; `--quant fp8`
+            a family writes: V3 / V4 hf (default), official; V4.1 official (default), hf_text; MLA / DSA on
+            mHC streams (the article model): official only; `--quant fp8`
             on V4.1, or `release`: the release's dtypes and blocks per tensor, FP8 32×32 / FP4 experts)
 --checkpoint DIR (eval, generate): a converted checkpoint's weights and config instead of a run's.
 --mesh FILE merges a mesh file last; --cpu-devices N gives JAX N fake CPU devices (try meshes on a CPU).
@@ -52,7 +53,7 @@ FLAG_USERS = {
     **dict.fromkeys(("prompt", "media", "max_new_tokens", "temperature", "top_p", "speculative", "prefill_chunk",
                      "seed"), ("generate",)),
     **dict.fromkeys(("batch", "seq_len"), ("inspect",)),
-    **dict.fromkeys(("devices", "lower_only"), ("plan",)),
+    **dict.fromkeys(("devices", "lower_only", "hbm_gib", "headroom"), ("plan",)),
     **dict.fromkeys(("layout", "quant", "max_shard_gb"), ("convert export",)),
     "dtype": ("convert import", "convert export"),
     "checkpoint": ("eval", "generate"),
@@ -90,12 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="a mesh YAML merged after the config files")
     p.add_argument("--devices", type=int, help="plan: devices to plan for (default: those present)")
     p.add_argument("--lower-only", action="store_true", help="plan: do not compile; estimate collectives")
+    p.add_argument("--hbm-gib", type=float, help="plan: device memory (GiB); prints whether state + activations fit")
+    p.add_argument("--headroom", type=float, help="plan: fraction of --hbm-gib kept free (default 0.1)")
     p.add_argument("--cpu-devices", type=int, help="fake CPU devices for JAX (set before it starts)")
     p.add_argument("--checkpoint", help="eval / generate: a converted checkpoint directory (convert import OUT)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="convert: stored parameter dtype (import) / tensor dtype (export); default float32")
     p.add_argument("--layout", choices=("hf", "official", "hf_text"),
-                   help="convert export: tensor names (default: the family's first, hf; V4.1 official)")
+                   help="convert export: tensor names (default: the family's first, hf; V4.1 and the "
+                        "article layout (MLA / DSA on mHC streams) official)")
     p.add_argument("--quant", choices=("none", "fp8", "release"),
                    help="convert export: fp8 = the FP8 block weights of the releases (V3 / V4 128×128; V4.1 as "
                         "released, FP4 experts included); release = as released (V4.1 only); default none")
@@ -154,6 +158,12 @@ def _check_flags(ns) -> None:
             raise InputError(f"{_flag(ns, dest)} must be >= 1, got {getattr(ns, dest)}")
     if ns.process_id is not None and not 0 <= ns.process_id < (ns.num_processes or math.inf):
         raise InputError(f"--process-id must be in [0, --num-processes={ns.num_processes}), got {ns.process_id}")
+    if ns.hbm_gib is not None and not (ns.hbm_gib > 0 and math.isfinite(ns.hbm_gib)):
+        raise InputError(f"--hbm-gib must be a finite number > 0, got {ns.hbm_gib}")
+    if ns.headroom is not None and ns.hbm_gib is None:
+        raise InputError("--headroom is a fraction of --hbm-gib: give --hbm-gib N too")
+    if ns.headroom is not None and not 0 <= ns.headroom < 1:
+        raise InputError(f"--headroom must be in [0, 1), got {ns.headroom}")
     if not (ns.max_shard_gb > 0 and math.isfinite(ns.max_shard_gb)):
         raise InputError(f"--max-shard-gb must be a finite number > 0, got {ns.max_shard_gb}")
     if ns.command == "generate":
@@ -217,7 +227,8 @@ def _dispatch(ns) -> int:
     elif ns.command == "plan":
         from deepseek_jax.plan import format_report, plan
 
-        print(format_report(plan(cfg, ns.devices, compile=False if ns.lower_only else None)))
+        print(format_report(plan(cfg, ns.devices, compile=False if ns.lower_only else None, hbm_gib=ns.hbm_gib,
+                                 headroom=0.1 if ns.headroom is None else ns.headroom)))
     return 0
 
 

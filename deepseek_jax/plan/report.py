@@ -17,11 +17,20 @@ import jax
 
 from deepseek_jax.config import Config
 from deepseek_jax.params import count_params
+from deepseek_jax.plan import activations as acts
 from deepseek_jax.plan.analytic import estimate, spec_axes, state_memory
 from deepseek_jax.plan.context import ContextLayer, context_rows, context_volume
 from deepseek_jax.plan.hlo import KINDS, Volume, collectives
 from deepseek_jax.program import Program, build_program
-from deepseek_jax.sharding import abstract_mesh, check_state_split, context_axes, make_mesh, rules
+from deepseek_jax.sharding import (
+    abstract_mesh,
+    batch_shards,
+    check_state_split,
+    context_axes,
+    make_mesh,
+    moe_axes,
+    rules,
+)
 
 # The plan never runs what it compiles: XLA:CPU's LLVM optimisation is skipped (2-3x faster compiles;
 # HLO passes, buffer assignment and collectives are unchanged: checked on the tiny model).
@@ -46,6 +55,8 @@ class PlanResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     context: list[ContextLayer] = field(default_factory=list)  # per attention layer; [] without a context split
+    activations: dict[str, float] = field(default_factory=dict)  # per-device bytes (plan.activations)
+    fit: dict | None = None  # plan.activations.fit, when an HBM size was given
 
 
 def memory(compiled, p: Program | None = None) -> dict[str, int]:
@@ -88,12 +99,14 @@ def _devices(n_devices: int | None, compile: bool | None) -> tuple[list, int, bo
     return devices, n, compile is not False, []
 
 
-def plan(cfg: Config, n_devices: int | None = None, compile: bool | None = None) -> PlanResult:
+def plan(cfg: Config, n_devices: int | None = None, compile: bool | None = None, hbm_gib: float | None = None,
+         headroom: float = 0.1) -> PlanResult:
     """Per-device memory and collectives of `cfg`'s train step on n devices, nothing allocated.
 
     n_devices: None = the devices present. compile: True compiles (error without n devices), False
     only lowers on an abstract mesh, None compiles when n devices are available (after asking for
-    n fake CPU devices).
+    n fake CPU devices). hbm_gib: with it, whether state + activations fit per device keeping the
+    `headroom` fraction free (plan.activations.fit).
     """
     devices, n, compile, notes = _devices(n_devices, compile)
     timings = {}
@@ -115,11 +128,30 @@ def plan(cfg: Config, n_devices: int | None = None, compile: bool | None = None)
         mem, coll = memory(compiled, p), collectives(compiled.as_text())
         notes += _backend_notes(cfg, platform)
     c = count_params(cfg.model)
+    t = time.perf_counter()
+    activation = _activations(p)
+    timings["activations_s"] = time.perf_counter() - t
+    state = sum(mem[k] for k in ("params", "optimizer", "other_state", "batch"))
     return PlanResult(
         n, {k: int(v) for k, v in p.mesh.shape.items()}, (cfg.data.global_batch_size, cfg.data.seq_len),
         {k: c[k] for k in ("total", "active", "active_no_embedding")}, mem, coll, estimate(p),
-        "compiled" if compile else "lowered", platform, timings, notes, _context(p),
+        "compiled" if compile else "lowered", platform, timings, notes, _context(p), activation,
+        None if hbm_gib is None else acts.fit(state, activation["peak"], hbm_gib, headroom),
     )
+
+
+def _activations(p: Program) -> dict[str, float]:
+    """plan.activations on the mesh's splits: token shards, sequences per device, cp and ep."""
+    with p.activate():
+        shards, cx, ax = batch_shards(), context_axes(), moe_axes()
+    ways = lambda axes: math.prod(p.mesh.shape[a] for a in axes)  # noqa: E731
+    B_local = max(1, p.cfg.data.global_batch_size // ways(cx.batch))
+    a = p.abstract_state
+    split = acts.weight_split(a.params, p.state_shardings.params)
+    out = acts.saved_memory(p.cfg, a.params, a.router, shards, split)
+    out |= acts.working_set(p.cfg, shards, B_local, ways(cx.seq), ways(ax.expert))
+    out["peak"] = acts.peak(out)
+    return out
 
 
 def _context(p: Program) -> list[ContextLayer]:
@@ -200,6 +232,33 @@ def _memory_rows(r: PlanResult) -> list[str]:
             row("generated code", m["generated_code"]),
             row("peak estimate", m["peak_estimate"], "   (arguments + outputs - aliased + temporaries)"),
         ]
+    return lines + _activation_rows(r)
+
+
+def _activation_rows(r: PlanResult) -> list[str]:
+    """Saved residuals (measured with JAX's AD on abstract shapes), the working-set estimate, the fit."""
+    a = r.activations
+    if not a:
+        return []
+    row = lambda label, n, note="": f"  {label:<20}{_size(n):>14}{note}"  # noqa: E731
+    lines = [
+        "per-device activations (plan.activations: residuals measured by jax's AD, working set an estimate):",
+        row("saved residuals", a["saved"], f"   (fixed {_size(a['residual_fixed'])} + per sequence "
+            f"{_size(a['residual_per_sequence'])} x batch / token shards)"),
+        row("remat block", a["remat_block"], "   (one block's residuals during its backward)"),
+        row("attention keys", a["attention_keys"], "   (key side + its gradient)"),
+        row("query block", a["query_block"]),
+        row("MoE dispatch", a["moe_dispatch"]),
+        row("loss chunk", a["loss_chunk"]),
+        row("activation peak", a["peak"], "   (saved + remat block + largest phase)"),
+    ]
+    if r.fit is not None:
+        f = r.fit
+        state = f["need"] - a["peak"]
+        verdict = "FITS" if f["fits"] else "DOES NOT FIT"
+        lines.append(row("state + activations", f["need"], f"   (state {_size(state)}): {verdict} in "
+                         f"{_size(f['hbm'])} with {1 - f['usable'] / f['hbm']:.0%} headroom "
+                         f"({_size(f['usable'])} usable)"))
     return lines
 
 
