@@ -115,7 +115,7 @@ _REQUIRED = (
 )  # fmt: skip
 _INDEX = ("index_n_heads", "index_head_dim", "index_topk")
 _ENGRAM = ("engram_layer_ids", "engram_num_embeddings", "engram_pad_token_id", "engram_pad_id",
-           *(key for key, _ in v41._ENGRAM.values()))
+           *(key for key, _ in config_json.ENGRAM_KEYS.values()))
 _READ = {*_REQUIRED, *_INDEX, *_ENGRAM, "q_lora_rank", "rope_parameters", "vision_config", "image_token_id",
          "hidden_act", "topk_method", "tie_word_embeddings", "quantization_config", SECTION}
 
@@ -139,7 +139,7 @@ def _official_json(cfg: ModelConfig) -> dict:
     if cfg.index is not None:
         hf.update({key: getattr(cfg.index, key) for key in _INDEX})
     if cfg.engram is not None:
-        hf.update(v41.engram_json(cfg.engram))
+        hf.update(config_json.engram_json(cfg.engram))
     if cfg.vision is not None:  # fields V4.1's vision_config cannot hold travel in the section
         hf.update(config_json.vision_to_json(dataclasses.replace(cfg.vision, aligner_hidden=0, pad_value=127)))
     return hf
@@ -175,7 +175,7 @@ def _from_official(hf) -> ModelConfig:
                 moe_inter_dim=hf["moe_intermediate_size"], swiglu_limit=float(hf["swiglu_limit"]),
                 n_hash_layers=hf["num_hash_layers"], gate_temp=float(hf["gate_temp"]),
             ),
-            engram=v41.engram_from_json(hf), vision=config_json.vision_from_json(hf),
+            engram=config_json.engram_from_json(hf), vision=config_json.vision_from_json(hf),
         )
     except (ConfigError, TypeError, ValueError) as e:  # ValueError: a non-numeric swiglu_limit / gate_temp
         raise ConversionError(f"config.json: {e}") from None

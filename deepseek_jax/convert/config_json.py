@@ -5,6 +5,7 @@ checkpoint whose math we do not implement is refused instead of silently loaded 
 from collections.abc import Mapping
 from typing import Any
 
+from deepseek_jax.config.v41 import EngramConfig
 from deepseek_jax.convert.errors import ConversionError
 
 # Keys that do not change the network's math (tokens, training-time options, bookkeeping).
@@ -190,3 +191,26 @@ def vision_to_json(vision) -> dict:
         if field != "norm_eps" or value != 1e-6:
             section[key] = value
     return {"vision_config": section, "image_token_id": vision.image_token_id}
+
+
+# model.engram field -> (config.json key, transformers' default): V4.1's `engram_*` keys
+ENGRAM_KEYS = {k: (f"engram_{k}", d) for k, d in (("max_ngram_size", 4), ("n_heads", 8), ("head_dim", 256),
+                                                  ("vocab_size", 16_000_000), ("compressed_vocab_size", 99092))}
+
+
+def engram_from_json(t) -> EngramConfig | None:
+    """model.engram from V4.1's `engram_*` keys; None without layers (V4.1 and the article layout)."""
+    if not t.get("engram_layer_ids"):
+        return None
+    require(t, ("engram_num_embeddings",), "config.json text_config")
+    pads = {t[k] for k in ("engram_pad_token_id", "engram_pad_id") if t.get(k) is not None}
+    if len(pads) > 1:
+        raise ConversionError(f"config.json: engram_pad_token_id and engram_pad_id disagree ({sorted(pads)})")
+    return EngramConfig(layer_ids=tuple(t["engram_layer_ids"]), num_embeddings=tuple(t["engram_num_embeddings"]),
+                        pad_id=pads.pop() if pads else 2, **{k: t.get(key, d) for k, (key, d) in ENGRAM_KEYS.items()})
+
+
+def engram_json(e: EngramConfig) -> dict:
+    """The `engram_*` keys of model.engram (read back by `engram_from_json`)."""
+    return dict(engram_layer_ids=list(e.layer_ids), engram_num_embeddings=list(e.num_embeddings),
+                engram_pad_token_id=e.pad_id, **{key: getattr(e, k) for k, (key, _) in ENGRAM_KEYS.items()})

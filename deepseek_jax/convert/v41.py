@@ -23,7 +23,7 @@ import functools
 import numpy as np
 
 from deepseek_jax.config import MHCConfig, ModelConfig, MoEConfig, RopeConfig, V4AttentionConfig
-from deepseek_jax.config.v41 import DSparkConfig, EngramConfig, SharedKVConfig
+from deepseek_jax.config.v41 import DSparkConfig, SharedKVConfig
 from deepseek_jax.convert import config_json, v4
 from deepseek_jax.convert.config_json import check_keys, expect, quant_block, representable, require, rope_section
 from deepseek_jax.convert.errors import ConversionError
@@ -204,9 +204,6 @@ _FLAT = {  # inference/config.json key -> text_config key
 }  # fmt: skip
 _FLAT_YARN = {"rope_factor": "factor", "original_seq_len": "original_max_position_embeddings",
               "beta_fast": "beta_fast", "beta_slow": "beta_slow"}
-# our field -> (config.json key, transformers' default)
-_ENGRAM = {k: (f"engram_{k}", d) for k, d in (("max_ngram_size", 4), ("n_heads", 8), ("head_dim", 256),
-                                              ("vocab_size", 16_000_000), ("compressed_vocab_size", 99092))}
 _DSPARK = {"target_layers": ("dspark_target_layer_ids", None), "block_size": ("dspark_block_size", 5),
            "noise_token_id": ("dspark_noise_token_id", 128799), "n_routed_experts": ("dspark_n_routed_experts", 128),
            "markov_rank": ("dspark_markov_rank", 256), "n_activated_experts": ("dspark_num_experts_per_tok", 3)}
@@ -217,7 +214,7 @@ _READ = {
     "candidate_source_layer_id", "candidate_topk_blocks", "candidate_block_size", "num_hash_layers", "scoring_func",
     "gate_temp", "topk_method", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
     "quantization_config", "expert_dtype", "engram_layer_ids", "engram_num_embeddings", "engram_pad_id",
-    "engram_pad_token_id", *(key for key, _ in (*_ENGRAM.values(), *_DSPARK.values())),
+    "engram_pad_token_id", *(key for key, _ in (*config_json.ENGRAM_KEYS.values(), *_DSPARK.values())),
 }  # fmt: skip
 
 
@@ -283,24 +280,6 @@ def _schedule(t, n: int, n_mtp: int) -> tuple[list[int], SharedKVConfig]:
         candidate_block_size=t.get("candidate_block_size", 8))
 
 
-def engram_from_json(t) -> EngramConfig | None:
-    """model.engram from the `engram_*` keys (None without layers; shared with convert/article.py)."""
-    if not t.get("engram_layer_ids"):
-        return None
-    require(t, ("engram_num_embeddings",), "config.json text_config")
-    pads = {t[k] for k in ("engram_pad_token_id", "engram_pad_id") if t.get(k) is not None}
-    if len(pads) > 1:
-        raise ConversionError(f"config.json: engram_pad_token_id and engram_pad_id disagree ({sorted(pads)})")
-    return EngramConfig(layer_ids=tuple(t["engram_layer_ids"]), num_embeddings=tuple(t["engram_num_embeddings"]),
-                        pad_id=pads.pop() if pads else 2, **{k: t.get(key, d) for k, (key, d) in _ENGRAM.items()})
-
-
-def engram_json(e: EngramConfig) -> dict:
-    """The `engram_*` keys of model.engram (read back by `engram_from_json`; shared with convert/article.py)."""
-    return dict(engram_layer_ids=list(e.layer_ids), engram_num_embeddings=list(e.num_embeddings),
-                engram_pad_token_id=e.pad_id, **{key: getattr(e, k) for k, (key, _) in _ENGRAM.items()})
-
-
 def _dspark(t, n: int, n_mtp: int, kv) -> DSparkConfig | None:
     if n_mtp == 0:
         return None
@@ -355,7 +334,7 @@ def config_from_json(hf, **overrides) -> ModelConfig:
             moe_inter_dim=t["moe_intermediate_size"], swiglu_limit=float(t["swiglu_limit"]),
             weight_before_down=True, gate_temp=float(t.get("gate_temp", 1.0)), vl_bias=True,
         ),
-        shared_kv=shared, engram=engram_from_json(t), dspark=_dspark(t, n, n_mtp, shared.kv_source_layers),
+        shared_kv=shared, engram=config_json.engram_from_json(t), dspark=_dspark(t, n, n_mtp, shared.kv_source_layers),
         vision=config_json.vision_from_json(hf),
     )
     fields.update(overrides)
@@ -400,7 +379,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
         engram_layer_ids=[], engram_num_embeddings=[], num_nextn_predict_layers=cfg.num_nextn_predict_layers,
     )
     if e is not None:
-        text.update(engram_json(e))
+        text.update(config_json.engram_json(e))
     if d is not None:
         text.update({key: getattr(d, k) for k, (key, _) in _DSPARK.items()})
     vision = {} if cfg.vision is None else config_json.vision_to_json(cfg.vision)
